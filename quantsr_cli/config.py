@@ -1,0 +1,109 @@
+"""Frozen configuration dataclasses shared by every layer.
+
+Precedence when the command line builds these: CLI flag > ``--config`` file > preset > the defaults
+below. The dataclasses only hold and validate values; reading YAML is :mod:`quantsr_cli.presets`'s job.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from quantsr_cli.errors import ConfigError
+
+METHODS = ("rbd", "rlq", "lsq", "dorefa", "pams")
+"""Quantization methods: QuantSR+ RBD (default), QuantSR RLQ, and the LSQ/DoReFa/PAMS baselines."""
+
+QUANT_BITS = (2, 4, 8)
+"""Bit-widths a quantized weight or activation may take. 32 means full precision (no quantizer)."""
+
+SCALES = (2, 3, 4)
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """What to quantize and how.
+
+    Args:
+        method: one of :data:`METHODS`.
+        w_bits: weight bit-width, in :data:`QUANT_BITS`, or 32 for full precision.
+        a_bits: activation bit-width, in :data:`QUANT_BITS`, or 32 for full precision.
+    """
+
+    method: str = "rbd"
+    w_bits: int = 4
+    a_bits: int = 4
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ConfigError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
+        for name in ("w_bits", "a_bits"):
+            bits = getattr(self, name)
+            if bits not in QUANT_BITS + (32,):
+                raise ConfigError(f"{name}={bits} is not supported; choose 2, 4 or 8 (32 = full precision)")
+
+    @property
+    def full_precision(self) -> bool:
+        """True when neither weights nor activations are quantized (``--bits 32``)."""
+        return self.w_bits == 32 and self.a_bits == 32
+
+    def to_dict(self) -> dict[str, object]:
+        return {"method": self.method, "w_bits": self.w_bits, "a_bits": self.a_bits}
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Options of the one training loop (``quantize``, ``slim``, ``distill``).
+
+    Units: iterations are optimizer steps; ``patch_size`` is the HR patch side in pixels;
+    ``lr`` is Adam's learning rate for every trainable parameter.
+    """
+
+    iters: int = 2000
+    batch_size: int = 16
+    patch_size: int = 192
+    lr: float = 2e-4
+    betas: tuple[float, float] = (0.9, 0.99)
+    scheduler: str = "cosine"
+    milestones: tuple[int, ...] = ()
+    gamma: float = 0.5
+    eta_min: float = 1e-7
+    val_every: int = 200
+    save_every: int = 100
+    log_every: int = 10
+    seed: int = 0
+    num_workers: int = 0
+    threads: int = 0
+    train_data: tuple[str, ...] = ()
+    val_dataset: str = "Set5"
+    val_max_images: int = 0
+    dqa: bool = False
+    slim_to: int = 0
+    slim_start_ratio: float = 0.2
+    distill: str = ""
+    feature_weight: float = 1e-4
+
+    def __post_init__(self) -> None:
+        if self.iters < 1:
+            raise ConfigError(f"iters={self.iters} must be at least 1")
+        if self.batch_size < 1:
+            raise ConfigError(f"batch_size={self.batch_size} must be at least 1")
+        if self.patch_size < 8:
+            raise ConfigError(f"patch_size={self.patch_size} must be at least 8")
+        if self.lr <= 0:
+            raise ConfigError(f"lr={self.lr} must be positive")
+        if self.scheduler not in ("cosine", "multistep", "constant"):
+            raise ConfigError(f"scheduler={self.scheduler!r}; choose cosine, multistep or constant")
+        if not 0.0 <= self.slim_start_ratio < 1.0:
+            raise ConfigError(f"slim_start_ratio={self.slim_start_ratio} must be in [0, 1)")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """An architecture name and its hyperparameters: enough to build the model alone.
+
+    ``hparams`` holds the builder's keyword arguments (e.g. ``{"upscale": 4, "num_block": 16}``)
+    and is stored verbatim in checkpoint metadata.
+    """
+
+    arch: str
+    hparams: dict[str, object] = field(default_factory=dict)
