@@ -1,0 +1,108 @@
+"""CPU inference benchmark: FP32 model vs packed model (torch reference and ``cpu`` backend).
+
+Builds ``--arch`` (default ``quantsr-c``, 16 blocks, x4) with random weights, quantizes it, calibrates
+the quantizers on one random batch (a training-mode forward initialises them), packs it, and times,
+on the same input image, one forward of:
+
+* ``fp32``        the float model as torch runs it by default (NCHW),
+* ``fp32_cl``     the float model with a channels-last input (best plain-FP32 torch layout, for context),
+* ``torch_ref``   the packed model on the ``torch`` reference backend,
+* ``cpu``         the packed model on the ``cpu`` backend (oneDNN int8 on the codes).
+
+Prints per-image seconds (median of ``--repeat``), the ratios, the max |cpu - reference| and, last,
+``speedup_vs_fp32=<fp32 / cpu>``. Example::
+
+    python bench/cpu_inference.py --size 256 --repeat 2 --threads 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from quantsr_cli.backends import use_backend
+from quantsr_cli.backends.cpu import layer_report
+from quantsr_cli.config import QuantConfig
+from quantsr_cli.models import build_model
+from quantsr_cli.packing.io import to_packed
+from quantsr_cli.quant import quantize_
+
+
+def _time(fn: Callable[[], torch.Tensor], repeat: int, warmup: int) -> tuple[float, torch.Tensor]:
+    out = None
+    for _ in range(warmup):
+        out = fn()
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        out = fn()
+        times.append(time.perf_counter() - start)
+    assert out is not None
+    return statistics.median(times), out
+
+
+def build(args: argparse.Namespace) -> tuple[nn.Module, nn.Module]:
+    """(FP32 model, packed model with the same weights), both in eval mode."""
+    torch.manual_seed(args.seed)
+    hparams: dict[str, object] = {"upscale": args.scale}
+    if args.num_block:
+        hparams["num_block"] = args.num_block
+    fp = build_model(args.arch, **hparams).eval()
+    qat = build_model(args.arch, **hparams)
+    qat.load_state_dict(fp.state_dict())
+    quantize_(qat, QuantConfig(args.method, args.w_bits, args.a_bits))
+    qat.train()
+    with torch.no_grad():
+        qat(torch.rand(2, 3, 48, 48))  # lazy quantizer initialisation = calibration on a random batch
+    return fp, to_packed(qat.eval())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", default="quantsr-c")
+    parser.add_argument("--num-block", type=int, default=16, help="residual blocks (0: arch default)")
+    parser.add_argument("--scale", type=int, default=4)
+    parser.add_argument("--size", type=int, default=256, help="LR side in pixels")
+    parser.add_argument("--method", default="rbd")
+    parser.add_argument("--w-bits", type=int, default=4)
+    parser.add_argument("--a-bits", type=int, default=4)
+    parser.add_argument("--repeat", type=int, default=2)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    if args.arch != "quantsr-c" and args.num_block == 16:
+        args.num_block = 0
+    torch.set_num_threads(args.threads)
+
+    fp, packed = build(args)
+    x = torch.rand(1, 3, args.size, args.size)
+    print(f"{args.arch} x{args.scale} W{args.w_bits}A{args.a_bits} {args.method}: input {tuple(x.shape)}, "
+          f"threads={torch.get_num_threads()}, repeat={args.repeat}")
+    times: dict[str, float] = {}
+    with torch.inference_mode():
+        times["fp32"], y_fp = _time(lambda: fp(x), args.repeat, args.warmup)
+        x_cl = x.contiguous(memory_format=torch.channels_last)
+        times["fp32_cl"], _ = _time(lambda: fp(x_cl), args.repeat, args.warmup)
+        use_backend(packed, "torch")
+        times["torch_ref"], y_ref = _time(lambda: packed(x), args.repeat, args.warmup)
+        use_backend(packed, "cpu")
+        times["cpu"], y_cpu = _time(lambda: packed(x), args.repeat, args.warmup)
+    fallbacks = {n: note for n, note in layer_report(packed).items() if "fallback" in note}
+    for name, seconds in times.items():
+        print(f"{name:10s} {seconds:8.3f} s/image   fp32/{name} = {times['fp32'] / seconds:5.2f}x")
+    diff = (y_cpu - y_ref).abs()
+    print(f"max|cpu - torch_ref| = {diff.max().item():.2e}  (pixels > 1e-4: {(diff > 1e-4).float().mean().item():.2e}); "
+          f"max|torch_ref - fp32| = {(y_ref - y_fp).abs().max().item():.2e}")
+    print(f"layers on reference fallback: {len(fallbacks)}" + "".join(f"\n  {n}: {v}" for n, v in fallbacks.items()))
+    print(f"speedup_vs_fp32_channels_last={times['fp32_cl'] / times['cpu']:.2f}")
+    print(f"speedup_vs_fp32={times['fp32'] / times['cpu']:.2f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Command line of quantsr (Typer). ``app.py`` registers one thin module per command."""

@@ -1,0 +1,77 @@
+"""Shared option aliases, the stderr console and the progress renderer of the commands."""
+
+from __future__ import annotations
+
+import json
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Any, Iterator
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+err_console = Console(stderr=True)
+"""Logs, progress bars and errors go to stderr; results go to stdout."""
+
+DeviceOpt = Annotated[str, typer.Option("--device", help="Torch device: cpu, cuda or cuda:N.")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object to stdout.")]
+ScaleOpt = Annotated[int | None, typer.Option("--scale", "-s", help="Upscaling factor (2, 3 or 4).", min=2, max=4)]
+DataRootOpt = Annotated[
+    Path | None,
+    typer.Option("--data-root", help="Folder holding benchmark dataset folders [default: $QUANTSR_DATA/benchmarks]."),
+]
+
+
+def print_json(obj: Any) -> None:
+    """Write ``obj`` as JSON to stdout."""
+    sys.stdout.write(json.dumps(obj, indent=2, default=str) + "\n")
+    sys.stdout.flush()
+
+
+def log(message: str) -> None:
+    """A log line on stderr."""
+    err_console.print(message, highlight=False)
+
+
+@contextmanager
+def progress_bar(enabled: bool = True) -> Iterator[Progress]:
+    """A rich progress bar on stderr (disabled: a Progress that draws nothing)."""
+    progress = Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[info]}"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=err_console,
+        disable=not enabled,
+        transient=False,
+    )
+    with progress:
+        yield progress
+
+
+class TrainRenderer:
+    """Turns trainer events into a progress bar with loss, PSNR and it/s, and log lines."""
+
+    def __init__(self, progress: Progress, total: int, description: str) -> None:
+        self.progress = progress
+        self.task = progress.add_task(description, total=total, info="")
+        self.psnr = "–"
+
+    def __call__(self, event: dict[str, Any]) -> None:
+        kind = event.get("event")
+        if kind == "train":
+            info = f"loss {event['loss']:.4f}  val {self.psnr}  {event['it_s']:.2f} it/s"
+            self.progress.update(self.task, completed=event["iter"], info=info)
+        elif kind == "val":
+            self.psnr = f"{event['psnr']:.2f} dB"
+            mark = " (best)" if event.get("improved") else ""
+            self.progress.console.print(f"iter {event['iter']}: val PSNR {event['psnr']:.3f} dB{mark}", highlight=False)
+        elif kind == "resume":
+            self.progress.update(self.task, completed=event["iter"])
+            self.progress.console.print(f"resumed from {event['path']} at iteration {event['iter']}", highlight=False)
+        elif kind in ("log", "slim"):
+            self.progress.console.print(event.get("message", str(event)), highlight=False)

@@ -1,0 +1,73 @@
+"""``quantsr eval``: PSNR/SSIM of a model on benchmark datasets."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from quantsr_cli.cli.common import DataRootOpt, DeviceOpt, JsonOpt, ScaleOpt, err_console, print_json, progress_bar
+from quantsr_cli.engine.evaluate import run_eval
+from quantsr_cli.engine.modelio import load_model, set_depth
+from quantsr_cli.errors import ConfigError
+
+EXAMPLES = """
+Examples:
+  quantsr eval --dataset Set5                                  # the bundled default model
+  quantsr eval --arch imdn --weights IMDN_x4.pth --dataset Set5 --dataset Set14 --json
+  quantsr eval --model runs/imdn_x4_w4a4/model.safetensors --dataset Set5 --verbose
+"""
+
+
+def evaluate(
+    model: Annotated[str | None, typer.Option("--model", "-m", help="Model file or bundled name [default: default].")] = None,
+    arch: Annotated[str | None, typer.Option("--arch", help="Architecture of --weights (detected when omitted).")] = None,
+    weights: Annotated[Path | None, typer.Option("--weights", help="Foreign .pth/.pt weights (with --arch).")] = None,
+    dataset: Annotated[list[str] | None, typer.Option("--dataset", "-d", help="Set5, Set14, B100, Urban100, Manga109 or a folder; repeatable.")] = None,
+    scale: ScaleOpt = None,
+    data_root: DataRootOpt = None,
+    json_out: JsonOpt = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Per-image rows.")] = False,
+    save_dir: Annotated[Path | None, typer.Option("--save-dir", help="Write SR images here.")] = None,
+    tile: Annotated[int, typer.Option("--tile", help="LR tile size for large images (0 = whole image).", min=0)] = 0,
+    depth: Annotated[str | None, typer.Option("--depth", help="DQA models: full, half or quarter depth.")] = None,
+    device: DeviceOpt = "cpu",
+) -> None:
+    """Evaluate PSNR/SSIM (Y channel, BasicSR conventions) on benchmark datasets."""
+    if model is not None and weights is not None:
+        raise ConfigError("pass either --model or --weights, not both")
+    source = str(weights) if weights is not None else (model or "default")
+    loaded = load_model(source, arch=arch, scale=scale, device=device)
+    if depth is not None:
+        set_depth(loaded, depth)
+    datasets = dataset or ["Set5"]
+    with progress_bar(enabled=not json_out or err_console.is_terminal) as progress:
+        task = progress.add_task("eval", total=None, info="")
+
+        def on_event(event: dict) -> None:
+            progress.update(task, description=f"{event['dataset']}", completed=event["index"],
+                            total=event["total"], info=f"{event['name']} {event['psnr']:.2f} dB")
+
+        result = run_eval(loaded, datasets, data_root=str(data_root) if data_root else None, tile=tile,
+                          save_dir=str(save_dir) if save_dir else None, on_event=on_event)
+    if json_out:
+        print_json(result)
+        return
+    table = Table(title=f"{loaded.label} — x{loaded.scale}, Y-channel PSNR (dB) / SSIM, {loaded.scale}px border")
+    table.add_column("dataset")
+    table.add_column("model PSNR", justify="right")
+    table.add_column("SSIM", justify="right")
+    table.add_column("bicubic PSNR", justify="right")
+    table.add_column("SSIM", justify="right")
+    for name, res in result["datasets"].items():
+        bic = res.get("bicubic", {})
+        table.add_row(name, f"{res['psnr']:.2f}", f"{res['ssim']:.4f}",
+                      f"{bic.get('psnr', float('nan')):.2f}", f"{bic.get('ssim', float('nan')):.4f}")
+        if verbose:
+            for image, vals in res["images"].items():
+                table.add_row(f"  {image}", f"{vals['psnr']:.2f}", f"{vals['ssim']:.4f}", "", "")
+    from rich.console import Console
+
+    Console().print(table)

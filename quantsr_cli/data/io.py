@@ -1,0 +1,404 @@
+"""Image reading and writing on OpenCV, robust to the files users actually have.
+
+- Unicode paths: bytes are read with ``np.fromfile`` and decoded with ``cv2.imdecode``; writes go
+  through ``cv2.imencode`` + ``ndarray.tofile`` (``cv2.imread``/``imwrite`` fail on non-ASCII paths
+  on Windows).
+- EXIF orientation: ``cv2.IMREAD_UNCHANGED`` (needed for alpha and 16-bit) ignores EXIF, so the
+  Orientation tag (0x0112) is parsed here from JPEG ``APP1`` segments, PNG ``eXIf`` chunks and WebP
+  ``EXIF`` chunks and applied with numpy flips/transposes (same result as ``cv2.IMREAD_COLOR``).
+- Size limit: width and height are read from the PNG/JPEG/BMP/WebP/GIF header before decoding and
+  checked against ``max_pixels`` (default :data:`MAX_PIXELS`), so a decompression bomb is refused
+  without allocating it. Other formats are checked right after decoding.
+- Truncation: a JPEG without its end-of-image marker or a PNG without ``IEND`` is refused (libjpeg
+  otherwise returns a half-grey image with only a warning).
+- 8/16-bit samples, grayscale and alpha are kept and reported in :class:`Image`.
+
+Every failure raises :class:`quantsr_cli.errors.ImageError` with the path and a one-line reason.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+
+from quantsr_cli.errors import ImageError
+
+__all__ = [
+    "MAX_PIXELS", "IMAGE_EXTENSIONS", "Image", "read_image", "write_image", "tensor_to_uint8", "header_size",
+    "list_images", "exif_orientation", "apply_orientation",
+]
+
+MAX_PIXELS = 100_000_000
+"""Largest image (width x height, 100 megapixels) :func:`read_image` accepts unless told otherwise."""
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+"""File extensions treated as images (lower case) when listing folders."""
+
+_NO_ALPHA_FORMATS = (".jpg", ".jpeg", ".bmp")
+_SIXTEEN_BIT_FORMATS = (".png", ".tif", ".tiff")
+
+
+@dataclass
+class Image:
+    """A decoded image.
+
+    Attributes:
+        rgb: float32 ``(1, 3, H, W)`` in ``[0, 1]``, RGB (grayscale sources are replicated to 3 channels).
+        alpha: float32 ``(1, 1, H, W)`` in ``[0, 1]``, or None when the file has no alpha channel.
+        bit_depth: bits per sample of the file, 8 or 16.
+        gray: True when the source had a single colour channel (gray or gray + alpha).
+    """
+
+    rgb: torch.Tensor
+    alpha: torch.Tensor | None
+    bit_depth: int
+    gray: bool
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """``(H, W)`` in pixels."""
+        return int(self.rgb.shape[-2]), int(self.rgb.shape[-1])
+
+
+# --------------------------------------------------------------------------- header parsing
+
+def list_images(folder: str | Path) -> list[Path]:
+    """Image files directly in ``folder`` (extensions in :data:`IMAGE_EXTENSIONS`), sorted by name."""
+    return sorted(f for f in Path(folder).iterdir() if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS)
+
+
+
+def header_size(data: bytes) -> tuple[int, int] | None:
+    """``(width, height)`` from a PNG, JPEG, BMP, GIF or WebP header without decoding, else None."""
+    try:
+        if data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR":
+            return struct.unpack(">II", data[16:24])
+        if data[:2] == b"\xff\xd8":
+            return _jpeg_size(data)
+        if data[:2] == b"BM" and len(data) >= 26:
+            w, h = struct.unpack("<ii", data[18:26])
+            return abs(w), abs(h)
+        if data[:6] in (b"GIF87a", b"GIF89a"):
+            return struct.unpack("<HH", data[6:10])
+        if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+            return _webp_size(data)
+    except struct.error:
+        return None
+    return None
+
+
+def _jpeg_segments(data: bytes):
+    """Yield ``(marker, payload)`` of JPEG segments up to start-of-scan."""
+    i = 2
+    n = len(data)
+    while i + 4 <= n:
+        if data[i] != 0xFF:
+            return
+        marker = data[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+            continue
+        if marker in (0xD8, 0x01) or 0xD0 <= marker <= 0xD7:
+            i += 2
+            continue
+        (length,) = struct.unpack(">H", data[i + 2 : i + 4])
+        yield marker, data[i + 4 : i + 2 + length]
+        if marker == 0xDA:
+            return
+        i += 2 + length
+
+
+def _jpeg_size(data: bytes) -> tuple[int, int] | None:
+    for marker, payload in _jpeg_segments(data):
+        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC) and len(payload) >= 5:
+            h, w = struct.unpack(">HH", payload[1:5])
+            return w, h
+    return None
+
+
+def _webp_size(data: bytes) -> tuple[int, int] | None:
+    chunk = data[12:16]
+    if chunk == b"VP8X":
+        w = int.from_bytes(data[24:27], "little") + 1
+        h = int.from_bytes(data[27:30], "little") + 1
+        return w, h
+    if chunk == b"VP8L":
+        bits = int.from_bytes(data[21:25], "little")
+        return (bits & 0x3FFF) + 1, ((bits >> 14) & 0x3FFF) + 1
+    if chunk == b"VP8 ":
+        w, h = struct.unpack("<HH", data[26:30])
+        return w & 0x3FFF, h & 0x3FFF
+    return None
+
+
+def _tiff_orientation(tiff: bytes) -> int:
+    """Orientation tag (1..8) from a TIFF-structured EXIF block, 1 when absent or malformed."""
+    if tiff[:2] == b"II":
+        end = "<"
+    elif tiff[:2] == b"MM":
+        end = ">"
+    else:
+        return 1
+    (ifd,) = struct.unpack(end + "I", tiff[4:8])
+    (count,) = struct.unpack(end + "H", tiff[ifd : ifd + 2])
+    for k in range(count):
+        entry = tiff[ifd + 2 + 12 * k : ifd + 14 + 12 * k]
+        tag, typ = struct.unpack(end + "HH", entry[:4])
+        if tag == 0x0112 and typ == 3:
+            (value,) = struct.unpack(end + "H", entry[8:10])
+            return value if 1 <= value <= 8 else 1
+    return 1
+
+
+def exif_orientation(data: bytes) -> int:
+    """EXIF Orientation (1..8) of an encoded JPEG, PNG or WebP file; 1 when absent or unreadable."""
+    try:
+        if data[:2] == b"\xff\xd8":
+            for marker, payload in _jpeg_segments(data):
+                if marker == 0xE1 and payload[:6] == b"Exif\x00\x00":
+                    return _tiff_orientation(payload[6:])
+        elif data[:8] == b"\x89PNG\r\n\x1a\n":
+            i = 8
+            while i + 8 <= len(data):
+                length, ctype = struct.unpack(">I4s", data[i : i + 8])
+                if ctype == b"eXIf":
+                    return _tiff_orientation(data[i + 8 : i + 8 + length])
+                if ctype == b"IEND":
+                    break
+                i += 12 + length
+        elif data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+            i = 12
+            while i + 8 <= len(data):
+                ctype, length = struct.unpack("<4sI", data[i : i + 8])
+                if ctype == b"EXIF":
+                    block = data[i + 8 : i + 8 + length]
+                    return _tiff_orientation(block[6:] if block[:6] == b"Exif\x00\x00" else block)
+                i += 8 + length + (length & 1)
+    except (struct.error, IndexError):
+        return 1
+    return 1
+
+
+def apply_orientation(arr: np.ndarray, orientation: int) -> np.ndarray:
+    """Turn a decoded ``(H, W[, C])`` array upright according to the EXIF Orientation value."""
+    ops = {
+        1: lambda a: a,
+        2: lambda a: a[:, ::-1],
+        3: lambda a: a[::-1, ::-1],
+        4: lambda a: a[::-1],
+        5: lambda a: a.swapaxes(0, 1),
+        6: lambda a: a.swapaxes(0, 1)[:, ::-1],
+        7: lambda a: a.swapaxes(0, 1)[::-1, ::-1],
+        8: lambda a: a.swapaxes(0, 1)[::-1],
+    }
+    return np.ascontiguousarray(ops.get(orientation, ops[1])(arr))
+
+
+def _truncated(data: bytes) -> bool:
+    """True for a JPEG with no end-of-image marker after its first scan, or a PNG without ``IEND``.
+
+    Entropy-coded JPEG data byte-stuffs 0xFF, so ``FF D9`` after start-of-scan is the real EOI
+    (an EXIF thumbnail's EOI comes before it); trailing vendor data after EOI is accepted.
+    """
+    if data[:2] == b"\xff\xd8":
+        sos = data.find(b"\xff\xda", 2)
+        return sos < 0 or data.find(b"\xff\xd9", sos) < 0
+    if data[:8] == b"\x89PNG\r\n\x1a\n":
+        return data.rfind(b"IEND") < 0
+    return False
+
+
+# --------------------------------------------------------------------------- reading
+
+def read_image(path: str | Path, max_pixels: int | None = MAX_PIXELS) -> Image:
+    """Read an image file into an :class:`Image`.
+
+    Args:
+        path: file path (any Unicode).
+        max_pixels: refuse images with more than this many pixels (width x height); None = no limit.
+
+    Returns:
+        The decoded image, EXIF orientation applied, RGB in ``[0, 1]``.
+
+    Raises:
+        ImageError: missing, empty, truncated, not an image, unsupported sample type or too large.
+    """
+    path = Path(path)
+    try:
+        raw = np.fromfile(str(path), dtype=np.uint8)
+    except FileNotFoundError:
+        raise ImageError("no such file", path) from None
+    except IsADirectoryError:
+        raise ImageError("is a directory, not an image file", path) from None
+    except OSError as exc:
+        raise ImageError(f"cannot read file ({exc.strerror or exc})", path) from None
+    if raw.size == 0:
+        raise ImageError("empty file (0 bytes)", path)
+    data = raw.tobytes()
+    dims = header_size(data)
+    if dims is not None:
+        _check_pixels(dims[0], dims[1], max_pixels, path)
+    if _truncated(data):
+        raise ImageError("truncated image file (end marker missing)", path)
+    arr = cv2.imdecode(raw, cv2.IMREAD_UNCHANGED)
+    if arr is None or arr.size == 0:
+        raise ImageError("not a readable image (unsupported format or corrupt data)", path)
+    _check_pixels(arr.shape[1], arr.shape[0], max_pixels, path)
+    return _to_image(apply_orientation(arr, exif_orientation(data)), path)
+
+
+def _check_pixels(w: int, h: int, max_pixels: int | None, path: Path) -> None:
+    if w <= 0 or h <= 0:
+        raise ImageError(f"invalid image size {w}x{h}", path)
+    if max_pixels is not None and w * h > max_pixels:
+        raise ImageError(
+            f"image is {w}x{h} = {w * h / 1e6:.1f} megapixels, above the limit of {max_pixels / 1e6:.1f}", path
+        )
+
+
+def _to_image(arr: np.ndarray, path: Path) -> Image:
+    if arr.dtype == np.uint8:
+        depth, peak = 8, 255.0
+    elif arr.dtype == np.uint16:
+        depth, peak = 16, 65535.0
+    else:
+        raise ImageError(f"unsupported sample type {arr.dtype} (only 8- and 16-bit images)", path)
+    if arr.ndim == 2:
+        arr = arr[:, :, None]
+    channels = arr.shape[2]
+    alpha = None
+    if channels == 1:
+        color, gray = np.repeat(arr, 3, axis=2), True
+    elif channels == 2:
+        color, alpha, gray = np.repeat(arr[:, :, :1], 3, axis=2), arr[:, :, 1], True
+    elif channels == 3:
+        color, gray = arr[:, :, ::-1], False
+    elif channels == 4:
+        color, alpha, gray = arr[:, :, 2::-1], arr[:, :, 3], False
+    else:
+        raise ImageError(f"unsupported channel count {channels}", path)
+    rgb = torch.from_numpy(np.ascontiguousarray(color.transpose(2, 0, 1)).astype(np.float32) / peak)
+    a = None
+    if alpha is not None:
+        a = torch.from_numpy(np.ascontiguousarray(alpha).astype(np.float32) / peak)[None, None]
+    return Image(rgb=rgb[None], alpha=a, bit_depth=depth, gray=gray)
+
+
+# --------------------------------------------------------------------------- writing
+
+def tensor_to_uint8(x: torch.Tensor) -> np.ndarray:
+    """BasicSR ``tensor2img`` (RGB kept): clamp to ``[0, 1]``, x255 in float32, round half to even.
+
+    Args:
+        x: float tensor ``(1, C, H, W)`` or ``(C, H, W)``, or ``(N, C, H, W)``, values nominally in ``[0, 1]``.
+
+    Returns:
+        uint8 numpy ``(H, W, C)`` (``(N, H, W, C)`` when ``N > 1``), same channel order as ``x``.
+    """
+    t = x.detach().to("cpu", torch.float32)
+    if t.dim() == 4 and t.shape[0] == 1:
+        t = t[0]
+    if t.dim() not in (3, 4):
+        raise ValueError(f"expected (C, H, W) or (N, C, H, W), got shape {tuple(x.shape)}")
+    t = (t.clamp(0, 1) * 255.0).round()
+    arr = t.numpy().astype(np.uint8)
+    return arr.transpose(1, 2, 0) if arr.ndim == 3 else arr.transpose(0, 2, 3, 1)
+
+
+def _quantize(x: torch.Tensor, peak: int, dtype: type) -> np.ndarray:
+    t = x.detach().to("cpu", torch.float32).clamp(0, 1) * float(peak)
+    return t.round().numpy().astype(dtype)
+
+
+def write_image(
+    path: str | Path,
+    rgb: torch.Tensor,
+    alpha: torch.Tensor | None = None,
+    bit_depth: int = 8,
+    gray: bool = False,
+    jpeg_quality: int = 95,
+) -> Path:
+    """Write an image atomically (temp file in the same folder, then ``os.replace``).
+
+    The format follows the final name's extension. 16-bit is kept for PNG/TIFF and reduced to 8-bit
+    for other formats; ``alpha`` is dropped for formats without alpha (JPEG, BMP); ``gray`` writes one
+    channel of BT.601 luma ``0.299 R + 0.587 G + 0.114 B`` (exactly the gray value when R = G = B).
+
+    Args:
+        path: destination file; its folder must exist.
+        rgb: float ``(1, 3, H, W)`` or ``(3, H, W)`` in ``[0, 1]`` (clamped), RGB.
+        alpha: float ``(1, 1, H, W)`` / ``(1, H, W)`` / ``(H, W)`` in ``[0, 1]``, or None.
+        bit_depth: 8 or 16 bits per sample.
+        gray: write a single-channel (gray) image.
+        jpeg_quality: JPEG quality 0..100 (JPEG only).
+
+    Returns:
+        The written path.
+
+    Raises:
+        ImageError: unknown extension, bad tensor shape, encoder failure or unwritable destination.
+    """
+    path = Path(path)
+    ext = path.suffix.lower()
+    if ext not in IMAGE_EXTENSIONS:
+        raise ImageError(f"unknown image extension {ext or '(none)'!r}; use one of {', '.join(IMAGE_EXTENSIONS)}", path)
+    if bit_depth not in (8, 16):
+        raise ImageError(f"bit_depth must be 8 or 16, got {bit_depth}", path)
+    if ext not in _SIXTEEN_BIT_FORMATS:
+        bit_depth = 8
+    peak, dtype = (65535, np.uint16) if bit_depth == 16 else (255, np.uint8)
+    t = rgb.detach()
+    if t.dim() == 4 and t.shape[0] == 1:
+        t = t[0]
+    if t.dim() != 3 or t.shape[0] not in (1, 3):
+        raise ImageError(f"expected an RGB tensor (1, 3, H, W), got shape {tuple(rgb.shape)}", path)
+    t = t.to("cpu", torch.float32)
+    if gray and t.shape[0] == 3:
+        t = (0.299 * t[0] + 0.587 * t[1] + 0.114 * t[2])[None]
+    planes = [_quantize(c, peak, dtype) for c in t.flip(0)] if t.shape[0] == 3 else [_quantize(t[0], peak, dtype)]
+    if alpha is not None and ext not in _NO_ALPHA_FORMATS:
+        a = alpha.detach().reshape(alpha.shape[-2], alpha.shape[-1])
+        if tuple(a.shape) != tuple(t.shape[-2:]):
+            raise ImageError(f"alpha size {tuple(a.shape)} differs from image size {tuple(t.shape[-2:])}", path)
+        if len(planes) == 1:
+            planes = planes * 3  # OpenCV encoders have no gray+alpha layout
+        planes.append(_quantize(a, peak, dtype))
+    arr = planes[0] if len(planes) == 1 else np.stack(planes, axis=2)
+    params = [cv2.IMWRITE_JPEG_QUALITY, int(jpeg_quality)] if ext in (".jpg", ".jpeg") else []
+    try:
+        ok, buf = cv2.imencode(ext, arr, params)
+    except cv2.error as exc:
+        raise ImageError(f"cannot encode as {ext}: {str(exc).strip().splitlines()[-1]}", path) from None
+    if not ok:
+        raise ImageError(f"cannot encode as {ext}", path)
+    _atomic_write(path, buf)
+    return path
+
+
+def _atomic_write(path: Path, buf: np.ndarray) -> None:
+    tmp = None
+    try:
+        # O_EXCL + 0o666 so the final file gets the usual umask permissions (mkstemp would give 0600).
+        tmp = str(path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
+        with os.fdopen(fd, "wb") as fh:
+            buf.tofile(fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+        tmp = None
+    except OSError as exc:
+        raise ImageError(f"cannot write file ({exc.strerror or exc})", path) from None
+    finally:
+        if tmp is not None:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass

@@ -1,0 +1,194 @@
+"""``osd-sr-tiny``: a small one-step diffusion SR model in the OSEDiff shape, trainable on a CPU.
+
+Pipeline (OSEDiff, one step at the fixed timestep ``T``, default 999)::
+
+    x   = bicubic_up(LR, upscale) * 2 - 1                 # (N, 3, sH, sW) in [-1, 1]
+    z_L = vae.encoder(x) * scaling_factor                   # (N, 4, sH/4, sW/4)
+    eps = unet(z_L, T, empty_prompt)                        # same shape
+    z_H = (z_L - sqrt(1 - abar_T) eps) / sqrt(abar_T)       # one-step x0 update
+    SR  = (vae.decoder(z_H / scaling_factor) + 1) / 2        # (N, 3, sH, sW), ~[0, 1], unclamped
+
+The VAE is a small conv encoder/decoder (/4 latent, 4 channels); the UNet has 3 levels with
+ResBlocks, a sinusoidal time embedding and SpatialTransformers (self-attention + cross-attention to
+a constant "empty prompt" buffer, like PassionSR's precomputed empty-prompt embedding) at the
+lowest level and in the mid block. Unlike OSEDiff (SD-2.1 weights + LoRA) it is trained from scratch
+by :func:`quantsr_cli.diffusion.train_tiny.train_osd_tiny`.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from quantsr_cli.diffusion.osd_blocks import DownLevel, MidBlock, ResBlock, UpLevel, _groups, timestep_embedding
+from quantsr_cli.diffusion.schedule import x0_from_eps
+from quantsr_cli.errors import ConfigError
+
+ARCH = "osd-sr-tiny"
+
+
+class TinyEncoder(nn.Module):
+    """``(N, 3, H, W)`` in [-1, 1] → latent ``(N, latent, H / 2**(len(ch)-1), ...)``."""
+
+    def __init__(self, channels: tuple[int, ...], latent: int) -> None:
+        super().__init__()
+        self.conv_in = nn.Conv2d(3, channels[0], 3, padding=1)
+        blocks: list[nn.Module] = []
+        for i, c in enumerate(channels):
+            blocks.append(ResBlock(c, c))
+            if i + 1 < len(channels):
+                blocks.append(nn.Conv2d(c, channels[i + 1], 3, stride=2, padding=1))
+        self.blocks = nn.Sequential(*blocks)
+        self.norm_out = nn.GroupNorm(_groups(channels[-1]), channels[-1])
+        self.conv_out = nn.Conv2d(channels[-1], latent, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv_out(F.silu(self.norm_out(self.blocks(self.conv_in(x)))))
+
+
+class TinyDecoder(nn.Module):
+    """Latent ``(N, latent, h, w)`` → image ``(N, 3, h * 2**(len(ch)-1), ...)`` in ~[-1, 1]."""
+
+    def __init__(self, channels: tuple[int, ...], latent: int) -> None:
+        super().__init__()
+        rev = tuple(reversed(channels))
+        self.conv_in = nn.Conv2d(latent, rev[0], 3, padding=1)
+        blocks: list[nn.Module] = []
+        for i, c in enumerate(rev):
+            blocks.append(ResBlock(c, c))
+            if i + 1 < len(rev):
+                blocks += [nn.Upsample(scale_factor=2.0, mode="nearest"), nn.Conv2d(c, rev[i + 1], 3, padding=1)]
+        self.blocks = nn.Sequential(*blocks)
+        self.norm_out = nn.GroupNorm(_groups(rev[-1]), rev[-1])
+        self.conv_out = nn.Conv2d(rev[-1], 3, 3, padding=1)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.conv_out(F.silu(self.norm_out(self.blocks(self.conv_in(z)))))
+
+
+class TinyVAE(nn.Module):
+    def __init__(self, channels: tuple[int, ...], latent: int) -> None:
+        super().__init__()
+        self.encoder = TinyEncoder(channels, latent)
+        self.decoder = TinyDecoder(channels, latent)
+
+
+class TinyUNet(nn.Module):
+    """Noise predictor ``eps(z, t, context)``: ``(N, C_lat, h, w)`` → same shape (h, w divisible by
+    ``2**(levels-1)``)."""
+
+    def __init__(self, latent: int, channels: tuple[int, ...], attn_levels: tuple[int, ...],
+                 context_dim: int, heads: int) -> None:
+        super().__init__()
+        c = channels
+        temb = 4 * c[0]
+        self.time_embed = nn.Sequential(nn.Linear(c[0], temb), nn.SiLU(), nn.Linear(temb, temb))
+        self.conv_in = nn.Conv2d(latent, c[0], 3, padding=1)
+        n = len(c)
+        self.down = nn.ModuleList(
+            DownLevel(c[i], c[i], c[i + 1] if i + 1 < n else None, temb, i in attn_levels, context_dim, heads)
+            for i in range(n))
+        self.mid = MidBlock(c[-1], temb, context_dim, heads)
+        self.up = nn.ModuleList(
+            UpLevel(c[i], c[i], c[i], c[i - 1] if i > 0 else None, temb, i in attn_levels, context_dim, heads)
+            for i in range(n))
+        self.out = nn.Sequential(nn.GroupNorm(_groups(c[0]), c[0]), nn.SiLU(), nn.Conv2d(c[0], latent, 3, padding=1))
+        self.base_channels = c[0]
+
+    def forward(self, z: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        temb = self.time_embed(timestep_embedding(t, self.base_channels))
+        h = self.conv_in(z)
+        skips = []
+        for level in self.down:
+            skip, h = level(h, temb, context)
+            skips.append(skip)
+        h = self.mid(h, temb, context)
+        for i in reversed(range(len(self.up))):
+            h = self.up[i](h, skips[i], temb, context)
+        return self.out(h)
+
+
+class OSDSRTiny(nn.Module):
+    """The ``osd-sr-tiny`` model: LR ``(N, 3, H, W)`` in [0, 1] → SR ``(N, 3, sH, sW)`` (unclamped).
+
+    Any LR size works (edge-padded internally to a multiple of ``size_multiple``).
+    """
+
+    def __init__(self, upscale: int = 4, latent_channels: int = 4, vae_channels: tuple[int, ...] = (16, 32, 64),
+                 unet_channels: tuple[int, ...] = (32, 64, 96), attn_levels: tuple[int, ...] = (2,),
+                 heads: int = 4, context_dim: int = 64, context_len: int = 8, timestep: int = 999,
+                 scaling_factor: float = 1.0) -> None:
+        super().__init__()
+        if upscale < 1:
+            raise ConfigError(f"upscale={upscale} must be >= 1")
+        self.arch = ARCH
+        self.hparams = {"upscale": upscale, "latent_channels": latent_channels, "vae_channels": list(vae_channels),
+                        "unet_channels": list(unet_channels), "attn_levels": list(attn_levels), "heads": heads,
+                        "context_dim": context_dim, "context_len": context_len, "timestep": int(timestep),
+                        "scaling_factor": scaling_factor}
+        self.upscale = upscale
+        self.timestep = int(timestep)
+        self.scaling_factor = scaling_factor
+        self.vae = TinyVAE(tuple(vae_channels), latent_channels)
+        self.unet = TinyUNet(latent_channels, tuple(unet_channels), tuple(attn_levels), context_dim, heads)
+        gen = torch.Generator().manual_seed(0)
+        self.register_buffer("empty_prompt", torch.randn(1, context_len, context_dim, generator=gen))
+        self.size_multiple = max(1, 2 ** (len(vae_channels) - 1) * 2 ** (len(unet_channels) - 1) // upscale)
+        n = len(unet_channels)
+        self.quant_patterns: tuple[str, ...] = ("vae.*", "unet.*")
+        self.keep_patterns: tuple[str, ...] = ("vae.encoder.conv_in", "vae.encoder.conv_out", "unet.time_embed.*",
+                                               "unet.conv_in", "unet.out.2", "vae.decoder.conv_in",
+                                               "vae.decoder.conv_out")
+        self.lora_patterns: tuple[str, ...] = ("unet.*",)
+        self.denoiser_prefix = "unet"
+        self._chain = (["vae.encoder", ("unet.time_embed", "unet.conv_in")] + [f"unet.down.{i}" for i in range(n)]
+                       + ["unet.mid"] + [f"unet.up.{i}" for i in reversed(range(n))] + ["unet.out", "vae.decoder"])
+
+    def set_timestep(self, t: int) -> None:
+        """Change the fixed one-step timestep (TRQ); updates ``hparams`` too."""
+        self.timestep = int(t)
+        self.hparams["timestep"] = int(t)
+
+    def rpq_modules(self) -> list[str | tuple[str, ...]]:
+        """The module chain in forward-execution order (tuples are grouped modules)."""
+        return list(self._chain)
+
+    def encode(self, lr: torch.Tensor) -> torch.Tensor:
+        """LR ``(N, 3, H, W)`` in [0, 1] (sizes multiple of ``size_multiple``) → ``z_L``."""
+        x = F.interpolate(lr, scale_factor=float(self.upscale), mode="bicubic", align_corners=False)
+        return self.vae.encoder(x.clamp(0, 1) * 2 - 1) * self.scaling_factor
+
+    def denoise(self, z_l: torch.Tensor) -> torch.Tensor:
+        """Predicted noise ``eps`` at the fixed timestep, same shape as ``z_l``."""
+        t = torch.full((z_l.shape[0],), self.timestep, device=z_l.device, dtype=torch.long)
+        return self.unet(z_l, t, self.empty_prompt.expand(z_l.shape[0], -1, -1))
+
+    def decode(self, z_h: torch.Tensor) -> torch.Tensor:
+        """``z_H`` → image in ~[0, 1] (unclamped)."""
+        return (self.vae.decoder(z_h / self.scaling_factor) + 1) * 0.5
+
+    def latents(self, lr: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(z_L, eps, z_H)`` for an LR batch whose sizes are multiples of ``size_multiple``."""
+        z_l = self.encode(lr)
+        eps = self.denoise(z_l)
+        return z_l, eps, x0_from_eps(z_l, eps, self.timestep)
+
+    def forward(self, lr: torch.Tensor) -> torch.Tensor:
+        h, w = lr.shape[-2:]
+        m = self.size_multiple
+        ph, pw = (-h) % m, (-w) % m
+        if ph or pw:
+            lr = F.pad(lr, (0, pw, 0, ph), mode="replicate")
+        out = self.decode(self.latents(lr)[2])
+        return out[..., : h * self.upscale, : w * self.upscale]
+
+
+DIFFUSION_ARCHS: dict[str, type[nn.Module]] = {ARCH: OSDSRTiny}
+
+
+def build_osd_model(arch: str = ARCH, **hparams: object) -> nn.Module:
+    """Build a diffusion SR model by arch name (``osd-sr-tiny``) from its ``hparams``."""
+    if arch not in DIFFUSION_ARCHS:
+        raise ConfigError(f"unknown diffusion arch {arch!r}; choose one of {', '.join(DIFFUSION_ARCHS)}")
+    return DIFFUSION_ARCHS[arch](**hparams)

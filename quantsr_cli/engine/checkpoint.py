@@ -1,0 +1,110 @@
+"""Resumable training state: model, optimizer, RNG and trainer counters in one safetensors file.
+
+Files are ``<run_dir>/checkpoints/state_<iteration:07d>.safetensors``, written atomically; the newest
+that loads wins on ``--resume`` (a truncated newest file is skipped with a warning event, so a crash
+while saving never loses the previous state). The last ``keep`` files are kept.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from quantsr_cli.errors import CheckpointError
+from quantsr_cli.packing import io as packing_io
+
+STATE_PREFIX = "state_"
+
+
+def _flatten_optimizer(opt_state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, dict[str, Any]] = {}
+    for idx, entry in opt_state["state"].items():
+        for name, value in entry.items():
+            if torch.is_tensor(value):
+                tensors[f"optim.{idx}.{name}"] = value.detach().cpu().contiguous()
+            else:
+                scalars.setdefault(str(idx), {})[name] = value
+    return tensors, {"param_groups": opt_state["param_groups"], "scalars": scalars}
+
+
+def _unflatten_optimizer(tensors: dict[str, torch.Tensor], info: dict[str, Any]) -> dict[str, Any]:
+    state: dict[int, dict[str, Any]] = {}
+    for key, value in tensors.items():
+        if key.startswith("optim."):
+            _, idx, name = key.split(".", 2)
+            state.setdefault(int(idx), {})[name] = value
+    for idx, entries in info.get("scalars", {}).items():
+        state.setdefault(int(idx), {}).update(entries)
+    return {"state": state, "param_groups": info["param_groups"]}
+
+
+def save_state(
+    run_dir: Path,
+    iteration: int,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    trainer_state: dict[str, Any],
+    model_meta: dict[str, str],
+    keep: int = 2,
+) -> Path:
+    """Write the resumable state after ``iteration`` completed steps; prune older files."""
+    folder = run_dir / "checkpoints"
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    opt_tensors, opt_info = _flatten_optimizer(optimizer.state_dict())
+    tensors.update(opt_tensors)
+    tensors["rng.torch"] = torch.get_rng_state()
+    meta = dict(model_meta)
+    meta["kind"] = "train_state"
+    meta["iteration"] = str(iteration)
+    meta["optimizer"] = json.dumps(opt_info)
+    meta["trainer"] = json.dumps(trainer_state)
+    path = folder / f"{STATE_PREFIX}{iteration:07d}.safetensors"
+    packing_io.save_file(tensors, meta, path)
+    states = sorted(folder.glob(f"{STATE_PREFIX}*.safetensors"))
+    for old in states[:-keep]:
+        old.unlink(missing_ok=True)
+    return path
+
+
+def list_states(run_dir: Path) -> list[Path]:
+    """Saved state files of a run, newest first."""
+    folder = run_dir / "checkpoints"
+    return sorted(folder.glob(f"{STATE_PREFIX}*.safetensors"), reverse=True) if folder.is_dir() else []
+
+
+def load_latest_state(run_dir: Path, on_skip: Any = None) -> tuple[Path, dict[str, torch.Tensor], dict[str, str]] | None:
+    """Read the newest loadable state file of ``run_dir`` (None when there is none)."""
+    for path in list_states(run_dir):
+        try:
+            tensors, meta = packing_io.read_file(path)
+        except CheckpointError as exc:
+            if on_skip:
+                on_skip(f"skipping unreadable checkpoint {path.name}: {exc}")
+            continue
+        return path, tensors, meta
+    return None
+
+
+def restore_state(
+    tensors: dict[str, torch.Tensor],
+    meta: dict[str, str],
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    path: Path,
+) -> tuple[int, dict[str, Any]]:
+    """Load model/optimizer/RNG from a state file; return (iteration, trainer_state)."""
+    model_sd = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
+    try:
+        model.load_state_dict(model_sd, strict=True)
+        optimizer.load_state_dict(_unflatten_optimizer(tensors, json.loads(meta["optimizer"])))
+        torch.set_rng_state(tensors["rng.torch"])
+        return int(meta["iteration"]), json.loads(meta["trainer"])
+    except (RuntimeError, KeyError, ValueError) as exc:
+        first = str(exc).splitlines()[0][:300]
+        raise CheckpointError(f"checkpoint does not fit this run ({first})", path) from None

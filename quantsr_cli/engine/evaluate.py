@@ -1,0 +1,106 @@
+"""``quantsr eval``: PSNR/SSIM on benchmark folders exactly as BasicSR computes them."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from quantsr_cli.data.datasets import BenchmarkDataset, resolve_dataset
+from quantsr_cli.data.imresize import imresize
+from quantsr_cli.data.io import tensor_to_uint8, write_image
+from quantsr_cli.engine.modelio import LoadedModel
+from quantsr_cli.engine.tiling import upscale_tensor
+from quantsr_cli.metrics.psnr_ssim import evaluate_pair
+
+EventFn = Callable[[dict[str, Any]], None]
+
+
+@dataclass
+class DatasetResult:
+    """Mean and per-image PSNR (dB, Y channel) and SSIM of one dataset, plus the bicubic baseline."""
+
+    name: str
+    psnr: float
+    ssim: float
+    images: dict[str, dict[str, float]] = field(default_factory=dict)
+    bicubic: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"psnr": self.psnr, "ssim": self.ssim, "images": self.images, "bicubic": self.bicubic}
+
+
+def evaluate_model(
+    loaded: LoadedModel,
+    dataset: str,
+    *,
+    data_root: str | None = None,
+    tile: int = 0,
+    save_dir: str | Path | None = None,
+    bicubic: bool = True,
+    max_images: int = 0,
+    on_event: EventFn | None = None,
+) -> DatasetResult:
+    """Evaluate ``loaded`` on one benchmark dataset (name like ``Set5`` or a folder path).
+
+    Each SR output is rounded to uint8 before the metrics (BasicSR ``tensor2img``); PSNR/SSIM are on
+    the Y channel with ``scale`` border pixels cropped. ``max_images`` > 0 limits the images (validation).
+    """
+    path = resolve_dataset(dataset, data_root)
+    data = BenchmarkDataset(path, loaded.scale)
+    device = next(iter(loaded.model.parameters()), torch.empty(0)).device
+    images: dict[str, dict[str, float]] = {}
+    bic_psnr: list[float] = []
+    bic_ssim: list[float] = []
+    total = len(data) if max_images <= 0 else min(len(data), max_images)
+    for index, (name, lr, hr) in enumerate(data):
+        if index >= total:
+            break
+        sr = upscale_tensor(loaded.model, lr.to(device), loaded.scale, tile=tile).cpu()
+        psnr, ssim = evaluate_pair(sr, hr, loaded.scale)
+        images[name] = {"psnr": psnr, "ssim": ssim}
+        if bicubic:
+            up = imresize(lr, loaded.scale).clamp(0, 1)
+            bp, bs = evaluate_pair(up, hr, loaded.scale)
+            bic_psnr.append(bp)
+            bic_ssim.append(bs)
+        if save_dir is not None:
+            out = Path(save_dir) / path.name / f"{name}.png"
+            out.parent.mkdir(parents=True, exist_ok=True)
+            write_image(out, sr)
+        if on_event:
+            on_event({"event": "image", "dataset": path.name, "name": name, "index": index + 1,
+                      "total": total, "psnr": psnr, "ssim": ssim})
+    mean = lambda xs: float(sum(xs) / len(xs)) if xs else float("nan")  # noqa: E731
+    result = DatasetResult(
+        name=path.name,
+        psnr=mean([v["psnr"] for v in images.values()]),
+        ssim=mean([v["ssim"] for v in images.values()]),
+        images=images,
+    )
+    if bicubic:
+        result.bicubic = {"psnr": mean(bic_psnr), "ssim": mean(bic_ssim)}
+    return result
+
+
+def run_eval(
+    loaded: LoadedModel,
+    datasets: list[str],
+    *,
+    data_root: str | None = None,
+    tile: int = 0,
+    save_dir: str | None = None,
+    on_event: EventFn | None = None,
+) -> dict[str, Any]:
+    """Evaluate on several datasets; returns the ``--json`` object of ``quantsr eval``."""
+    results = {}
+    for name in datasets:
+        res = evaluate_model(loaded, name, data_root=data_root, tile=tile, save_dir=save_dir, on_event=on_event)
+        results[res.name] = res.to_dict()
+    return {"model": loaded.source, "label": loaded.label, "scale": loaded.scale, "datasets": results}
+
+
+__all__ = ["DatasetResult", "evaluate_model", "run_eval", "tensor_to_uint8"]

@@ -1,0 +1,161 @@
+"""Load any model a user can name: a bundled name, our safetensors file, or a foreign ``.pth``.
+
+``default`` (x4 W4A4) and ``default-w2`` (x4 W2A2) are packed models shipped inside the package.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from quantsr_cli.errors import CheckpointError, ConfigError
+from quantsr_cli.models import build_model
+from quantsr_cli.models.loading import detect_arch, load_weights, read_state_dict
+from quantsr_cli.packing import io as packing_io
+
+BUNDLED_MODELS: dict[str, str] = {
+    "default": "default_x4_w4a4.safetensors",
+    "default-w2": "default_x4_w2a2.safetensors",
+}
+"""Bundled model name -> file name inside ``quantsr_cli/weights``."""
+
+SAFETENSORS_SUFFIXES = (".safetensors", ".st")
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for inference plus what is known about it.
+
+    Attributes:
+        model: the network in eval mode; maps (N,3,H,W) in [0,1] to (N,3,sH,sW).
+        arch: registry name, e.g. ``"imdn"``.
+        scale: upscaling factor.
+        kind: ``"fp"`` (float weights), ``"qat"`` (fake-quant) or ``"packed"`` (bit-packed codes).
+        source: what the user passed (path or bundled name).
+        meta: the safetensors metadata (decoded JSON values), empty for ``.pth`` files.
+    """
+
+    model: nn.Module
+    arch: str
+    scale: int
+    kind: str
+    source: str
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def label(self) -> str:
+        """Short human label: ``imdn x4 W4A4 rbd (packed)``."""
+        bits = ""
+        if self.kind != "fp":
+            bits = f" W{self.meta.get('w_bits', '?')}A{self.meta.get('a_bits', '?')} {self.meta.get('method', '')}"
+        return f"{self.arch} x{self.scale}{bits} ({self.kind})"
+
+
+def bundled_model_path(name: str) -> Path | None:
+    """Path of the bundled model ``name`` or None when it is not a bundled name."""
+    file = BUNDLED_MODELS.get(name)
+    if file is None:
+        return None
+    return Path(str(resources.files("quantsr_cli") / "weights" / file))
+
+
+def resolve_model_path(source: str) -> Path:
+    """Map a bundled name or a path to an existing file; raise CheckpointError otherwise."""
+    bundled = bundled_model_path(source)
+    path = bundled if bundled is not None else Path(source)
+    if not path.is_file():
+        if bundled is not None:
+            raise CheckpointError(f"bundled model {source!r} is not installed (expected {path})")
+        known = ", ".join(BUNDLED_MODELS)
+        raise CheckpointError(f"model file not found (bundled names: {known})", source)
+    return path
+
+
+def load_model(
+    source: str,
+    *,
+    arch: str | None = None,
+    scale: int | None = None,
+    hparams: dict[str, Any] | None = None,
+    device: str | torch.device = "cpu",
+) -> LoadedModel:
+    """Load a model from a bundled name, a quantsr safetensors file or a foreign ``.pth``/``.pt``.
+
+    Args:
+        source: bundled name (``default``), or a file path.
+        arch: architecture for ``.pth`` files; detected from the keys when None. For safetensors files
+            it is checked against the file's metadata.
+        scale: expected upscaling factor; a mismatch is a CheckpointError. Detected when None.
+        hparams: extra builder arguments for ``.pth`` files (e.g. ``{"num_block": 32}``).
+        device: where to put the model.
+    """
+    path = resolve_model_path(source)
+    if path.suffix.lower() in SAFETENSORS_SUFFIXES:
+        model = packing_io.load_model_file(path)
+        meta = decode_meta(packing_io.read_metadata(path))
+        file_arch = str(meta.get("arch"))
+        file_scale = int(meta.get("scale", 0))
+        if arch is not None and arch != file_arch:
+            raise CheckpointError(f"file holds a {file_arch!r} model, not {arch!r}", path)
+        kind = str(meta.get("kind", "fp"))
+    else:
+        state = read_state_dict(path)
+        if arch is None:
+            file_arch, detected = detect_arch(state)
+            params = {**detected, **(hparams or {})}
+        else:
+            file_arch = arch
+            params = dict(hparams or {})
+            try:
+                _, detected = detect_arch(state)
+                for key, value in detected.items():
+                    params.setdefault(key, value)
+            except CheckpointError:
+                pass
+        if scale is not None and "upscale" in params and int(params["upscale"]) != scale:
+            raise CheckpointError(f"weights are for x{params['upscale']}, not x{scale}", path)
+        if scale is not None:
+            params.setdefault("upscale", scale)
+        try:
+            model = build_model(file_arch, **params)
+        except ConfigError as exc:
+            raise CheckpointError(f"cannot build {file_arch!r} for these weights: {exc}", path) from None
+        load_weights(model, state, path)
+        file_scale = int(model.hparams["upscale"])
+        meta = {"arch": file_arch, "hparams": dict(model.hparams), "scale": file_scale, "kind": "fp"}
+        kind = "fp"
+    if scale is not None and file_scale != scale:
+        raise CheckpointError(f"model is x{file_scale}, not x{scale} (pass --scale {file_scale})", path)
+    model.eval().to(device)
+    return LoadedModel(model=model, arch=file_arch, scale=file_scale, kind=kind, source=source, meta=meta)
+
+
+def decode_meta(meta: dict[str, str]) -> dict[str, Any]:
+    """Decode the JSON-valued metadata strings of a quantsr file (plain strings stay strings)."""
+    out: dict[str, Any] = {}
+    for key, value in meta.items():
+        try:
+            out[key] = json.loads(value)
+        except (TypeError, ValueError):
+            out[key] = value
+    return out
+
+
+def set_depth(loaded: LoadedModel, depth: str) -> None:
+    """Run a DQA-trained model at one of its depth variants (``full``, ``half``, ``quarter``)."""
+    from quantsr_cli.slim.dqa import apply_depth, resolve_depth
+
+    extra = loaded.meta.get("extra") or {}
+    keep = resolve_depth(loaded.model, depth, extra.get("dqa") if isinstance(extra, dict) else None)
+    apply_depth(loaded.model, keep)
+
+
+def read_model_meta(source: str) -> dict[str, Any]:
+    """Decoded metadata of a quantsr safetensors file or bundled name (header only)."""
+    return decode_meta(packing_io.read_metadata(resolve_model_path(source)))

@@ -1,0 +1,308 @@
+"""``quantsr quantize``: build (or load) a model, attach quantizers, train it, write the results.
+
+A run directory holds everything a run produces::
+
+    runs/<arch>_x<scale>_w<b>a<b>/
+      checkpoints/state_*.safetensors   resumable states (model, optimizer, RNG, counters)
+      train_log.jsonl                   validation, saves, slimming events
+      qat_best.safetensors              fake-quant model with the best validation PSNR
+      qat_last.safetensors              fake-quant model after the last iteration
+      model.safetensors                 the packed model (or --out), built from qat_best
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from quantsr_cli.config import QuantConfig, TrainConfig
+from quantsr_cli.distill import FeatureDistillHook
+from quantsr_cli.data import TrainDataset, shared_data_dir
+from quantsr_cli.engine.evaluate import evaluate_model
+from quantsr_cli.engine.modelio import LoadedModel, load_model
+from quantsr_cli.engine.trainer import Trainer
+from quantsr_cli.errors import ConfigError
+from quantsr_cli.models import build_model
+from quantsr_cli.models.loading import detect_arch, read_state_dict
+from quantsr_cli.packing import io as packing_io
+from quantsr_cli.quant import quant_summary, quantize_
+from quantsr_cli.slim import SlimHook, compact_state_dict, dqa_keep_lists, dqa_variants
+
+EventFn = Callable[[dict[str, Any]], None]
+FORMAT_VERSION = "1"
+
+
+@dataclass(frozen=True)
+class QuantizeJob:
+    """Everything ``quantsr quantize`` needs, after option precedence has been applied."""
+
+    arch: str
+    scale: int
+    quant: QuantConfig
+    train: TrainConfig
+    init: str | None = None
+    blocks: int | None = None
+    run_dir: Path | None = None
+    out: Path | None = None
+    resume: bool = False
+    device: str = "cpu"
+    command: str = ""
+    start_model: str | None = None
+
+    @property
+    def run_name(self) -> str:
+        bits = "fp32" if self.quant.full_precision else f"w{self.quant.w_bits}a{self.quant.a_bits}"
+        return f"{self.arch}_x{self.scale}_{bits}"
+
+
+def block_hparams(arch: str, blocks: int | None) -> dict[str, Any]:
+    """Builder arguments that set the number of residual blocks of ``arch``."""
+    if blocks is None:
+        return {}
+    if blocks < 1:
+        raise ConfigError(f"--blocks {blocks} must be at least 1")
+    if arch in ("quantsr-c", "srresnet"):
+        return {"num_block": blocks}
+    if arch == "swinir-s":
+        return {"depths": [6] * blocks, "num_heads": [6] * blocks}
+    raise ConfigError(f"--blocks is not supported for arch {arch!r}")
+
+
+def build_initial_model(job: QuantizeJob) -> nn.Module:
+    """The FP model the quantizers are attached to: pretrained from ``--init`` or freshly initialised."""
+    extra = block_hparams(job.arch, job.blocks)
+    if job.init and job.blocks:
+        state = read_state_dict(Path(job.init))
+        try:
+            _, found = detect_arch(state)
+        except Exception:  # noqa: BLE001 - fall back to the strict loader's own error
+            found = {}
+        if blocks_in(job.arch, found) not in (None, job.blocks):
+            return load_into_deeper(job, state, extra)
+    if job.init:
+        loaded = load_model(job.init, arch=job.arch, scale=job.scale, hparams=extra or None)
+        if loaded.kind != "fp":
+            raise ConfigError(f"--init {job.init}: expected full-precision weights, got a {loaded.kind} model")
+        return loaded.model
+    return build_model(job.arch, upscale=job.scale, **extra)
+
+
+def blocks_in(arch: str, hparams: dict[str, Any]) -> int | None:
+    """Number of residual blocks described by ``hparams`` (None when unknown)."""
+    if "num_block" in hparams:
+        return int(hparams["num_block"])
+    if "depths" in hparams:
+        return len(hparams["depths"])
+    return None
+
+
+def load_into_deeper(job: QuantizeJob, state: dict[str, torch.Tensor], extra: dict[str, Any]) -> nn.Module:
+    """Load pretrained weights of a shallower model into the first blocks of a deeper one.
+
+    QuantSR+-T starts from an 8-RSTB SwinIR with the official 4-RSTB SwinIR-S weights in RSTBs 0-3
+    (``strict_load_g: false`` in the released yml); the extra blocks keep their fresh initialisation.
+    Only missing keys of the extra blocks are tolerated; anything else is a CheckpointError.
+    """
+    from quantsr_cli.errors import CheckpointError
+
+    model = build_model(job.arch, upscale=job.scale, **extra)
+    result = model.load_state_dict(state, strict=False)
+    prefix = model.block_names()[0].rsplit(".", 1)[0]
+    have = {int(k.split(".")[1]) for k in state if k.startswith(prefix + ".")}
+    bad_missing = [k for k in result.missing_keys
+                   if not (k.startswith(prefix + ".") and int(k.split(".")[1]) not in have)]
+    if bad_missing or result.unexpected_keys:
+        keys = (bad_missing + list(result.unexpected_keys))[:5]
+        raise CheckpointError(f"weights do not fit {job.arch} with {job.blocks} blocks: {', '.join(keys)}", job.init)
+    return model
+
+
+def compact_model(model: nn.Module, quant: QuantConfig, keep: list[int]) -> nn.Module:
+    """A new model holding only the blocks ``keep`` of ``model`` (renumbered), quantized like it."""
+    hparams = dict(model.hparams)
+    if "depths" in hparams:
+        hparams["depths"] = [hparams["depths"][i] for i in keep]
+        hparams["num_heads"] = [hparams["num_heads"][i] for i in keep]
+    else:
+        hparams["num_block"] = len(keep)
+    new = build_model(model.arch, **hparams)
+    if not quant.full_precision:
+        quantize_(new, quant)
+    prefix = model.block_names()[0].rsplit(".", 1)[0]
+    new.load_state_dict(compact_state_dict(model.state_dict(), prefix, keep), strict=True)
+    return new
+
+
+def model_metadata(model: nn.Module, quant: QuantConfig, kind: str, extra: dict[str, Any]) -> dict[str, str]:
+    """safetensors metadata that lets :func:`quantsr_cli.packing.io.load_model_file` rebuild ``model``."""
+    return {
+        "format": "quantsr",
+        "format_version": FORMAT_VERSION,
+        "kind": kind,
+        "arch": model.arch,
+        "hparams": json.dumps(model.hparams),
+        "scale": str(model.hparams["upscale"]),
+        "method": quant.method,
+        "w_bits": str(quant.w_bits),
+        "a_bits": str(quant.a_bits),
+        "layers": json.dumps(quant_summary(model) if not quant.full_precision else {}),
+        "extra": json.dumps(extra),
+    }
+
+
+def write_model_file(model: nn.Module, path: Path, quant: QuantConfig, extra: dict[str, Any]) -> Path:
+    """Write the float/fake-quant state of ``model`` as a ``qat`` (or ``fp``) safetensors file."""
+    kind = "fp" if quant.full_precision else "qat"
+    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    packing_io.save_file(tensors, model_metadata(model, quant, kind, extra), path)
+    return path
+
+
+def write_packed_file(model: nn.Module, path: Path, quant: QuantConfig, extra: dict[str, Any]) -> Path:
+    """Bit-pack the quantized layers of ``model`` and write them (FP models are written as ``fp``)."""
+    if quant.full_precision:
+        return write_model_file(model, path, quant, extra)
+    tensors, meta = packing_io.pack_model(model)
+    meta.update({k: v for k, v in model_metadata(model, quant, "packed", extra).items() if k not in meta})
+    meta["extra"] = json.dumps(extra)
+    packing_io.save_file(tensors, meta, path)
+    return path
+
+
+def make_validator(job_scale: int, dataset: str, max_images: int, arch: str) -> Callable[[nn.Module], float]:
+    """``model -> mean Y-PSNR`` on the validation dataset (BasicSR conventions)."""
+
+    def validate(model: nn.Module) -> float:
+        loaded = LoadedModel(model=model, arch=arch, scale=job_scale, kind="qat", source="training")
+        return evaluate_model(loaded, dataset, bicubic=False, max_images=max_images).psnr
+
+    return validate
+
+
+def default_train_dirs() -> tuple[str, ...]:
+    """``$QUANTSR_DATA/train/*`` folders (T91, BSD200 in the shared data)."""
+    shared = shared_data_dir()
+    if shared is None:
+        raise ConfigError("no training data: set QUANTSR_DATA or pass --train-data DIR")
+    root = shared / "train"
+    dirs = sorted(str(p) for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
+    if not dirs:
+        raise ConfigError(f"no training data: {root} has no image folders; pass --train-data DIR")
+    return tuple(dirs)
+
+
+def init_distributed() -> None:
+    """Join the process group when launched by ``torchrun`` (gloo on CPU, NCCL on GPU)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.distributed.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        torch.distributed.init_process_group(backend=backend)
+
+
+def calibrate(model: nn.Module, lr: torch.Tensor) -> None:
+    """Initialise every lazily initialised quantizer from one batch (same on every DDP rank)."""
+    model.train()
+    with torch.no_grad():
+        model(lr)
+
+
+def prepare_training(job: QuantizeJob, model: nn.Module, on_event: EventFn | None) -> Trainer:
+    """Quantize ``model``, set up data, validation and the trainer (resuming when asked)."""
+    cfg = job.train
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    run_dir = job.run_dir or Path("runs") / job.run_name
+    init_distributed()
+    if not job.quant.full_precision and job.start_model is None:
+        quantize_(model, job.quant)
+    device = torch.device(job.device)
+    model.to(device)
+    train_dirs = cfg.train_data or default_train_dirs()
+    data = TrainDataset(list(train_dirs), scale=job.scale, patch_size=cfg.patch_size, seed=cfg.seed)
+    if job.start_model is None:
+        calibrate(model, data.sample_batch(0, cfg.batch_size)[0].to(device))
+    validate = make_validator(job.scale, cfg.val_dataset, cfg.val_max_images, job.arch) if cfg.val_dataset else None
+    extra: dict[str, Any] = {"command": job.command, "iters": cfg.iters,
+                             "train_data": [os.path.basename(d) for d in train_dirs]}
+    hooks: list[Any] = []
+    variants = []
+    if cfg.dqa:
+        if cfg.slim_to:
+            raise ConfigError("--dqa and --slim-to cannot be combined")
+        variants = dqa_variants(model)
+        extra["dqa"] = dqa_keep_lists(len(model.block_names()))
+    if cfg.slim_to:
+        hooks.append(SlimHook(model, cfg.slim_to, cfg.iters, cfg.slim_start_ratio))
+    if cfg.distill:
+        teacher = load_model(cfg.distill, scale=job.scale, device=device)
+        if teacher.kind != "fp":
+            raise ConfigError(f"--distill {cfg.distill}: the teacher must be a full-precision model, not {teacher.kind}")
+        hooks.append(FeatureDistillHook(model, teacher.model, cfg.feature_weight))
+        extra["distill"] = {"teacher": os.path.basename(cfg.distill), "feature_weight": cfg.feature_weight}
+    trainer = Trainer(
+        model=model, cfg=cfg, run_dir=run_dir, sample_batch=data.sample_batch, validate=validate,
+        model_meta=model_metadata(model, job.quant, "train_state", extra), variants=variants, hooks=hooks,
+        on_event=on_event, device=device,
+    )
+    has_states = any((run_dir / "checkpoints").glob("state_*.safetensors"))
+    if job.resume:
+        if not trainer.resume():
+            trainer.emit({"event": "log", "message": f"no checkpoint in {run_dir}; starting fresh"})
+    elif has_states:
+        raise ConfigError(f"{run_dir} already holds checkpoints; pass --resume to continue or choose another --run-dir")
+    return trainer
+
+
+def finish_training(job: QuantizeJob, trainer: Trainer) -> dict[str, Any]:
+    """Write qat_last / packed outputs and return the run summary (also saved as summary.json)."""
+    run_dir = trainer.run_dir
+    extra = dict(json.loads(trainer.model_meta["extra"]))
+    extra.update({"best_psnr": trainer.best_psnr if math.isfinite(trainer.best_psnr) else None,
+                  "best_iter": trainer.best_iter, "val_dataset": job.train.val_dataset})
+    model = trainer.model
+    slim = next((h for h in trainer.hooks if isinstance(h, SlimHook)), None)
+    if slim is not None:
+        extra["slim"] = {"from_blocks": len(slim.names), "to_blocks": slim.target, "removed": slim.removed}
+        model = compact_model(model, job.quant, slim.kept_indices())
+    last = write_model_file(model, run_dir / "qat_last.safetensors", job.quant, extra)
+    best = run_dir / "qat_best.safetensors"
+    source = model
+    if best.is_file() and slim is None:
+        source = packing_io.load_model_file(best)
+    out = job.out or run_dir / "model.safetensors"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_packed_file(source, out, job.quant, extra)
+    summary = {"run_dir": str(run_dir), "qat_last": str(last), "qat_best": str(best) if best.is_file() else None,
+               "out": str(out), "iters": trainer.iteration, "best_psnr": extra["best_psnr"],
+               "best_iter": trainer.best_iter, "history": trainer.history[-20:]}
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def run_quantize(job: QuantizeJob, on_event: EventFn | None = None) -> dict[str, Any]:
+    """Train ``job`` to the end (resuming if asked) and write its outputs; returns the summary."""
+    if job.start_model is not None:
+        model = packing_io.load_model_file(Path(job.start_model))
+    else:
+        model = build_initial_model(job)
+    trainer = prepare_training(job, model, on_event)
+    extra = json.loads(trainer.model_meta["extra"])
+
+    def on_best(t: Trainer) -> None:
+        if any(isinstance(h, SlimHook) for h in t.hooks):
+            return  # the best slimmed model is only known once every removal is done
+        write_model_file(t.model, t.run_dir / "qat_best.safetensors", job.quant,
+                         {**extra, "best_psnr": t.best_psnr, "best_iter": t.best_iter})
+
+    trainer.train(on_best=on_best)
+    if trainer.rank != 0:
+        return {}
+    return finish_training(job, trainer)

@@ -1,0 +1,212 @@
+"""The one training loop of quantsr (``quantize``, ``slim``, ``distill`` and DQA all run through it).
+
+Per iteration: a deterministic batch ``(lr, hr)`` for that iteration (so resuming reproduces the same
+data), the L1 loss (mean over DQA depth variants when enabled) plus hook losses (SFD), one Adam step
+with the learning rate of that iteration. Every ``save_every`` iterations the full state is written
+atomically; every ``val_every`` iterations the model is validated (Y-PSNR) and the best kept.
+Under ``torchrun`` the model is wrapped in DistributedDataParallel (gloo on CPU, NCCL on GPU), every
+rank draws its own batches and only rank 0 validates and writes files.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from quantsr_cli.config import TrainConfig
+from quantsr_cli.engine import checkpoint as ckpt
+
+EventFn = Callable[[dict[str, Any]], None]
+
+
+class TrainHook(Protocol):
+    """Optional extension points of the loop (QSA slimming, SFD distillation)."""
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+    def before_step(self, trainer: Trainer, iteration: int) -> None: ...
+
+    def after_validation(self, trainer: Trainer, iteration: int, psnr: float) -> None: ...
+
+    def extra_loss(self, trainer: Trainer, lr: torch.Tensor, hr: torch.Tensor, sr: torch.Tensor) -> torch.Tensor | None: ...
+
+
+def lr_at(cfg: TrainConfig, iteration: int) -> float:
+    """Learning rate for the step ``iteration`` (0-based) under ``cfg.scheduler``."""
+    if cfg.scheduler == "constant":
+        return cfg.lr
+    if cfg.scheduler == "multistep":
+        drops = sum(1 for m in cfg.milestones if iteration >= m)
+        return cfg.lr * cfg.gamma**drops
+    progress = min(iteration / max(cfg.iters, 1), 1.0)
+    return cfg.eta_min + 0.5 * (cfg.lr - cfg.eta_min) * (1 + math.cos(math.pi * progress))
+
+
+@dataclass
+class Trainer:
+    """Runs ``cfg.iters`` optimisation steps of ``model`` and keeps ``run_dir`` resumable.
+
+    Args:
+        model: the (quantized) network, (N,3,h,w) in [0,1] -> (N,3,sh,sw).
+        cfg: training options.
+        run_dir: folder for checkpoints, logs and outputs.
+        sample_batch: ``(iteration, batch_size) -> (lr, hr)`` deterministic in the iteration.
+        validate: ``model -> PSNR (dB)`` on the validation set, or None to skip validation.
+        model_meta: safetensors metadata describing the model (arch, hparams, quant config).
+        variants: DQA depth variants: callables that configure the model for one depth (None = one pass).
+        hooks: slimming / distillation hooks.
+        on_event: progress callback (dicts with an ``"event"`` key).
+    """
+
+    model: nn.Module
+    cfg: TrainConfig
+    run_dir: Path
+    sample_batch: Callable[[int, int], tuple[torch.Tensor, torch.Tensor]]
+    validate: Callable[[nn.Module], float] | None = None
+    model_meta: dict[str, str] = field(default_factory=dict)
+    variants: Sequence[Callable[[nn.Module], None]] = ()
+    hooks: list[Any] = field(default_factory=list)
+    on_event: EventFn | None = None
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    def __post_init__(self) -> None:
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.iteration = 0
+        self.best_psnr = -math.inf
+        self.best_iter = -1
+        self.history: list[dict[str, Any]] = []
+        self.optimizer = torch.optim.Adam(
+            [p for p in self.model.parameters() if p.requires_grad], lr=self.cfg.lr, betas=self.cfg.betas
+        )
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+
+    # -- events -------------------------------------------------------------------------------
+    def emit(self, event: dict[str, Any]) -> None:
+        if self.rank != 0:
+            return
+        if event.get("event") in ("val", "save", "log", "resume", "slim", "done"):
+            with open(self.run_dir / "train_log.jsonl", "a", encoding="utf-8") as fh:
+                fh.write(json.dumps(event) + "\n")
+        if self.on_event:
+            self.on_event(event)
+
+    # -- state --------------------------------------------------------------------------------
+    def trainer_state(self) -> dict[str, Any]:
+        return {
+            "best_psnr": self.best_psnr if math.isfinite(self.best_psnr) else None,
+            "best_iter": self.best_iter,
+            "history": self.history[-200:],
+            "hooks": [h.state_dict() for h in self.hooks],
+        }
+
+    def resume(self) -> bool:
+        """Continue from the newest loadable state in ``run_dir``; False when there is none."""
+        found = ckpt.load_latest_state(self.run_dir, on_skip=lambda m: self.emit({"event": "log", "message": m}))
+        if found is None:
+            return False
+        path, tensors, meta = found
+        # Hooks first: they may change the model's structure (frozen shortcuts, skipped blocks).
+        state = json.loads(meta["trainer"])
+        for hook, hstate in zip(self.hooks, state.get("hooks", [])):
+            hook.load_state_dict(hstate)
+        self.iteration, state = ckpt.restore_state(tensors, meta, self.model, self.optimizer, path)
+        self.best_psnr = state["best_psnr"] if state.get("best_psnr") is not None else -math.inf
+        self.best_iter = state.get("best_iter", -1)
+        self.history = state.get("history", [])
+        self.emit({"event": "resume", "iter": self.iteration, "path": str(path)})
+        return True
+
+    def save(self) -> None:
+        if self.rank == 0:
+            path = ckpt.save_state(
+                self.run_dir, self.iteration, self.model, self.optimizer, self.trainer_state(), self.model_meta
+            )
+            self.emit({"event": "save", "iter": self.iteration, "path": str(path)})
+        self._barrier()
+
+    # -- loop ---------------------------------------------------------------------------------
+    def _barrier(self) -> None:
+        if self.world > 1 and torch.distributed.is_initialized():
+            torch.distributed.barrier()
+
+    def _loss(self, net: nn.Module, lr: torch.Tensor, hr: torch.Tensor) -> torch.Tensor:
+        passes = list(self.variants) or [None]
+        total = lr.new_zeros(())
+        for configure in passes:
+            if configure is not None:
+                configure(self.model)
+            sr = net(lr)
+            loss = F.l1_loss(sr, hr)
+            for hook in self.hooks:
+                extra = hook.extra_loss(self, lr, hr, sr)
+                if extra is not None:
+                    loss = loss + extra
+            total = total + loss / len(passes)
+        if self.variants:
+            self.variants[0](self.model)  # back to the full-depth variant
+        return total
+
+    def run_validation(self) -> float | None:
+        if self.validate is None or self.rank != 0:
+            return None
+        self.model.eval()
+        with torch.no_grad():
+            psnr = float(self.validate(self.model))
+        self.model.train()
+        improved = psnr > self.best_psnr
+        if improved:
+            self.best_psnr, self.best_iter = psnr, self.iteration
+        self.history.append({"iter": self.iteration, "psnr": psnr})
+        self.emit({"event": "val", "iter": self.iteration, "psnr": psnr, "best": self.best_psnr, "improved": improved})
+        return psnr
+
+    def train(self, on_best: Callable[[Trainer], None] | None = None) -> None:
+        """Run from ``self.iteration`` to ``cfg.iters``; ``on_best`` is called when validation improves."""
+        cfg = self.cfg
+        net: nn.Module = self.model
+        if self.world > 1:
+            net = nn.parallel.DistributedDataParallel(self.model, find_unused_parameters=True)
+        self.model.train()
+        start_time, start_iter = time.perf_counter(), self.iteration
+        while self.iteration < cfg.iters:
+            it = self.iteration
+            for hook in self.hooks:
+                hook.before_step(self, it)
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr_at(cfg, it)
+            lr_img, hr_img = self.sample_batch(it * self.world + self.rank, cfg.batch_size)
+            lr_img, hr_img = lr_img.to(self.device), hr_img.to(self.device)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss = self._loss(net, lr_img, hr_img)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"loss became {loss.item()} at iteration {it}; lower --lr")
+            loss.backward()
+            self.optimizer.step()
+            self.iteration = it + 1
+            if self.iteration % cfg.log_every == 0 or self.iteration == cfg.iters:
+                elapsed = time.perf_counter() - start_time
+                self.emit({"event": "train", "iter": self.iteration, "iters": cfg.iters, "loss": loss.item(),
+                           "lr": lr_at(cfg, it), "it_s": (self.iteration - start_iter) / max(elapsed, 1e-9)})
+            if cfg.val_every > 0 and (self.iteration % cfg.val_every == 0 or self.iteration == cfg.iters):
+                psnr = self.run_validation()
+                if psnr is not None:
+                    for hook in self.hooks:
+                        hook.after_validation(self, self.iteration, psnr)
+                    if self.best_iter == self.iteration and on_best is not None:
+                        on_best(self)
+            if self.iteration % cfg.save_every == 0 or self.iteration == cfg.iters:
+                self.save()
+        self.emit({"event": "done", "iter": self.iteration, "best_psnr": self.best_psnr, "best_iter": self.best_iter})

@@ -1,0 +1,145 @@
+"""``quantsr upscale``: super-resolve image files or folders with any model (packed by default).
+
+Mirrors Real-ESRGAN's ``inference_realesrgan.py`` where it fits: inputs are files, folders or globs;
+the output is a file for a single input and otherwise a folder (``<stem><suffix>.<ext>``); large
+images go through overlapping tiles; alpha is upscaled separately (bicubic), 16-bit PNGs stay 16-bit
+and grayscale stays grayscale. Every output is written atomically, so an interrupted run leaves only
+complete files, and ``skip_existing`` resumes it. One failing image does not stop the others.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from quantsr_cli.data.imresize import imresize
+from quantsr_cli.data.io import IMAGE_EXTENSIONS, MAX_PIXELS, list_images, read_image, write_image
+from quantsr_cli.engine.modelio import LoadedModel
+from quantsr_cli.engine.tiling import upscale_tensor
+from quantsr_cli.errors import ConfigError, ImageError, QuantSRError
+
+EventFn = Callable[[dict[str, Any]], None]
+
+
+@dataclass(frozen=True)
+class UpscaleOptions:
+    """Options of one upscale run (units: LR pixels for ``tile``/``tile_pad``)."""
+
+    tile: int = 256
+    tile_pad: int = 16
+    suffix: str = ""
+    ext: str = "auto"
+    overwrite: bool = True
+    max_pixels: int | None = MAX_PIXELS
+
+    def __post_init__(self) -> None:
+        if self.tile < 0:
+            raise ConfigError(f"--tile {self.tile} must be 0 (no tiling) or positive")
+        if self.tile_pad < 0:
+            raise ConfigError(f"--tile-pad {self.tile_pad} must not be negative")
+        if self.ext not in ("auto", "png", "jpg", "jpeg", "webp", "tif", "tiff", "bmp"):
+            raise ConfigError(f"--ext {self.ext!r}; choose auto, png, jpg, webp, tif or bmp")
+
+
+@dataclass
+class UpscaleReport:
+    """What happened to each input: written outputs, skipped ones and failures (path -> message)."""
+
+    written: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    failed: dict[str, str] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"written": self.written, "skipped": self.skipped, "failed": self.failed}
+
+
+def collect_inputs(inputs: list[str]) -> list[Path]:
+    """Expand files, folders (their images, sorted) and glob patterns; a missing input is an error."""
+    files: list[Path] = []
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            files.extend(list_images(path))
+        elif path.exists():
+            files.append(path)
+        elif any(ch in item for ch in "*?["):
+            matches = sorted(Path(m) for m in glob.glob(item) if Path(m).suffix.lower() in IMAGE_EXTENSIONS)
+            if not matches:
+                raise ImageError("pattern matches no image", item)
+            files.extend(matches)
+        else:
+            raise ImageError("no such file or folder", item)
+    if not files:
+        raise ImageError("no images found in the given inputs", ", ".join(inputs))
+    return files
+
+
+def output_paths(files: list[Path], output: Path, opts: UpscaleOptions, single_target: bool) -> list[Path]:
+    """Destination of each input. ``single_target``: ``output`` is a file (one input)."""
+    if single_target:
+        return [output]
+    out = []
+    for src in files:
+        ext = src.suffix.lower().lstrip(".") if opts.ext == "auto" else opts.ext
+        out.append(output / f"{src.stem}{opts.suffix}.{ext}")
+    return out
+
+
+def upscale_image(loaded: LoadedModel, src: Path, dst: Path, opts: UpscaleOptions) -> None:
+    """Read ``src``, super-resolve it and write ``dst`` atomically."""
+    image = read_image(src, max_pixels=opts.max_pixels)
+    device = next(iter(loaded.model.parameters()), torch.empty(0)).device
+    sr = upscale_tensor(loaded.model, image.rgb.to(device), loaded.scale, tile=opts.tile, tile_pad=opts.tile_pad)
+    alpha = None
+    if image.alpha is not None:
+        alpha = imresize(image.alpha, loaded.scale).clamp(0, 1)
+    write_image(dst, sr.cpu(), alpha=alpha, bit_depth=image.bit_depth, gray=image.gray)
+
+
+def run_upscale(
+    loaded: LoadedModel,
+    inputs: list[str],
+    output: str,
+    opts: UpscaleOptions,
+    on_event: EventFn | None = None,
+) -> UpscaleReport:
+    """Upscale every input; returns a report (failures are collected, not raised)."""
+    files = collect_inputs(inputs)
+    out = Path(output)
+    single = len(files) == 1 and not out.is_dir() and out.suffix.lower() in IMAGE_EXTENSIONS
+    if not single:
+        if out.exists() and not out.is_dir():
+            raise ConfigError(f"output {out} is a file but there are {len(files)} inputs; give a folder")
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ImageError(f"cannot create output folder: {exc.strerror}", out) from None
+        if not os.access(out, os.W_OK):
+            raise ImageError("output folder is not writable", out)
+    elif not out.parent.exists() or not os.access(out.parent if str(out.parent) else Path("."), os.W_OK):
+        raise ImageError("output folder does not exist or is not writable", out.parent)
+    report = UpscaleReport()
+    targets = output_paths(files, out, opts, single)
+    for index, (src, dst) in enumerate(zip(files, targets)):
+        try:
+            if dst.resolve() == src.resolve():
+                raise ImageError("output path equals the input; choose another output or --suffix", src)
+            if dst.exists() and not opts.overwrite:
+                report.skipped.append(str(dst))
+            else:
+                upscale_image(loaded, src, dst, opts)
+                report.written.append(str(dst))
+        except QuantSRError as exc:
+            report.failed[str(src)] = str(exc)
+        except (OSError, RuntimeError, ValueError) as exc:
+            report.failed[str(src)] = f"{src}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+        if on_event:
+            on_event({"event": "image", "index": index + 1, "total": len(files), "src": str(src), "dst": str(dst),
+                      "failed": str(src) in report.failed})
+    return report

@@ -1,0 +1,125 @@
+"""Pieces shared by the architecture files: the model base class, block shortcut, validation helpers.
+
+Every model maps an RGB batch ``(N, 3, H, W)`` in ``[0, 1]`` to ``(N, 3, s*H, s*W)`` (unclamped) and
+exposes the plain data the rest of quantsr uses without importing any model file: ``arch``,
+``hparams``, ``quant_patterns``, ``block_names()`` and ``feature_points()`` (see DEVELOPERS.md).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from quantsr_cli.config import SCALES
+from quantsr_cli.errors import ConfigError
+
+DIV2K_RGB_MEAN = (0.4488, 0.4371, 0.4040)
+"""Per-channel RGB mean of DIV2K in ``[0, 1]``, subtracted by EDSR-style models and SwinIR."""
+
+
+class SRModel(nn.Module):
+    """Base class of every quantsr model.
+
+    Attributes:
+        arch: registry name (class attribute).
+        quant_patterns: ``fnmatch`` patterns over ``named_modules()`` names; matching ``nn.Conv2d`` /
+            ``nn.Linear`` are quantized, matching ``nn.Identity`` are activation points.
+        derived_keys: ``fnmatch`` patterns of state-dict keys that official checkpoints carry but this
+            model recomputes and drops on load (e.g. SwinIR ``attn_mask``); empty for most models.
+        hparams: the JSON-serialisable keyword arguments that rebuild the model (includes ``upscale``).
+    """
+
+    arch: str = ""
+    quant_patterns: tuple[str, ...] = ()
+    derived_keys: tuple[str, ...] = ()
+
+    def __init__(self, hparams: dict[str, object]) -> None:
+        super().__init__()
+        self.hparams = dict(hparams)
+        self.upscale = int(hparams["upscale"])  # type: ignore[call-overload]
+
+    def block_names(self) -> list[str]:
+        """Names of the residual blocks, in forward order."""
+        raise NotImplementedError
+
+    def feature_points(self) -> list[str]:
+        """Per block, the module whose *input* is that block's feature for feature distillation."""
+        raise NotImplementedError
+
+    def blocks(self) -> list[nn.Module]:
+        """The residual block modules named by :meth:`block_names`."""
+        return [self.get_submodule(name) for name in self.block_names()]
+
+
+def init_shortcut(block: nn.Module, learnable: bool) -> None:
+    """Give ``block`` a ``learnable_shortcut`` scalar (init 1) and ``skip = False``.
+
+    With ``learnable=True`` the scalar is an ``nn.Parameter`` of shape ``(1,)`` and appears in the
+    state dict as ``<block>.learnable_shortcut`` (QuantSR layout). With ``learnable=False`` it is a
+    non-persistent buffer fixed at 1: it follows ``.to(device)``, multiplies the identity path
+    exactly like the parameter would, but adds no state-dict key, so official checkpoints that have no
+    such scalar still load strictly. Block removal (QSA/DQA) with a trainable scalar needs a model
+    built with ``learnable_shortcut=True``.
+    """
+    if learnable:
+        block.learnable_shortcut = nn.Parameter(torch.ones(1))
+    else:
+        block.register_buffer("learnable_shortcut", torch.ones(1), persistent=False)
+    block.skip = False
+
+
+class Upsample(nn.Sequential):
+    """BasicSR ``Upsample``: ``log2(s)`` x [conv ``F -> 4F``, PixelShuffle(2)] or conv ``F -> 9F`` + PixelShuffle(3).
+
+    Keys: ``0`` (and ``2`` for x4) hold the convs. Input ``(N, F, H, W)`` -> ``(N, F, sH, sW)``.
+    """
+
+    def __init__(self, scale: int, num_feat: int) -> None:
+        layers: list[nn.Module] = []
+        if scale & (scale - 1) == 0:
+            for _ in range(int(math.log2(scale))):
+                layers += [nn.Conv2d(num_feat, 4 * num_feat, 3, 1, 1), nn.PixelShuffle(2)]
+        elif scale == 3:
+            layers += [nn.Conv2d(num_feat, 9 * num_feat, 3, 1, 1), nn.PixelShuffle(3)]
+        else:
+            raise ConfigError(f"upscale={scale} is not supported; choose one of 2, 3, 4")
+        super().__init__(*layers)
+
+
+def check_scale(upscale: object) -> int:
+    """Validate an ``upscale`` factor (one of :data:`quantsr_cli.config.SCALES`)."""
+    if isinstance(upscale, bool) or not isinstance(upscale, int) or upscale not in SCALES:
+        raise ConfigError(f"upscale={upscale!r} is not supported; choose one of {', '.join(map(str, SCALES))}")
+    return upscale
+
+
+def check_int(name: str, value: object, minimum: int = 1, multiple_of: int = 1) -> int:
+    """Validate an integer hyperparameter ``>= minimum`` and divisible by ``multiple_of``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum or value % multiple_of:
+        extra = f" and a multiple of {multiple_of}" if multiple_of > 1 else ""
+        raise ConfigError(f"{name}={value!r} must be an integer >= {minimum}{extra}")
+    return value
+
+
+def check_float(name: str, value: object, minimum: float = 0.0) -> float:
+    """Validate a positive real hyperparameter (``> minimum``)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > minimum:
+        raise ConfigError(f"{name}={value!r} must be a number > {minimum}")
+    return float(value)
+
+
+def check_bool(name: str, value: object) -> bool:
+    """Validate a boolean hyperparameter."""
+    if not isinstance(value, bool):
+        raise ConfigError(f"{name}={value!r} must be true or false")
+    return value
+
+
+def check_int_list(name: str, value: object) -> list[int]:
+    """Validate a non-empty list of positive integers (e.g. SwinIR ``depths``)."""
+    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence) or not value:
+        raise ConfigError(f"{name}={value!r} must be a non-empty list of positive integers")
+    return [check_int(f"{name}[{i}]", v) for i, v in enumerate(value)]

@@ -1,0 +1,255 @@
+"""Reading foreign ``.pth``/``.pt`` checkpoints safely, strict loading, and architecture detection.
+
+Only ``torch.load(path, map_location="cpu", weights_only=True)`` is used: files that need arbitrary
+unpickling are refused, never executed.
+"""
+
+from __future__ import annotations
+
+import math
+import pickle
+import re
+from collections.abc import Mapping
+from fnmatch import fnmatchcase
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from quantsr_cli.config import SCALES
+from quantsr_cli.errors import CheckpointError
+from quantsr_cli.models.registry import ARCHS, build_model
+
+WRAPPER_KEYS = ("params_ema", "params", "state_dict", "model")
+"""Container keys unwrapped in this order of preference (BasicSR EMA weights first)."""
+
+_SHOW = 5  # how many offending keys an error message lists
+
+
+class _UnsupportedScale(ValueError):
+    """A recognised layout whose upscale factor quantsr does not support."""
+
+
+def read_state_dict(path: str | Path) -> dict[str, Tensor]:
+    """Read a checkpoint file into a flat ``{key: tensor}`` state dict on the CPU.
+
+    Unwraps ``params_ema`` (preferred), ``params``, ``state_dict`` or ``model`` containers and strips a
+    leading ``module.`` (``nn.DataParallel``) from every key.
+
+    Raises:
+        CheckpointError: the file is missing, unreadable/truncated, needs unsafe unpickling, or holds
+            something other than a mapping of string keys to tensors.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError("no such checkpoint file", path)
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        refused = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
+        if refused:
+            raise CheckpointError(
+                f"refused to unpickle {refused.group(1)}: only tensors and plain containers are allowed "
+                "(weights_only loading)",
+                path,
+            ) from exc
+        detail = re.search(r"WeightsUnpickler error:\s*(.+)", str(exc))
+        reason = detail.group(1).strip() if detail else _first_line(exc)
+        raise CheckpointError(f"not a readable PyTorch checkpoint ({reason[:200]})", path) from exc
+    except Exception as exc:  # torch raises RuntimeError, EOFError, OSError, zip errors... for bad files
+        reason = f"{type(exc).__name__}: {_first_line(exc)}"
+        raise CheckpointError(f"not a readable PyTorch checkpoint ({reason})", path) from exc
+    for _ in range(3):
+        if not isinstance(obj, Mapping):
+            break
+        inner = next((obj[k] for k in WRAPPER_KEYS if isinstance(obj.get(k), Mapping)), None)
+        if inner is None:
+            break
+        obj = inner
+    if not isinstance(obj, Mapping) or not obj:
+        raise CheckpointError(f"not a state dict (found {type(obj).__name__})", path)
+    state: dict[str, Tensor] = {}
+    for key, value in obj.items():
+        if not isinstance(key, str) or not isinstance(value, Tensor):
+            raise CheckpointError(f"not a state dict: entry {key!r} holds a {type(value).__name__}", path)
+        state[key.removeprefix("module.")] = value
+    return state
+
+
+def load_weights(model: nn.Module, state_dict: Mapping[str, Tensor], path: str | Path | None = None) -> nn.Module:
+    """Load ``state_dict`` into ``model`` strictly (in place) and return the model.
+
+    Keys matching the model's ``derived_keys`` (e.g. official SwinIR ``attn_mask`` buffers) are
+    accepted and ignored. Non-persistent ``learnable_shortcut`` buffers are not expected in the file.
+    Nothing is copied unless every key and shape fits.
+
+    Raises:
+        CheckpointError: naming ``path`` and listing the first missing, unexpected and mis-shaped keys,
+            plus the architecture the file looks like when that differs from the model.
+    """
+    derived = getattr(model, "derived_keys", ())
+    given = {k: v for k, v in state_dict.items() if not any(fnmatchcase(k, p) for p in derived)}
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in given]
+    unexpected = [k for k in given if k not in expected]
+    mismatched = [
+        f"{k} (file {tuple(given[k].shape)}, model {tuple(v.shape)})"
+        for k, v in expected.items()
+        if k in given and given[k].shape != v.shape
+    ]
+    if missing or unexpected or mismatched:
+        parts = []
+        groups = (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatch", mismatched))
+        for label, items in groups:
+            if items:
+                more = f" (+{len(items) - _SHOW} more)" if len(items) > _SHOW else ""
+                parts.append(f"{label} {', '.join(items[:_SHOW])}{more}")
+        arch = getattr(model, "arch", type(model).__name__)
+        hparams = getattr(model, "hparams", {})
+        message = f"does not fit {arch} {_fmt(hparams)}: " + "; ".join(parts)
+        try:
+            file_arch, file_hparams = detect_arch(state_dict)
+        except CheckpointError:
+            pass
+        else:
+            if (file_arch, file_hparams) != (arch, {k: hparams.get(k) for k in file_hparams}):
+                message += f" (the file looks like {file_arch} {_fmt(file_hparams)})"
+        raise CheckpointError(message, path)
+    model.load_state_dict(dict(state_dict), strict=True)
+    return model
+
+
+def detect_arch(state_dict: Mapping[str, Tensor], path: str | Path | None = None) -> tuple[str, dict[str, object]]:
+    """Guess the registered architecture and its hyperparameters from key names and shapes.
+
+    Returns:
+        ``(arch, hparams)`` such that ``build_model(arch, **hparams)`` fits the state dict (e.g.
+        ``("imdn", {"upscale": 4, "num_feat": 64, "num_modules": 6, "learnable_shortcut": False})``).
+        Hyperparameters that leave no trace in the weights (``res_scale``) are left at their defaults.
+
+    Raises:
+        CheckpointError: no supported layout matches, or the scale is not 2, 3 or 4.
+    """
+    keys = set(state_dict)
+    try:
+        if "IMDB1.c1.weight" in keys:
+            return "imdn", _detect_imdn(state_dict)
+        if "layers.0.residual_group.blocks.0.attn.qkv.weight" in keys:
+            if "conv_before_upsample.0.weight" in keys or "upsample.0.weight" not in keys:
+                raise CheckpointError("only lightweight SwinIR (upsampler 'pixelshuffledirect') is supported", path)
+            return "swinir-s", _detect_swinir(state_dict)
+        if "upconv1.weight" in keys and "body.0.conv1.weight" in keys:
+            return "srresnet", _detect_srresnet(state_dict)
+        if {"conv_after_body.weight", "body.0.conv1.weight", "upsample.0.weight"} <= keys:
+            return "quantsr-c", _detect_quantsr_c(state_dict)
+    except _UnsupportedScale as exc:
+        raise CheckpointError(str(exc), path) from exc
+    except (KeyError, ValueError, IndexError) as exc:
+        raise CheckpointError(f"unrecognised checkpoint layout ({exc})", path) from exc
+    if "head.0.weight" in keys and "tail.0.0.weight" in keys:
+        raise CheckpointError("EDSR-PyTorch naming (head/body/tail) is not supported; use BasicSR EDSR keys", path)
+    first = ", ".join(sorted(keys)[:3])
+    supported = ", ".join(ARCHS)
+    raise CheckpointError(f"cannot recognise the architecture from its keys ({first}, ...); supported: {supported}",
+                          path)
+
+
+def model_from_file(path: str | Path, arch: str | None = None, **hparams: object) -> nn.Module:
+    """Read a checkpoint, detect its architecture, build the model and load the weights strictly.
+
+    Args:
+        path: ``.pth``/``.pt`` file.
+        arch: expected architecture; a file holding another one raises :class:`CheckpointError`.
+        **hparams: overrides of the detected hyperparameters (e.g. ``res_scale``).
+    """
+    state = read_state_dict(path)
+    found, detected = detect_arch(state, path)
+    if arch is not None and arch != found:
+        raise CheckpointError(f"holds {found} weights, not {arch}", path)
+    model = build_model(found, **{**detected, **hparams})
+    return load_weights(model, state, path)
+
+
+def _detect_imdn(sd: Mapping[str, Tensor]) -> dict[str, object]:
+    num_feat = sd["fea_conv.weight"].shape[0]
+    return {
+        "upscale": _scale(sd["upsampler.0.weight"].shape[0], 3),
+        "num_feat": num_feat,
+        "num_modules": len(_indices(sd, r"IMDB(\d+)\.c1\.weight")),
+        "learnable_shortcut": "IMDB1.learnable_shortcut" in sd,
+    }
+
+
+def _detect_swinir(sd: Mapping[str, Tensor]) -> dict[str, object]:
+    embed_dim = sd["conv_first.weight"].shape[0]
+    depths, heads = [], []
+    for i in _indices(sd, r"layers\.(\d+)\.conv\.weight"):
+        prefix = rf"layers\.{i}\.residual_group\.blocks\.(\d+)\.attn\.qkv\.weight"
+        depths.append(len(_indices(sd, prefix)))
+        heads.append(sd[f"layers.{i}.residual_group.blocks.0.attn.relative_position_bias_table"].shape[1])
+    table_rows = sd["layers.0.residual_group.blocks.0.attn.relative_position_bias_table"].shape[0]
+    side = math.isqrt(table_rows)
+    if side * side != table_rows or side % 2 == 0:
+        raise ValueError(f"relative position table with {table_rows} rows")
+    hidden = sd["layers.0.residual_group.blocks.0.mlp.fc1.weight"].shape[0]
+    return {
+        "upscale": _scale(sd["upsample.0.weight"].shape[0], 3),
+        "embed_dim": embed_dim,
+        "depths": depths,
+        "num_heads": heads,
+        "window_size": (side + 1) // 2,
+        "mlp_ratio": hidden / embed_dim,
+        "learnable_shortcut": "layers.0.learnable_shortcut" in sd,
+    }
+
+
+def _detect_srresnet(sd: Mapping[str, Tensor]) -> dict[str, object]:
+    num_feat = sd["conv_first.weight"].shape[0]
+    upscale = 4 if "upconv2.weight" in sd else _scale(sd["upconv1.weight"].shape[0], num_feat)
+    return {
+        "upscale": upscale,
+        "num_block": len(_indices(sd, r"body\.(\d+)\.conv1\.weight")),
+        "num_feat": num_feat,
+        "learnable_shortcut": "body.0.learnable_shortcut" in sd,
+    }
+
+
+def _detect_quantsr_c(sd: Mapping[str, Tensor]) -> dict[str, object]:
+    num_feat = sd["conv_first.weight"].shape[0]
+    if "upsample.4.weight" in sd:
+        raise ValueError("more than two upsampling stages (x8)")
+    upscale = 4 if "upsample.2.weight" in sd else _scale(sd["upsample.0.weight"].shape[0], num_feat)
+    return {
+        "upscale": upscale,
+        "num_block": len(_indices(sd, r"body\.(\d+)\.conv1\.weight")),
+        "num_feat": num_feat,
+        "learnable_shortcut": "body.0.learnable_shortcut" in sd,
+    }
+
+
+def _indices(sd: Mapping[str, Tensor], pattern: str) -> list[int]:
+    """Sorted indices captured by ``pattern`` over the keys; they must run 0..n-1 (or 1..n)."""
+    found = sorted({int(m.group(1)) for k in sd if (m := re.fullmatch(pattern, k))})
+    if not found or found != list(range(found[0], found[0] + len(found))) or found[0] not in (0, 1):
+        raise ValueError(f"no contiguous keys matching {pattern!r}")
+    return found
+
+
+def _scale(channels: int, per_pixel: int) -> int:
+    """Upscale factor ``s`` from a pixel-shuffle conv with ``per_pixel * s²`` output channels."""
+    ratio, rem = divmod(int(channels), int(per_pixel))
+    s = math.isqrt(ratio)
+    if rem or s * s != ratio:
+        raise ValueError(f"pixel-shuffle conv with {channels} output channels")
+    if s not in SCALES:
+        raise _UnsupportedScale(f"scale x{s} is not supported; choose one of {', '.join(map(str, SCALES))}")
+    return s
+
+
+def _fmt(hparams: Mapping[str, object]) -> str:
+    return "(" + ", ".join(f"{k}={v}" for k, v in hparams.items()) + ")"
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:200] if text else type(exc).__name__

@@ -1,0 +1,285 @@
+"""In-memory conversions: QAT model -> packed model (+ tensors/metadata), and back from a file's content.
+
+Files are read and written by :mod:`quantsr_cli.packing.io` (which re-exports these functions); this
+module never touches the disk. Metadata values are strings (safetensors rule); JSON-valued keys are
+``hparams``, ``layers``, ``skip_blocks`` and ``extra``.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import torch
+from torch import nn
+
+from quantsr_cli.errors import CheckpointError, ConfigError
+from quantsr_cli.packing.layout import PackFormat
+from quantsr_cli.packing.modules import PACKED_TYPES, PackedActQuant, PackedConv2d, PackedLinear, PackedModule
+
+FORMAT = "quantsr"
+FORMAT_VERSION = 1
+KINDS = ("packed", "qat", "fp")
+
+
+def is_qat_layer(module: nn.Module) -> bool:
+    """True for a QAT conv/linear (has ``w_q``; packable when ``w_q.export`` exists, i.e. not W32)."""
+    return isinstance(module, nn.Conv2d | nn.Linear) and hasattr(module, "w_q")
+
+
+def is_act_point(module: nn.Module) -> bool:
+    """True for a standalone activation quantizer (``export()`` but not a conv/linear)."""
+    return not isinstance(module, nn.Conv2d | nn.Linear | PackedModule) and callable(getattr(module, "export", None))
+
+
+def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def quantized_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """QAT conv/linear layers and activation points of ``model``, outermost first (children skipped)."""
+    found: list[tuple[str, nn.Module]] = []
+    for name, module in model.named_modules():
+        if any(name.startswith(prev + ".") for prev, _ in found):
+            continue
+        if name and (is_qat_layer(module) or is_act_point(module)):
+            found.append((name, module))
+    return found
+
+
+def to_packed(qat_model: nn.Module) -> nn.Module:
+    """A deep copy of ``qat_model`` with every QAT layer replaced by its packed module (eval mode).
+
+    The returned model's forward equals the fake-quant forward of ``qat_model`` in eval mode
+    (up to float32 summation order).
+    """
+    model = copy.deepcopy(qat_model).eval()
+    for name, module in quantized_layers(model):
+        if is_qat_layer(module) and not callable(getattr(module.w_q, "export", None)):
+            raise ConfigError(f"layer {name} has full-precision weights (w_bits=32): save it as a QAT model instead")
+        if isinstance(module, nn.Conv2d):
+            new: nn.Module = PackedConv2d.from_qat(module)
+        elif isinstance(module, nn.Linear):
+            new = PackedLinear.from_qat(module)
+        else:
+            new = PackedActQuant.from_qat(module)
+        _replace(model, name, new)
+    return model
+
+
+def packed_layer_specs(model: nn.Module) -> list[dict[str, Any]]:
+    """Metadata ``layers`` list: one dict per packed module (``name`` first, then its spec)."""
+    return [{"name": n, **m.spec()} for n, m in model.named_modules() if isinstance(m, PackedModule)]
+
+
+def _dumps(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"), sort_keys=True)
+
+
+def model_metadata(model: nn.Module, kind: str, config: Any = None, extra: dict[str, Any] | None = None) -> dict[str, str]:
+    """Metadata strings describing ``model`` (see :mod:`quantsr_cli.packing.io` for the keys).
+
+    Args:
+        model: a model from ``quantsr_cli.models.build_model`` (FP, QAT or packed).
+        kind: ``"packed"``, ``"qat"`` or ``"fp"``.
+        config: the ``QuantConfig`` (or anything with ``method``, ``w_bits``, ``a_bits``); for packed
+            models without one the bits are read from the layers.
+        extra: free JSON-able information (training command, slim history, ...).
+    """
+    if kind not in KINDS:
+        raise ValueError(f"kind={kind!r}; choose one of {KINDS}")
+    hparams = dict(getattr(model, "hparams", {}) or {})
+    meta = {
+        "format": FORMAT,
+        "format_version": str(FORMAT_VERSION),
+        "kind": kind,
+        "arch": str(getattr(model, "arch", "")),
+        "hparams": _dumps(hparams),
+        "scale": str(hparams.get("upscale", "")),
+    }
+    if config is None:
+        config = getattr(model, "quant_config", None) or _layer_config(model)
+    if kind == "packed":
+        layers = packed_layer_specs(model)
+        meta["layers"] = _dumps(layers)
+        w_bits = {entry["w_bits"] for entry in layers if "w_bits" in entry}
+        a_bits = {entry["a_bits"] for entry in layers}
+        meta["w_bits"] = str(max(w_bits)) if w_bits else "32"
+        meta["a_bits"] = str(max(a_bits)) if a_bits else "32"
+    if config is not None:
+        meta.update(method=str(config.method), w_bits=str(config.w_bits), a_bits=str(config.a_bits))
+    elif kind != "fp":
+        meta.setdefault("method", "unknown")
+    if callable(getattr(model, "block_names", None)):
+        skipped = [b for b in model.block_names() if getattr(model.get_submodule(b), "skip", False)]
+        if skipped:
+            meta["skip_blocks"] = _dumps(skipped)
+    if extra:
+        meta["extra"] = _dumps(extra)
+    return meta
+
+
+def state_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """``model.state_dict()`` detached, on CPU, contiguous (ready to be saved)."""
+    return {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+
+
+def pack_model(qat_model: nn.Module, config: Any = None, extra: dict[str, Any] | None = None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Pack a QAT model: ``(tensors, meta)`` ready for ``io.save_file``.
+
+    Every QConv2d/QLinear becomes ``<name>.qweight`` (uint8 packed codes), ``<name>.w_scale``,
+    ``<name>.a_step``, optional ``<name>.a_shift`` and ``<name>.bias``; every ActQuant becomes
+    ``<name>.a_step`` (+ ``a_shift``); full-precision tensors are kept as float32 under their own keys.
+    """
+    if any(isinstance(m, PackedModule) for m in qat_model.modules()):
+        packed = qat_model
+    else:
+        config = config if config is not None else _layer_config(qat_model)
+        packed = to_packed(qat_model)
+    return state_tensors(packed), model_metadata(packed, "packed", config, extra)
+
+
+def _layer_config(model: nn.Module) -> SimpleNamespace | None:
+    """``method``/``w_bits``/``a_bits`` read from the QAT layers' attributes (None if they have none)."""
+    layers = [m for _, m in quantized_layers(model) if hasattr(m, "method")]
+    if not layers:
+        return None
+    w_bits = [int(getattr(m, "w_bits", 32)) for m in layers if is_qat_layer(m)]
+    a_bits = [int(getattr(m, "a_bits", 32)) for m in layers]
+    return SimpleNamespace(method=layers[0].method, w_bits=max(w_bits, default=32), a_bits=max(a_bits))
+
+
+def _json(meta: dict[str, str], key: str, path: Path | str | None, default: Any = None) -> Any:
+    if key not in meta:
+        if default is not None:
+            return default
+        raise CheckpointError(f"metadata has no {key!r}", path)
+    try:
+        return json.loads(meta[key])
+    except ValueError:
+        raise CheckpointError(f"metadata {key!r} is not valid JSON", path) from None
+
+
+def _int(entry: dict[str, Any], key: str, allowed: tuple[int, ...] | None = None) -> int:
+    value = entry[key]
+    if not isinstance(value, int) or isinstance(value, bool) or (allowed and value not in allowed):
+        raise ValueError(f"{key}={value!r}")
+    return value
+
+
+def _check_spec(entry: Any, base: nn.Module) -> dict[str, Any]:
+    """Validate one ``layers`` entry against the FP module it replaces; raise ValueError if wrong."""
+    if not isinstance(entry, dict) or entry.get("type") not in PACKED_TYPES:
+        raise ValueError("entry is not a packed layer description")
+    a_bits = _int(entry, "a_bits", (2, 4, 8, 32))
+    qmin, qmax = _int(entry, "a_qmin"), _int(entry, "a_qmax")
+    if a_bits < 32 and not (-(1 << (a_bits - 1)) <= qmin < qmax <= (1 << a_bits) - 1):
+        raise ValueError(f"code range [{qmin}, {qmax}] does not fit {a_bits} bits")
+    shift = _int(entry, "shift")
+    if entry["type"] == "act":
+        if shift < 0 or shift > 1 << 20 or not isinstance(entry.get("shift_dim", -1), int):
+            raise ValueError("bad shift")
+        return entry
+    expected = nn.Conv2d if entry["type"] == "conv2d" else nn.Linear
+    if not isinstance(base, expected):
+        raise ValueError(f"the model has a {type(base).__name__} here, not a {entry['type']}")
+    if [int(s) for s in entry["shape"]] != list(base.weight.shape):
+        raise ValueError(f"weight shape {entry['shape']} != model's {list(base.weight.shape)}")
+    w_bits = _int(entry, "w_bits", (2, 4, 8))
+    if entry["format"] != PackFormat.for_bits(w_bits).value:
+        raise ValueError(f"format {entry['format']!r} does not store {w_bits}-bit codes")
+    if not isinstance(entry["w_zero"], int | float) or not math.isfinite(entry["w_zero"]):
+        raise ValueError(f"w_zero={entry['w_zero']!r}")
+    if shift not in (0, base.weight.shape[1] * getattr(base, "groups", 1)):
+        raise ValueError(f"shift has {shift} channels")
+    if bool(entry["bias"]) != (base.bias is not None) or not isinstance(entry["per_channel"], bool):
+        raise ValueError("bias/per_channel flags do not match")
+    if entry["type"] == "conv2d":
+        geometry = {"stride": list(base.stride), "dilation": list(base.dilation), "groups": base.groups,
+                    "padding": base.padding if isinstance(base.padding, str) else list(base.padding)}
+        for key, value in geometry.items():
+            if entry.get(key) != value:
+                raise ValueError(f"{key}={entry.get(key)!r} but the model's conv has {value!r}")
+    return entry
+
+
+def load_tensors_strict(model: nn.Module, tensors: dict[str, torch.Tensor], path: Path | str | None) -> None:
+    """Load ``tensors`` into ``model`` exactly: same keys, shapes and dtypes, else CheckpointError."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(tensors))
+    extra = sorted(set(tensors) - set(own))
+    if missing or extra:
+        parts = []
+        if missing:
+            parts.append(f"missing tensors {', '.join(missing[:5])}" + (" ..." if len(missing) > 5 else ""))
+        if extra:
+            parts.append(f"unexpected tensors {', '.join(extra[:5])}" + (" ..." if len(extra) > 5 else ""))
+        raise CheckpointError("; ".join(parts), path)
+    for key, ref in own.items():
+        got = tensors[key]
+        if got.shape != ref.shape or got.dtype != ref.dtype:
+            raise CheckpointError(
+                f"tensor {key} is {got.dtype} {list(got.shape)}, the model needs {ref.dtype} {list(ref.shape)}", path
+            )
+    try:
+        model.load_state_dict(tensors, strict=True)
+    except (RuntimeError, ValueError) as exc:
+        raise CheckpointError(f"tensors do not fit the model ({str(exc).splitlines()[0][:200]})", path) from None
+
+
+def restore_skips(model: nn.Module, meta: dict[str, str], path: Path | str | None) -> None:
+    """Set ``skip = True`` on the blocks listed in metadata ``skip_blocks``."""
+    names = _json(meta, "skip_blocks", path, default=[])
+    blocks = set(model.block_names()) if callable(getattr(model, "block_names", None)) else set()
+    if not isinstance(names, list) or not all(isinstance(n, str) and n in blocks for n in names):
+        raise CheckpointError("metadata 'skip_blocks' names blocks this model does not have", path)
+    for name in names:
+        model.get_submodule(name).skip = True
+
+
+def build_packed_model(
+    base_model: nn.Module, tensors: dict[str, torch.Tensor], meta: dict[str, str], path: Path | str | None = None
+) -> nn.Module:
+    """Turn a freshly built FP model into the packed model stored in ``tensors``/``meta``.
+
+    Args:
+        base_model: ``build_model(meta['arch'], **hparams)``; modified in place and returned (eval mode).
+        tensors: the file's tensors (packed codes, quantizer parameters, FP weights).
+        meta: the file's metadata (``layers`` describes each packed module).
+        path: the file, for error messages.
+
+    Raises:
+        CheckpointError: bad ``layers`` JSON, a layer that does not fit the model, missing/extra
+            tensors, wrong shapes or dtypes, or non-finite/non-positive quantizer steps.
+    """
+    layers = _json(meta, "layers", path)
+    if not isinstance(layers, list):
+        raise CheckpointError("metadata 'layers' is not a list", path)
+    modules = dict(base_model.named_modules())
+    seen: set[str] = set()
+    for entry in layers:
+        name = entry.get("name") if isinstance(entry, dict) else None
+        if not isinstance(name, str) or not name or name not in modules or name in seen:
+            raise CheckpointError(f"metadata 'layers' names an unknown or repeated layer {name!r}", path)
+        seen.add(name)
+        try:
+            spec = _check_spec(entry, modules[name])
+            new = PACKED_TYPES[spec["type"]](spec)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise CheckpointError(f"layer {name}: {exc}", path) from None
+        _replace(base_model, name, new)
+    load_tensors_strict(base_model, tensors, path)
+    for name, module in base_model.named_modules():
+        if isinstance(module, PackedModule):
+            bad_step = module.a_bits < 32 and not (bool(torch.isfinite(module.a_step).all()) and float(module.a_step) > 0)
+            scale = getattr(module, "w_scale", None)
+            if bad_step or (scale is not None and not bool(torch.isfinite(scale).all())):
+                raise CheckpointError(f"layer {name} has a non-finite or non-positive quantizer step/scale", path)
+    restore_skips(base_model, meta, path)
+    return base_model.eval()

@@ -1,0 +1,137 @@
+"""Presets and ``--config`` files: the only place quantsr reads YAML.
+
+A preset is a flat YAML mapping of ``quantsr quantize`` options, e.g. ``presets/imdn_x4_w4a4.yaml``::
+
+    arch: imdn
+    scale: 4
+    method: rbd
+    bits: 4
+    init: ${QUANTSR_DATA}/weights/IMDN_x4.pth
+    iters: 4000
+
+Keys are the option names of the training commands (with ``-`` or ``_``); an unknown key, a value of
+the wrong type or a YAML tag such as ``!!python/object`` is a :class:`~quantsr_cli.errors.ConfigError`
+naming the file and the key. Files are read with ``yaml.safe_load`` only. ``${QUANTSR_DATA}`` in string
+values expands to the shared data folder (see :func:`expand_data_vars`).
+"""
+
+from __future__ import annotations
+
+import os
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from quantsr_cli.errors import ConfigError
+
+# Every key a preset or --config file may set, with its expected Python type.
+PRESET_KEYS: dict[str, type | tuple[type, ...]] = {
+    "arch": str,
+    "scale": int,
+    "method": str,
+    "bits": int,
+    "w_bits": int,
+    "a_bits": int,
+    "blocks": int,
+    "init": str,
+    "iters": int,
+    "batch_size": int,
+    "patch_size": int,
+    "lr": float,
+    "scheduler": str,
+    "milestones": list,
+    "gamma": float,
+    "val_every": int,
+    "save_every": int,
+    "log_every": int,
+    "seed": int,
+    "threads": int,
+    "train_data": list,
+    "val_dataset": str,
+    "val_max_images": int,
+    "dqa": bool,
+    "slim_to": int,
+    "slim_start_ratio": float,
+    "distill": str,
+    "feature_weight": float,
+    "description": str,
+}
+
+
+def preset_dir() -> Path:
+    """Folder holding the bundled ``*.yaml`` presets (installed package data or the source tree)."""
+    try:
+        packaged = resources.files("quantsr_cli") / "preset_files"
+        if packaged.is_dir():
+            return Path(str(packaged))
+    except (ModuleNotFoundError, FileNotFoundError):
+        pass
+    return Path(__file__).resolve().parents[2] / "presets"
+
+
+def list_presets() -> list[str]:
+    """Names (file stems) of the bundled presets, sorted."""
+    folder = preset_dir()
+    return sorted(p.stem for p in folder.glob("*.yaml")) if folder.is_dir() else []
+
+
+def load_preset(name: str) -> dict[str, Any]:
+    """Read the bundled preset ``name`` (file stem, e.g. ``"imdn_x4_w4a4"``)."""
+    path = preset_dir() / f"{name}.yaml"
+    if not path.is_file():
+        known = ", ".join(list_presets()) or "none"
+        raise ConfigError(f"unknown preset {name!r}; bundled presets: {known}")
+    return load_config_file(path)
+
+
+def load_config_file(path: str | Path) -> dict[str, Any]:
+    """Read and validate a flat YAML options file; keys are normalised to ``snake_case``."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read config file: {exc.strerror or exc}", path) from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        first = str(exc).splitlines()[0] if str(exc) else "invalid YAML"
+        raise ConfigError(f"invalid YAML: {first}", path) from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError("expected a mapping of option: value at the top level", path)
+    return validate_options(data, path)
+
+
+def validate_options(data: dict[Any, Any], path: str | Path | None = None) -> dict[str, Any]:
+    """Check keys and value types against :data:`PRESET_KEYS`; return a normalised copy."""
+    out: dict[str, Any] = {}
+    for raw_key, value in data.items():
+        key = str(raw_key).replace("-", "_")
+        if key not in PRESET_KEYS:
+            raise ConfigError(f"unknown key {raw_key!r} (known keys: {', '.join(sorted(PRESET_KEYS))})", path)
+        expected = PRESET_KEYS[key]
+        if expected is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if expected is float and isinstance(value, str):
+            try:
+                value = float(value)  # YAML 1.1 reads "2e-4" as a string
+            except ValueError:
+                pass
+        if expected is int and isinstance(value, bool) or not isinstance(value, expected):
+            name = expected.__name__ if isinstance(expected, type) else str(expected)
+            raise ConfigError(f"key {key!r} must be of type {name}, got {type(value).__name__} {value!r}", path)
+        if isinstance(value, str):
+            value = expand_data_vars(value)
+        out[key] = value
+    return out
+
+
+def expand_data_vars(value: str) -> str:
+    """Expand ``${QUANTSR_DATA}`` (default ``../shared/data``) and ``~`` in a string option."""
+    if "${QUANTSR_DATA}" in value or "$QUANTSR_DATA" in value:
+        data = os.environ.get("QUANTSR_DATA", "../shared/data")
+        value = value.replace("${QUANTSR_DATA}", data).replace("$QUANTSR_DATA", data)
+    return os.path.expanduser(value)

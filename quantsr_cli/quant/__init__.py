@@ -1,0 +1,66 @@
+"""Quantization-aware training: quantizers, QAT modules and the one entry point :func:`quantize_`.
+
+Methods (``QuantConfig.method``):
+
+- ``rbd`` — QuantSR+: activations as RLQ with the plain STE, weights by redistribution-driven bit
+  determination (:class:`RBDWeightQuantizer`).
+- ``rlq`` — QuantSR: LSQ steps, per-channel activation shift ``τ̂``, tanh rounding surrogate.
+- ``lsq`` — LSQ (Esser et al. 2020). ``dorefa`` — DoReFa-Net as released with QuantSR+.
+  ``pams`` — PAMS (Li et al. 2020).
+
+Typical use::
+
+    quantize_(model, QuantConfig("rbd", 4, 4))      # uses model.quant_patterns
+    opt = torch.optim.Adam(param_groups(model, lr=2e-4))
+
+Export for packing: ``layer.w_q.export(layer.weight)`` → :class:`WeightParams`, ``layer.act_q.export()``
+→ :class:`ActParams` (see ``DEVELOPERS.md``).
+"""
+
+from quantsr_cli.quant.act import (
+    DoReFaActQuantizer,
+    LearnedStepActQuantizer,
+    LSQActQuantizer,
+    PAMSActQuantizer,
+    RBDActQuantizer,
+    RLQActQuantizer,
+)
+from quantsr_cli.quant.api import param_groups, quant_summary, quantize_, quantized_layers, quantizer_parameters
+from quantsr_cli.quant.base import ActParams, ActQuantizer, WeightParams, WeightQuantizer, apply_act_params
+from quantsr_cli.quant.layers import ActQuant, QConv2d, QLinear, make_act_quantizer, make_weight_quantizer
+from quantsr_cli.quant.weight import (
+    DoReFaWeightQuantizer,
+    LSQWeightQuantizer,
+    PAMSWeightQuantizer,
+    RBDWeightQuantizer,
+    RLQWeightQuantizer,
+)
+
+__all__ = [
+    "ActParams",
+    "ActQuant",
+    "ActQuantizer",
+    "DoReFaActQuantizer",
+    "DoReFaWeightQuantizer",
+    "LSQActQuantizer",
+    "LSQWeightQuantizer",
+    "LearnedStepActQuantizer",
+    "PAMSActQuantizer",
+    "PAMSWeightQuantizer",
+    "QConv2d",
+    "QLinear",
+    "RBDActQuantizer",
+    "RBDWeightQuantizer",
+    "RLQActQuantizer",
+    "RLQWeightQuantizer",
+    "WeightParams",
+    "WeightQuantizer",
+    "apply_act_params",
+    "make_act_quantizer",
+    "make_weight_quantizer",
+    "param_groups",
+    "quant_summary",
+    "quantize_",
+    "quantized_layers",
+    "quantizer_parameters",
+]

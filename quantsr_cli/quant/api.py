@@ -1,0 +1,147 @@
+"""The one entry point :func:`quantize_` and helpers over quantized models.
+
+``quantize_`` works from the plain data a model exposes (``model.quant_patterns``: ``fnmatch``
+patterns over ``named_modules()`` names) and never imports :mod:`quantsr_cli.models`.
+"""
+
+from __future__ import annotations
+
+from fnmatch import fnmatchcase
+
+import torch
+from torch import nn
+
+from quantsr_cli.config import QuantConfig
+from quantsr_cli.errors import ConfigError
+from quantsr_cli.quant.base import ActQuantizer, WeightQuantizer
+from quantsr_cli.quant.layers import ActQuant, QConv2d, QLinear
+
+_QUANTIZABLE = (nn.Conv2d, nn.Linear, nn.Identity)
+_QUANTIZED = (QConv2d, QLinear, ActQuant)
+
+
+def _matches(model: nn.Module, pattern: str) -> list[tuple[str, nn.Module]]:
+    return [
+        (name, m)
+        for name, m in model.named_modules()
+        if name and type(m) in _QUANTIZABLE and fnmatchcase(name, pattern)
+    ]
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    for t in list(model.parameters()) + list(model.buffers()):
+        return t.device
+    return torch.device("cpu")
+
+
+def quantize_(model: nn.Module, config: QuantConfig, patterns: tuple[str, ...] | None = None) -> nn.Module:
+    """Swap, in place, the modules selected by ``patterns`` for their quantized versions.
+
+    Matching (``fnmatch.fnmatchcase`` over ``named_modules()`` names; ``*`` also spans dots):
+    ``nn.Conv2d`` → :class:`QConv2d`, ``nn.Linear`` → :class:`QLinear` (weights reused, not
+    copied), ``nn.Identity`` → :class:`ActQuant`. Modules of other types that a pattern matches are
+    ignored. With ``config.a_bits == 32`` activation points stay ``nn.Identity`` and layers get
+    ``act_q = None``; with ``w_bits == 32`` layers get ``w_q = None``.
+
+    Args:
+        model: any ``nn.Module``; modified in place.
+        config: method and bit-widths. ``config.full_precision`` returns ``model`` unchanged.
+        patterns: overrides ``model.quant_patterns``.
+
+    Returns:
+        ``model`` itself.
+
+    Raises:
+        ConfigError: no patterns, a pattern that matches no Conv2d/Linear/Identity module, or a
+            model that is already quantized.
+    """
+    if config.full_precision:
+        return model
+    pats = patterns if patterns is not None else getattr(model, "quant_patterns", None)
+    if isinstance(pats, str):
+        pats = (pats,)
+    if not pats:
+        raise ConfigError(f"{type(model).__name__} has no quant_patterns: nothing to quantize")
+    if quantized_layers(model):
+        raise ConfigError(f"{type(model).__name__} is already quantized")
+    targets: dict[str, nn.Module] = {}
+    for pattern in pats:
+        hits = _matches(model, pattern)
+        if not hits:
+            raise ConfigError(f"quant pattern {pattern!r} matches no Conv2d, Linear or Identity module")
+        targets.update(hits)
+    device = _model_device(model)
+    for name, module in targets.items():
+        new: nn.Module
+        if isinstance(module, nn.Conv2d):
+            new = QConv2d.from_float(module, config)
+        elif isinstance(module, nn.Linear):
+            new = QLinear.from_float(module, config)
+        elif config.a_bits == 32:
+            continue
+        else:
+            new = ActQuant(config).to(device)
+            new.train(module.training)
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, new)
+    return model
+
+
+def quantized_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """``{name: module}`` of every :class:`QConv2d`, :class:`QLinear` and :class:`ActQuant`, in
+    ``named_modules()`` order."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, _QUANTIZED)}
+
+
+def quant_summary(model: nn.Module) -> dict[str, object]:
+    """JSON-serialisable description of the quantized layers, for checkpoint metadata.
+
+    Returns:
+        ``{"num_layers": int, "methods": [str], "layers": {name: {"kind": "conv"|"linear"|"act",
+        "method": str, "w_bits": int | None, "a_bits": int}}}`` (``w_bits`` is ``None`` for
+        activation points; 32 means that part is full precision).
+    """
+    layers: dict[str, dict[str, object]] = {}
+    for name, m in quantized_layers(model).items():
+        if isinstance(m, ActQuant):
+            layers[name] = {"kind": "act", "method": m.method, "w_bits": None, "a_bits": m.a_bits}
+        else:
+            kind = "conv" if isinstance(m, QConv2d) else "linear"
+            layers[name] = {"kind": kind, "method": m.method, "w_bits": m.w_bits, "a_bits": m.a_bits}
+    methods = sorted({str(v["method"]) for v in layers.values()})
+    return {"num_layers": len(layers), "methods": methods, "layers": layers}
+
+
+def quantizer_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """Learnable quantizer parameters: steps, shifts ``τ̂``, RBD bit scales/thresholds, PAMS clips."""
+    seen: dict[int, nn.Parameter] = {}
+    for m in model.modules():
+        if isinstance(m, (ActQuantizer, WeightQuantizer)):
+            for p in m.parameters():
+                seen.setdefault(id(p), p)
+    return list(seen.values())
+
+
+def param_groups(model: nn.Module, lr: float, quant_lr: float | None = None) -> list[dict[str, object]]:
+    """Optimizer parameter groups: network weights at ``lr``, quantizer parameters at ``quant_lr``.
+
+    Adam normalises away LSQ's gradient scale, so a step moves about ``lr`` per iteration whatever
+    its size; ``quant_lr`` lets a caller slow or speed them (default: ``lr``). Quantizer parameters
+    get ``weight_decay = 0``. Only parameters with ``requires_grad`` are included; empty groups
+    are dropped.
+
+    Returns:
+        A list for ``torch.optim.Adam(groups, ...)``; each group has ``params``, ``lr`` and ``name``
+        (``"weights"`` or ``"quantizers"``).
+    """
+    qids = {id(p) for p in quantizer_parameters(model)}
+    weights = [p for p in model.parameters() if p.requires_grad and id(p) not in qids]
+    quant = [p for p in model.parameters() if p.requires_grad and id(p) in qids]
+    groups: list[dict[str, object]] = []
+    if weights:
+        groups.append({"params": weights, "lr": lr, "name": "weights"})
+    if quant:
+        qlr = lr if quant_lr is None else quant_lr
+        groups.append({"params": quant, "lr": qlr, "weight_decay": 0.0, "name": "quantizers"})
+    return groups
