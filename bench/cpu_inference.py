@@ -9,7 +9,7 @@ on the same input image, one forward of:
 * ``torch_ref``   the packed model on the ``torch`` reference backend,
 * ``cpu``         the packed model on the ``cpu`` backend (oneDNN int8 on the codes).
 
-Prints per-image seconds (median of ``--repeat``), the ratios, the max |cpu - reference| and, last,
+Prints per-image seconds (best and median of ``--repeat`` round-robin runs; the machine may be shared), the ratios, the max |cpu - reference| and, last,
 ``speedup_vs_fp32=<fp32 / cpu>``. Example::
 
     python bench/cpu_inference.py --size 256 --repeat 2 --threads 2
@@ -18,6 +18,7 @@ Prints per-image seconds (median of ``--repeat``), the ratios, the max |cpu - re
 from __future__ import annotations
 
 import argparse
+import copy
 import statistics
 import time
 from collections.abc import Callable
@@ -33,17 +34,23 @@ from quantsr_cli.packing.io import to_packed
 from quantsr_cli.quant import quantize_
 
 
-def _time(fn: Callable[[], torch.Tensor], repeat: int, warmup: int) -> tuple[float, torch.Tensor]:
-    out = None
+def _time_interleaved(fns: dict[str, Callable[[], torch.Tensor]], repeat: int, warmup: int) -> tuple[dict[str, float], dict[str, float], dict[str, torch.Tensor]]:
+    """Run the variants round-robin (so load from other processes hits all alike).
+
+    Returns (best seconds, median seconds, last output) per variant.
+    """
+    outs = {}
     for _ in range(warmup):
-        out = fn()
-    times = []
+        for name, fn in fns.items():
+            outs[name] = fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeat):
-        start = time.perf_counter()
-        out = fn()
-        times.append(time.perf_counter() - start)
-    assert out is not None
-    return statistics.median(times), out
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            outs[name] = fn()
+            times[name].append(time.perf_counter() - start)
+    best = {n: min(t) for n, t in times.items()}
+    return best, {n: statistics.median(t) for n, t in times.items()}, outs
 
 
 def build(args: argparse.Namespace) -> tuple[nn.Module, nn.Module]:
@@ -84,18 +91,18 @@ def main() -> None:
     x = torch.rand(1, 3, args.size, args.size)
     print(f"{args.arch} x{args.scale} W{args.w_bits}A{args.a_bits} {args.method}: input {tuple(x.shape)}, "
           f"threads={torch.get_num_threads()}, repeat={args.repeat}")
-    times: dict[str, float] = {}
+    ref, fast = packed, copy.deepcopy(packed)
+    use_backend(ref, "torch")
+    use_backend(fast, "cpu")
+    x_cl = x.contiguous(memory_format=torch.channels_last)
+    variants = {"fp32": lambda: fp(x), "fp32_cl": lambda: fp(x_cl), "torch_ref": lambda: ref(x), "cpu": lambda: fast(x)}
     with torch.inference_mode():
-        times["fp32"], y_fp = _time(lambda: fp(x), args.repeat, args.warmup)
-        x_cl = x.contiguous(memory_format=torch.channels_last)
-        times["fp32_cl"], _ = _time(lambda: fp(x_cl), args.repeat, args.warmup)
-        use_backend(packed, "torch")
-        times["torch_ref"], y_ref = _time(lambda: packed(x), args.repeat, args.warmup)
-        use_backend(packed, "cpu")
-        times["cpu"], y_cpu = _time(lambda: packed(x), args.repeat, args.warmup)
-    fallbacks = {n: note for n, note in layer_report(packed).items() if "fallback" in note}
+        times, medians, outs = _time_interleaved(variants, args.repeat, args.warmup)
+    y_fp, y_ref, y_cpu = outs["fp32"], outs["torch_ref"], outs["cpu"]
+    fallbacks = {n: note for n, note in layer_report(fast).items() if "fallback" in note}
+    print(f"seconds per image: best (median) of {args.repeat} interleaved runs")
     for name, seconds in times.items():
-        print(f"{name:10s} {seconds:8.3f} s/image   fp32/{name} = {times['fp32'] / seconds:5.2f}x")
+        print(f"{name:10s} {seconds:8.3f} s ({medians[name]:.3f})   fp32/{name} = {times['fp32'] / seconds:5.2f}x")
     diff = (y_cpu - y_ref).abs()
     print(f"max|cpu - torch_ref| = {diff.max().item():.2e}  (pixels > 1e-4: {(diff > 1e-4).float().mean().item():.2e}); "
           f"max|torch_ref - fp32| = {(y_ref - y_fp).abs().max().item():.2e}")

@@ -230,8 +230,10 @@ __device__ __forceinline__ void qsr_gemm_body(const QsrGemm& p) {
 
 // Kernel entry points: qsr_conv_{mma|dp4a}_w{2|4}_{s8|u8} (s8/u8 = signed/unsigned activation codes).
 // Launch: grid (ceil(M / 64), ceil(O / 64)), block 128. Linear layers use the same kernels.
+// Compiling with -DQSR_SELECT -DQSR_WANT_<name> emits only that entry (the cupy backend builds one
+// module per kernel it needs: a few seconds of NVRTC instead of all eight).
 #define QSR_GEMM_ENTRY(NAME, MMA, WB, AU)                                                                 \
-  extern "C" __global__ void __launch_bounds__(QSR_THREADS) NAME(                                        \
+  extern "C" __global__ void __launch_bounds__(QSR_THREADS, 4) NAME(                                        \
       const qsr_u8* __restrict__ x, const qsr_u8* __restrict__ qw, const float* __restrict__ w_scale,   \
       const float* __restrict__ bias, const float* __restrict__ residual, float* __restrict__ y,        \
       qsr_u8* __restrict__ y_codes, const float* __restrict__ next_shift, int N, int H, int W, int C,   \
@@ -243,11 +245,27 @@ __device__ __forceinline__ void qsr_gemm_body(const QsrGemm& p) {
     qsr_gemm_body<MMA, WB, AU>(p);                                                                      \
   }
 
+#if !defined(QSR_SELECT) || defined(QSR_WANT_qsr_conv_mma_w4_s8)
 QSR_GEMM_ENTRY(qsr_conv_mma_w4_s8, true, 4, false)
+#endif
+#if !defined(QSR_SELECT) || defined(QSR_WANT_qsr_conv_mma_w4_u8)
 QSR_GEMM_ENTRY(qsr_conv_mma_w4_u8, true, 4, true)
+#endif
+#if !defined(QSR_SELECT) || defined(QSR_WANT_qsr_conv_mma_w2_s8)
 QSR_GEMM_ENTRY(qsr_conv_mma_w2_s8, true, 2, false)
+#endif
+#if !defined(QSR_SELECT) || defined(QSR_WANT_qsr_conv_mma_w2_u8)
 QSR_GEMM_ENTRY(qsr_conv_mma_w2_u8, true, 2, true)
+#endif
+#if !defined(QSR_SELECT) || defined(QSR_WANT_qsr_conv_dp4a_w4_s8)
 QSR_GEMM_ENTRY(qsr_conv_dp4a_w4_s8, false, 4, false)
+#endif
+#if !defined(QSR_SELECT) || defined(QSR_WANT_qsr_conv_dp4a_w4_u8)
 QSR_GEMM_ENTRY(qsr_conv_dp4a_w4_u8, false, 4, true)
+#endif
+#if !defined(QSR_SELECT) || defined(QSR_WANT_qsr_conv_dp4a_w2_s8)
 QSR_GEMM_ENTRY(qsr_conv_dp4a_w2_s8, false, 2, false)
+#endif
+#if !defined(QSR_SELECT) || defined(QSR_WANT_qsr_conv_dp4a_w2_u8)
 QSR_GEMM_ENTRY(qsr_conv_dp4a_w2_u8, false, 2, true)
+#endif

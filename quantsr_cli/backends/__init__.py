@@ -13,6 +13,7 @@ import importlib
 import importlib.util
 from types import ModuleType
 
+import torch
 from torch import nn
 
 from quantsr_cli.errors import BackendUnavailableError, ConfigError
@@ -26,22 +27,27 @@ _ATTR = "quantsr_backend"
 
 
 def _cupy_problem() -> str | None:
-    """None when the cupy backend can run here, else what is missing (no import of cupy if absent)."""
-    if importlib.util.find_spec("cupy") is None:
-        return "the cupy package is not installed (pip install 'quantsr[gpu]')"
-    try:
-        import cupy  # noqa: PLC0415 - lazy on purpose: only when cupy is requested
+    """None when the cupy backend can run here, else everything missing (CUDA, cupy) in one line.
 
-        if cupy.cuda.runtime.getDeviceCount() < 1:
-            return "no CUDA device is visible"
-    except Exception as exc:  # cupy raises CUDARuntimeError, ImportError, ... without a usable CUDA
-        return f"CUDA is not usable ({type(exc).__name__}: {str(exc)[:120]})"
+    Does not import cupy itself: that is left to ``cupy_backend.unavailable_reason()``.
+    """
+    problems = []
+    if not torch.cuda.is_available():
+        problems.append("no CUDA device (torch.cuda.is_available() is False)")
+    try:
+        has_cupy = importlib.util.find_spec("cupy") is not None
+    except (ImportError, ValueError):
+        has_cupy = False
+    if not has_cupy:
+        problems.append("the cupy package is not installed (pip install 'quantsr[gpu]')")
+    if problems:
+        return "; ".join(problems)
     try:
         backend = importlib.import_module("quantsr_cli.backends.cupy_backend")
-    except ImportError as exc:
-        return f"quantsr_cli.backends.cupy_backend cannot be imported ({exc})"
-    check = getattr(backend, "unavailable_reason", None)
-    return check() if callable(check) else None
+        check = getattr(backend, "unavailable_reason", None)
+        return check() if callable(check) else None
+    except Exception as exc:  # a broken CUDA/cupy install can raise anything on import
+        return f"the cupy backend cannot be loaded ({type(exc).__name__}: {str(exc)[:160]})"
 
 
 def _module(name: str) -> ModuleType:

@@ -107,6 +107,8 @@ def _build_state(module: PackedModule) -> dict[str, Any] | str:
 
 
 def _state(module: PackedModule) -> dict[str, Any] | str:
+    if not isinstance(module, PackedConv2d | PackedLinear):
+        return _build_state(module)
     key = tensor_key(module.qweight, module.w_scale, module.a_step, module.bias)
     return module.cached("cpu", key, lambda: _build_state(module))
 

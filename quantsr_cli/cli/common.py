@@ -56,16 +56,20 @@ def progress_bar(enabled: bool = True) -> Iterator[Progress]:
 class TrainRenderer:
     """Turns trainer events into a progress bar with loss, PSNR and it/s, and log lines."""
 
-    def __init__(self, progress: Progress, total: int, description: str) -> None:
+    def __init__(self, progress: Progress, total: int, description: str, plain_every: int = 50) -> None:
         self.progress = progress
         self.task = progress.add_task(description, total=total, info="")
         self.psnr = "–"
+        self.plain_every = plain_every
 
     def __call__(self, event: dict[str, Any]) -> None:
         kind = event.get("event")
         if kind == "train":
             info = f"loss {event['loss']:.4f}  val {self.psnr}  {event['it_s']:.2f} it/s"
             self.progress.update(self.task, completed=event["iter"], info=info)
+            if not self.progress.console.is_terminal and event["iter"] % self.plain_every == 0:
+                # no live bar in a log file: one plain line now and then
+                self.progress.console.print(f"iter {event['iter']}/{event['iters']}  {info}", highlight=False)
         elif kind == "val":
             self.psnr = f"{event['psnr']:.2f} dB"
             mark = " (best)" if event.get("improved") else ""

@@ -22,7 +22,8 @@ from pathlib import Path
 import torch
 
 from quantsr_cli.data.imresize import matlab_lr
-from quantsr_cli.data.io import header_size, list_images, read_image, write_image
+from quantsr_cli.data.headers import header_size
+from quantsr_cli.data.io import image_error_reason, list_images, read_image, write_image
 from quantsr_cli.data.training import TrainDataset
 from quantsr_cli.errors import DatasetError, ImageError
 
@@ -66,8 +67,9 @@ def resolve_dataset(name_or_path: str | Path, data_root: str | Path | None = Non
     """Find a dataset folder from a name (``Set5``, ``set14``, ``B100``...) or a path.
 
     Args:
-        name_or_path: an existing folder, or a dataset name looked up case-insensitively under
-            ``data_root`` (and ``data_root/benchmarks``).
+        name_or_path: an existing folder, or a dataset name looked up case-insensitively in
+            ``data_root``, ``data_root/benchmarks`` and ``data_root/val`` (with the default root,
+            also ``<shared data>/val``, e.g. ``DIV2K256``).
         data_root: folder holding the datasets; default :func:`data_root_default`.
 
     Returns:
@@ -89,7 +91,10 @@ def resolve_dataset(name_or_path: str | Path, data_root: str | Path | None = Non
         )
     wanted = {name.lower(), _ALIASES.get(name.lower(), name.lower())}
     wanted |= {k for k, v in _ALIASES.items() if v in wanted}
-    for base in (root, root / "benchmarks"):
+    bases = [root, root / "benchmarks", root / "val"]
+    if data_root is None and root.name == "benchmarks":
+        bases.append(root.parent / "val")  # e.g. val/DIV2K256 in the shared data
+    for base in bases:
         if base.is_dir():
             for child in sorted(base.iterdir()):
                 if child.is_dir() and child.name.lower() in wanted:
@@ -221,7 +226,7 @@ class BenchmarkDataset:
         try:
             return read_image(path)
         except ImageError as exc:
-            raise DatasetError(f"unreadable image: {exc.args[0].split(': ', 1)[-1]}", path) from None
+            raise DatasetError(f"unreadable image: {image_error_reason(exc)}", path) from None
 
     def _generated_lr(self, i: int, hr) -> torch.Tensor:
         cached, hr_file = self.lr_files[i], self.hr_files[i]
@@ -234,6 +239,8 @@ class BenchmarkDataset:
                     return img.rgb
         except (OSError, ImageError):
             pass
+        if min(want) < 1:
+            raise DatasetError(f"HR image is smaller than the scale factor {s}", hr_file)
         peak = 65535 if hr.bit_depth == 16 else 255
         levels = matlab_lr(_to_uint(hr.rgb, hr.bit_depth), s, peak)
         lr = (levels.to(torch.float32) / float(peak))[None]

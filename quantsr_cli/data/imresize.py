@@ -109,6 +109,8 @@ def _plan(
 
 def _resize_dim(x: torch.Tensor, dim: int, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
     """Weighted sum of gathered rows/columns along ``dim`` (taps accumulated in order)."""
+    if dim == x.dim() - 1:  # index_select on the last dim is slow: work on the transpose
+        return _resize_dim(x.transpose(-2, -1).contiguous(), dim - 1, weights, indices).transpose(-2, -1)
     shape = [1] * x.dim()
     shape[dim] = weights.shape[0]
     out = None
@@ -131,6 +133,7 @@ def _resize(
     scales, sizes = _plan((h, w), scale, size)
     order = sorted(range(2), key=lambda d: scales[d])  # stable: height first on ties
     device = x.device
+    x = x.contiguous()
     for d in order:
         in_len = (h, w)[d]
         if sizes[d] == in_len and scales[d] == 1.0:
@@ -139,7 +142,7 @@ def _resize(
         x = _resize_dim(x, x.dim() - 2 + d, weights.to(device), indices.to(device))
         if round_each_pass is not None:
             x = torch.floor(x.clamp(0, round_each_pass) + 0.5)
-    return x
+    return x.contiguous()
 
 
 def imresize(

@@ -9,7 +9,7 @@ import torch
 import torch.utils.data
 
 from quantsr_cli.data.imresize import matlab_lr
-from quantsr_cli.data.io import list_images, read_image
+from quantsr_cli.data.io import image_error_reason, list_images, read_image
 from quantsr_cli.errors import ConfigError, DatasetError, ImageError
 
 __all__ = ["TrainDataset"]
@@ -32,12 +32,13 @@ class TrainDataset(torch.utils.data.Dataset):
     """Random HR/LR training patches from folders of HR images, reproducible from ``(seed, iteration)``.
 
     All HR images are decoded once and kept in memory as uint8 (16-bit files are rounded to 8-bit
-    levels; the 291-image T91+BSD200 set is ~100 MB), cropped to a multiple of ``scale``. The LR of each *whole* image is made once with the
-    MATLAB bicubic (:func:`matlab_lr`, uint8, bit-exact with the benchmark LR files), so training LR
-    has the same statistics as test LR, with no patch-border artefacts and no per-step resize cost
-    (~20 ms per 480x320 image at start-up). A patch is an aligned crop of both (HR offset a multiple
-    of ``scale``), then the same random hflip / vflip / transpose (rot90) on both -- exact, since the
-    bicubic kernel and the integer-factor grid are symmetric.
+    levels; the 291-image T91+BSD200 set is ~100 MB), cropped to a multiple of ``scale``. The LR of
+    each *whole* image is made once with the MATLAB bicubic (:func:`matlab_lr`, uint8, bit-exact
+    with the benchmark LR files), so training LR has the same statistics as test LR, with no
+    patch-border artefacts and no per-step resize cost (~20 ms per 480x320 image at start-up, on one
+    thread). A patch is an aligned crop of both (HR offset a multiple of ``scale``), then the same
+    random hflip / vflip / transpose (rot90) on both -- exact, since the bicubic kernel and the
+    integer-factor grid are symmetric.
 
     Images smaller than ``patch_size`` in either side (51 of T91's 91 at 192 px): ``small="skip"``
     (default) leaves them out (listed in :attr:`skipped`); ``small="pad"`` extends them by symmetric
@@ -87,8 +88,15 @@ class TrainDataset(torch.utils.data.Dataset):
                 files.append(p)
             else:
                 raise DatasetError("training folder not found", p)
-        for f in files:
-            self._add(f, small)
+        # Many small element-wise ops: one thread is as fast, and immune to the 10-30x slowdown
+        # OpenMP threads suffer when another process holds a core.
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            for f in files:
+                self._add(f, small)
+        finally:
+            torch.set_num_threads(threads)
         if not self.hr:
             raise DatasetError(
                 f"all {len(files)} training images are smaller than patch_size={patch_size}; "
@@ -99,7 +107,7 @@ class TrainDataset(torch.utils.data.Dataset):
         try:
             img = read_image(path)
         except ImageError as exc:
-            raise DatasetError(f"unreadable training image: {exc.args[0].split(': ', 1)[-1]}", path) from None
+            raise DatasetError(f"unreadable training image: {image_error_reason(exc)}", path) from None
         hr = (img.rgb[0] * 255.0).round().to(torch.uint8)
         p, s = self.patch_size, self.scale
         h, w = hr.shape[-2:]
@@ -123,6 +131,7 @@ class TrainDataset(torch.utils.data.Dataset):
         self.epoch = int(epoch)
 
     def _patch(self, index: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """uint8 ``(3, p/s, p/s)`` and ``(3, p, p)`` views of an aligned random crop, augmented."""
         hr, lr = self.hr[index], self.lr[index]
         s, lp = self.scale, self.patch_size // self.scale
         ty = int(torch.randint(0, lr.shape[-2] - lp + 1, (1,), generator=g))
@@ -137,7 +146,7 @@ class TrainDataset(torch.utils.data.Dataset):
                 lr_p, hr_p = lr_p.flip(-2), hr_p.flip(-2)
             if rot:
                 lr_p, hr_p = lr_p.transpose(-2, -1), hr_p.transpose(-2, -1)
-        return lr_p.float() / 255.0, hr_p.float() / 255.0
+        return lr_p, hr_p
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Patch pair of image ``index``: ``(lr (3, p/s, p/s), hr (3, p, p))`` float32 in [0, 1].
@@ -145,7 +154,8 @@ class TrainDataset(torch.utils.data.Dataset):
         Deterministic in ``(seed, epoch, index)`` (see :meth:`set_epoch`).
         """
         g = torch.Generator().manual_seed(_mix(self.seed, 1, self.epoch, index))
-        return self._patch(index % len(self.hr), g)
+        lr, hr = self._patch(index % len(self.hr), g)
+        return lr.float().div_(255.0), hr.float().div_(255.0)
 
     def sample_batch(self, iteration: int, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
         """A training batch, a pure function of ``(seed, iteration, batch_size)`` (exact resume).
@@ -163,4 +173,6 @@ class TrainDataset(torch.utils.data.Dataset):
         pairs = [
             self._patch(int(torch.randint(0, len(self.hr), (1,), generator=g)), g) for _ in range(batch_size)
         ]
-        return torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
+        lr = torch.stack([p[0] for p in pairs]).float().div_(255.0)
+        hr = torch.stack([p[1] for p in pairs]).float().div_(255.0)
+        return lr, hr

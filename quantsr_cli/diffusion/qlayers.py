@@ -61,6 +61,10 @@ def _quantizer(opts: LayerOptions, bits: int, channels: int, axis: int | None, w
     return make_quantizer(opts.quantizer, bits, channels, axis, is_weight=weight)
 
 
+def _initialized(q: nn.Module) -> bool:
+    return not isinstance(q, (LBQuantizer, LSQQuantizer)) or bool(q.initialized)
+
+
 class _QuantLayerMixin:
     """Shared logic of :class:`QuantConv2d` and :class:`QuantLinear` (see the module docstring)."""
 
@@ -131,6 +135,11 @@ class _QuantLayerMixin:
             w = w - low
         phi = self._phi_view(w.dim(), 1)
         return w if phi is None else w * phi
+
+    @property
+    def ready(self) -> bool:
+        """True once every quantizer of the layer is initialised (calibrated or loaded)."""
+        return _initialized(self.w_q) and _initialized(self.act_q)
 
     # ----------------------------------------------------------------- calibration
     def start_observing(self, momentum: float = 0.95) -> None:
@@ -253,6 +262,10 @@ class ActPoint(nn.Module):
 
     def lora_parameters(self) -> Iterator[nn.Parameter]:
         return iter(())
+
+    @property
+    def ready(self) -> bool:
+        return _initialized(self.act_q)
 
     def start_observing(self, momentum: float = 0.95) -> None:
         self.observer = RangeObserver(None, momentum)

@@ -137,9 +137,13 @@ def finetune_parameters(model: nn.Module, names: Iterable[str] | None = None) ->
 
 
 def set_quant_enabled(model: nn.Module, enabled: bool | Callable[[str], bool]) -> None:
-    """Switch fake quantization on/off for all wrappers (``bool``) or per name (predicate)."""
+    """Switch fake quantization on/off for all wrappers (``bool``) or per name (predicate).
+
+    Wrappers whose quantizers were never initialised (not reached by calibration) stay off.
+    """
     for name, layer in quant_layers(model).items():
-        layer.quant_enabled = enabled(name) if callable(enabled) else bool(enabled)
+        on = enabled(name) if callable(enabled) else bool(enabled)
+        layer.quant_enabled = on and layer.ready
 
 
 @torch.no_grad()

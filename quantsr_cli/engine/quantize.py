@@ -289,6 +289,7 @@ def finish_training(job: QuantizeJob, trainer: Trainer) -> dict[str, Any]:
 
 def run_quantize(job: QuantizeJob, on_event: EventFn | None = None) -> dict[str, Any]:
     """Train ``job`` to the end (resuming if asked) and write its outputs; returns the summary."""
+    torch.manual_seed(job.train.seed)  # fresh weights (no --init) are part of the run's determinism
     if job.start_model is not None:
         model = packing_io.load_model_file(Path(job.start_model))
     else:

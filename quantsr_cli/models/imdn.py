@@ -55,7 +55,9 @@ class CCALayer(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         mean = x.mean(dim=(2, 3), keepdim=True)
-        std = (x - mean).pow(2).mean(dim=(2, 3), keepdim=True).sqrt()
+        # clamp_min: a constant channel (common once weights are 2-bit) has variance 0, where sqrt's
+        # gradient is infinite and training turns to NaN; below 1e-12 the value is unchanged in practice.
+        std = (x - mean).pow(2).mean(dim=(2, 3), keepdim=True).clamp_min(1e-12).sqrt()
         return x * self.conv_du(std + mean)
 
 

@@ -73,13 +73,41 @@ def to_packed(qat_model: nn.Module) -> nn.Module:
     return model
 
 
+LAYER_FIELDS = (
+    "name", "type", "format", "shape", "w_bits", "w_zero", "per_channel", "bias", "a_bits", "a_qmin", "a_qmax",
+    "shift", "shift_dim", "stride", "padding", "dilation", "groups",
+)
+"""Columns of the metadata ``layers`` table (``null`` where a field does not apply, e.g. act points)."""
+
+
 def packed_layer_specs(model: nn.Module) -> list[dict[str, Any]]:
-    """Metadata ``layers`` list: one dict per packed module (``name`` first, then its spec)."""
+    """One dict per packed module: ``name`` plus the module's ``spec()``."""
     return [{"name": n, **m.spec()} for n, m in model.named_modules() if isinstance(m, PackedModule)]
 
 
+def encode_layers(specs: list[dict[str, Any]]) -> str:
+    """Metadata ``layers`` as a compact JSON table ``{"fields": LAYER_FIELDS, "rows": [[...], ...]}``.
+
+    A table (not a list of objects) keeps the header small: for a 64-channel W2 conv the per-layer
+    metadata is ~100 bytes next to its 9 KiB of codes.
+    """
+    return _dumps({"fields": list(LAYER_FIELDS), "rows": [[spec.get(f) for f in LAYER_FIELDS] for spec in specs]})
+
+
+def decode_layers(meta: dict[str, str], path: Path | str | None = None) -> list[dict[str, Any]]:
+    """Inverse of :func:`encode_layers` (``null`` fields dropped); CheckpointError if malformed."""
+    table = _json(meta, "layers", path)
+    fields = table.get("fields") if isinstance(table, dict) else None
+    rows = table.get("rows") if isinstance(table, dict) else None
+    if not (isinstance(fields, list) and all(isinstance(f, str) for f in fields) and isinstance(rows, list)):
+        raise CheckpointError("metadata 'layers' is not a {fields, rows} table", path)
+    if not all(isinstance(r, list) and len(r) == len(fields) for r in rows):
+        raise CheckpointError("metadata 'layers' has rows of the wrong length", path)
+    return [{f: v for f, v in zip(fields, row) if v is not None} for row in rows]
+
+
 def _dumps(value: Any) -> str:
-    return json.dumps(value, separators=(",", ":"), sort_keys=True)
+    return json.dumps(value, separators=(",", ":"))
 
 
 def model_metadata(model: nn.Module, kind: str, config: Any = None, extra: dict[str, Any] | None = None) -> dict[str, str]:
@@ -107,7 +135,7 @@ def model_metadata(model: nn.Module, kind: str, config: Any = None, extra: dict[
         config = getattr(model, "quant_config", None) or _layer_config(model)
     if kind == "packed":
         layers = packed_layer_specs(model)
-        meta["layers"] = _dumps(layers)
+        meta["layers"] = encode_layers(layers)
         w_bits = {entry["w_bits"] for entry in layers if "w_bits" in entry}
         a_bits = {entry["a_bits"] for entry in layers}
         meta["w_bits"] = str(max(w_bits)) if w_bits else "32"
@@ -131,18 +159,52 @@ def state_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def pack_model(qat_model: nn.Module, config: Any = None, extra: dict[str, Any] | None = None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Pack a QAT model: ``(tensors, meta)`` ready for ``io.save_file``.
+    """Pack a QAT model (or take an already packed one): ``(tensors, meta)`` ready for ``io.save_file``.
 
-    Every QConv2d/QLinear becomes ``<name>.qweight`` (uint8 packed codes), ``<name>.w_scale``,
-    ``<name>.a_step``, optional ``<name>.a_shift`` and ``<name>.bias``; every ActQuant becomes
-    ``<name>.a_step`` (+ ``a_shift``); full-precision tensors are kept as float32 under their own keys.
+    Each packed layer is stored as ``<name>.qweight`` (uint8 packed codes, absent for activation
+    points) and ``<name>.qparams``: float32, the concatenation ``[w_scale (1 or O), a_step (1),
+    a_shift (0 or C_in), bias (0 or O)]`` of its float side data (one tensor instead of four keeps
+    the header small; see :func:`merge_side_tensors`). Full-precision tensors keep their own keys,
+    in float32.
     """
     if any(isinstance(m, PackedModule) for m in qat_model.modules()):
         packed = qat_model
     else:
         config = config if config is not None else _layer_config(qat_model)
         packed = to_packed(qat_model)
-    return state_tensors(packed), model_metadata(packed, "packed", config, extra)
+    return merge_side_tensors(packed, state_tensors(packed)), model_metadata(packed, "packed", config, extra)
+
+
+SIDE_KEY = "qparams"
+
+
+def merge_side_tensors(model: nn.Module, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Replace each packed module's side buffers in ``tensors`` (a state dict) by ``<name>.qparams``."""
+    out = dict(tensors)
+    for name, module in model.named_modules():
+        if isinstance(module, PackedModule):
+            parts = [out.pop(f"{name}.{b}").reshape(-1).to(torch.float32) for b, _ in module.side_buffers()]
+            out[f"{name}.{SIDE_KEY}"] = torch.cat(parts)
+    return out
+
+
+def split_side_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], path: Path | str | None) -> dict[str, torch.Tensor]:
+    """Inverse of :func:`merge_side_tensors` for ``model``'s packed modules; CheckpointError on mismatch."""
+    out = dict(tensors)
+    for name, module in model.named_modules():
+        if not isinstance(module, PackedModule):
+            continue
+        key = f"{name}.{SIDE_KEY}"
+        if key not in out:
+            raise CheckpointError(f"missing tensors {key}", path)
+        blob = out.pop(key)
+        side = module.side_buffers()
+        sizes = [buf.numel() for _, buf in side]
+        if blob.dtype != torch.float32 or blob.dim() != 1 or blob.numel() != sum(sizes):
+            raise CheckpointError(f"tensor {key} is {blob.dtype} {list(blob.shape)}, the model needs float32 [{sum(sizes)}]", path)
+        for (b, buf), part in zip(side, blob.split(sizes)):
+            out[f"{name}.{b}"] = part.reshape(buf.shape).clone()
+    return out
 
 
 def _layer_config(model: nn.Module) -> SimpleNamespace | None:
@@ -258,9 +320,7 @@ def build_packed_model(
         CheckpointError: bad ``layers`` JSON, a layer that does not fit the model, missing/extra
             tensors, wrong shapes or dtypes, or non-finite/non-positive quantizer steps.
     """
-    layers = _json(meta, "layers", path)
-    if not isinstance(layers, list):
-        raise CheckpointError("metadata 'layers' is not a list", path)
+    layers = decode_layers(meta, path)
     modules = dict(base_model.named_modules())
     seen: set[str] = set()
     for entry in layers:
@@ -274,7 +334,7 @@ def build_packed_model(
         except (KeyError, TypeError, ValueError) as exc:
             raise CheckpointError(f"layer {name}: {exc}", path) from None
         _replace(base_model, name, new)
-    load_tensors_strict(base_model, tensors, path)
+    load_tensors_strict(base_model, split_side_tensors(base_model, tensors, path), path)
     for name, module in base_model.named_modules():
         if isinstance(module, PackedModule):
             bad_step = module.a_bits < 32 and not (bool(torch.isfinite(module.a_step).all()) and float(module.a_step) > 0)

@@ -5,10 +5,14 @@ A file is a standard safetensors file whose ``__metadata__`` (string -> string) 
 * ``format`` = ``"quantsr"``, ``format_version`` = ``"1"`` (a newer version is refused with
   :class:`FormatVersionError`), ``data_sha256`` (SHA-256 of the data section, checked on read);
 * for models: ``kind`` (``"packed"`` | ``"qat"`` | ``"fp"``), ``arch``, ``hparams`` (JSON builder kwargs),
-  ``scale``, ``w_bits``, ``a_bits``, ``method``; packed files add ``layers`` (JSON list, one entry per
-  packed module: ``name``, ``type``, ``format`` (:class:`~quantsr_cli.packing.layout.PackFormat`),
-  ``shape``, ``w_bits``, ``w_zero``, ``a_bits``, ``a_qmin``, ``a_qmax``, ``shift``, conv geometry);
-  optional ``skip_blocks`` (JSON list of skipped residual blocks) and ``extra`` (free JSON);
+  ``scale``, ``w_bits``, ``a_bits``, ``method``; optional ``skip_blocks`` (JSON list of skipped
+  residual blocks) and ``extra`` (free JSON: training command, slim history, ...);
+* packed files store each packed layer as ``<layer>.qweight`` (uint8 codes, see
+  :class:`~quantsr_cli.packing.layout.PackFormat`) and ``<layer>.qparams`` (float32
+  ``[w_scale, a_step, a_shift, bias]``), and describe the layers in ``layers``: a JSON table
+  ``{"fields": [...], "rows": [[...], ...]}``, one row per packed module, columns ``name, type, format,
+  shape, w_bits, w_zero, per_channel, bias, a_bits, a_qmin, a_qmax, shift, shift_dim, stride, padding,
+  dilation, groups`` (``null`` where not applicable);
 * other writers (training state) add their own keys.
 
 Every failure to read or fit a file raises :class:`CheckpointError` (or its subclass
@@ -19,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import struct
 import tempfile
@@ -36,6 +41,7 @@ from quantsr_cli.packing.convert import (
     FORMAT_VERSION,
     KINDS,
     build_packed_model,
+    decode_layers,
     load_tensors_strict,
     model_metadata,
     pack_model,
@@ -287,6 +293,28 @@ def load_model_file(path: str | Path) -> nn.Module:
     return model.eval()
 
 
+def _count(tensors: dict[str, torch.Tensor], meta: dict[str, str], path: Path | None) -> tuple[int, int, int]:
+    """(quantized elements, expected bytes, parameter elements) of a file's content."""
+    packed = meta.get("kind") == "packed"  # other kinds may carry a free-form ``layers`` summary
+    layers = {e["name"]: e for e in decode_layers(meta, path)} if packed else {}
+    quantized = params = 0
+    expected = 0.0
+    for key, t in tensors.items():
+        name, _, leaf = key.rpartition(".")
+        spec = layers.get(name)
+        if spec is not None and leaf == "qweight":
+            n = math.prod(int(s) for s in spec["shape"])
+            quantized += n
+            expected += n * int(spec["w_bits"]) / 8
+            continue
+        expected += t.numel() * t.element_size()
+        if spec is None:
+            params += t.numel()
+        elif leaf == "qparams" and spec.get("bias"):
+            params += int(spec["shape"][0])  # the layer's FP bias lives in its qparams
+    return quantized, int(round(expected)), params
+
+
 def size_report(source: str | Path | tuple[dict[str, torch.Tensor], dict[str, str]]) -> dict[str, Any]:
     """Size accounting of a packed (or any quantsr) file, for ``quantsr info``.
 
@@ -301,38 +329,24 @@ def size_report(source: str | Path | tuple[dict[str, torch.Tensor], dict[str, st
         excluded), ``overhead`` (``file_bytes / expected_bytes - 1``) and ``compression``
         (``fp32_bytes / file_bytes``).
     """
-    if isinstance(source, tuple):
-        tensors, meta = source
+    path = None if isinstance(source, tuple) else Path(source)
+    if path is None:
+        tensors, meta = source  # type: ignore[misc]
         file_bytes = len(serialize(tensors, meta))
     else:
-        tensors, meta = read_file(source)
-        file_bytes = Path(source).stat().st_size
+        tensors, meta = read_file(path)
+        file_bytes = path.stat().st_size
     try:
-        layers = json.loads(meta.get("layers", "[]"))
-        quant = {e["name"]: e for e in layers if isinstance(e, dict) and "w_bits" in e}
-        aux = {f"{e['name']}.{k}" for e in layers if isinstance(e, dict) for k in ("w_scale", "a_step", "a_shift")}
-    except (ValueError, KeyError, TypeError):
-        raise CheckpointError("metadata 'layers' is not valid", None if isinstance(source, tuple) else source) from None
-    quantized = expected = params = 0
-    for key, t in tensors.items():
-        name, _, leaf = key.rpartition(".")
-        if leaf == "qweight" and name in quant:
-            n = 1
-            for s in quant[name]["shape"]:
-                n *= int(s)
-            quantized += n
-            expected += n * int(quant[name]["w_bits"]) / 8
-            continue
-        expected += t.numel() * t.element_size()
-        if key not in aux:
-            params += t.numel()
+        quantized, expected, params = _count(tensors, meta, path)
+    except (ValueError, KeyError, TypeError, AttributeError, OverflowError):
+        raise CheckpointError("metadata 'layers' is not valid", path) from None
     params += quantized
     return {
         "params": params,
         "quantized_params": quantized,
         "file_bytes": file_bytes,
         "fp32_bytes": params * 4,
-        "expected_bytes": int(round(expected)),
+        "expected_bytes": expected,
         "overhead": file_bytes / max(expected, 1) - 1,
         "compression": params * 4 / max(file_bytes, 1),
     }

@@ -26,21 +26,14 @@ __all__ = [
 
 
 class PackFormat(str, Enum):
-    """How a row of unsigned weight codes is laid out in bytes (stored in file metadata)."""
+    """How a row of unsigned weight codes is laid out in bytes (the value is stored in file metadata).
+
+    Every member's ``__doc__`` states its order, padding and offset convention.
+    """
 
     U2_ROW_LSB = "u2_row_lsb"
-    """2-bit codes, 4 per byte, LSB first: code ``j`` of a row is in byte ``j // 4`` at bit offset
-    ``(j % 4) * 2``. Each row is padded with zero bits to a whole byte: a row of ``K`` codes takes
-    ``ceil(K / 4)`` bytes. Values are unsigned offsets ``0..3``; the weight is ``scale * (u - zero)``."""
-
     U4_ROW_LSB = "u4_row_lsb"
-    """4-bit codes, 2 per byte, LSB first: code ``j`` of a row is in byte ``j // 2``, the low nibble for
-    even ``j`` and the high nibble for odd ``j``. Each row is padded with a zero nibble to a whole byte:
-    ``ceil(K / 2)`` bytes per row. Values are unsigned offsets ``0..15``; weight ``scale * (u - zero)``."""
-
     U8_ROW = "u8_row"
-    """8-bit codes, one per byte in row order (``K`` bytes per row, no padding). Values are unsigned
-    offsets ``0..255``; the weight is ``scale * (u - zero)``."""
 
     @property
     def bits(self) -> int:
@@ -61,6 +54,21 @@ class PackFormat(str, Enum):
 
 
 _BITS = {PackFormat.U2_ROW_LSB: 2, PackFormat.U4_ROW_LSB: 4, PackFormat.U8_ROW: 8}
+
+PackFormat.U2_ROW_LSB.__doc__ = (
+    "2-bit codes, 4 per byte, LSB first: code ``j`` of a row is in byte ``j // 4`` at bit offset "
+    "``(j % 4) * 2``. Each row is padded with zero bits to a whole byte, so a row of ``K`` codes takes "
+    "``ceil(K / 4)`` bytes. Codes are unsigned offsets ``0..3``; the weight is ``scale * (u - zero)``."
+)
+PackFormat.U4_ROW_LSB.__doc__ = (
+    "4-bit codes, 2 per byte, LSB first: code ``j`` of a row is in byte ``j // 2``, in the low nibble "
+    "for even ``j`` and the high nibble for odd ``j``. Each row is padded with a zero nibble to a whole "
+    "byte: ``ceil(K / 2)`` bytes per row. Codes are unsigned offsets ``0..15``; weight ``scale * (u - zero)``."
+)
+PackFormat.U8_ROW.__doc__ = (
+    "8-bit codes, one byte each in row order: ``K`` bytes per row, no padding. Codes are unsigned "
+    "offsets ``0..255``; the weight is ``scale * (u - zero)``."
+)
 
 
 def _check_bits(bits: int) -> int:

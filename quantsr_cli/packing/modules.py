@@ -133,13 +133,17 @@ class _PackedBase(nn.Module):
         state["_cache"] = {}
         return state
 
+    def side_buffers(self) -> list[tuple[str, torch.Tensor]]:
+        """The float side buffers present, in file order: ``w_scale, a_step, a_shift, bias``."""
+        names = ("w_scale", "a_step", "a_shift", "bias")
+        return [(n, getattr(self, n)) for n in names if getattr(self, n, None) is not None]
+
     def _act_spec(self) -> dict[str, Any]:
         return {
             "a_bits": self.a_bits,
             "a_qmin": self.a_qmin,
             "a_qmax": self.a_qmax,
             "shift": 0 if self.a_shift is None else int(self.a_shift.numel()),
-            "shift_dim": self.shift_dim,
         }
 
 
@@ -334,7 +338,7 @@ class PackedActQuant(_PackedBase):
 
     def spec(self) -> dict[str, Any]:
         """JSON-able description (metadata ``layers`` entry without ``name``)."""
-        return {"type": self.kind, **self._act_spec()}
+        return {"type": self.kind, **self._act_spec(), "shift_dim": self.shift_dim}
 
     def reference(self, x: torch.Tensor) -> torch.Tensor:
         """Fake-quantize ``x`` exactly like the QAT ``ActQuant``."""

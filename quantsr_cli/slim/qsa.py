@@ -73,7 +73,7 @@ class SlimHook:
 
     def remove_one(self, trainer: Any, iteration: int, reason: str) -> None:
         active = [i for i in range(len(self.names)) if i not in {r["index"] for r in self.removed}]
-        values = {i: float(self.model.get_submodule(self.names[i]).learnable_shortcut) for i in active}
+        values = {i: float(self.model.get_submodule(self.names[i]).learnable_shortcut.detach()) for i in active}
         index = max(active, key=lambda i: values[i])
         psnr_before = trainer.history[-1]["psnr"] if trainer.history else None
         self._disable(index)

@@ -1,0 +1,256 @@
+"""QArtSR comparison on ``osd-sr-tiny`` (x4): FP, naive PTQ, LSQ-QAT, RPQ (reverse/forward), RPQ+ET, TRQ+RPQ+ET.
+
+One script, one run, one budget: every trained method gets ``--budget`` optimizer steps on the same
+calibration patches (T91 + BSD200, fixed seed), distilling the FP model's output; RPQ alone spends the
+whole budget on RPQ, the "+ET" variants split it ``--et-frac`` (ET) / rest (RPQ). TRQ's FP retraining
+(``--trq-iters`` LoRA steps per candidate timestep) is extra FP work, reported separately. Results are
+Y-channel PSNR/SSIM on Set5/Set14 (BasicSR conventions) for W4A4 and W2A2.
+
+Resumable at every level: the FP model's training (``train_osd_tiny`` checkpoints), TRQ-retrained models
+(``--state-dir``) and each finished (method, bits) row of ``--out`` are reused when the settings match.
+Writes ``bench/results/qartsr_x4.json`` and ``bench/results/qartsr_x4.md``.
+
+Examples::
+
+    python bench/qartsr_compare.py --threads 2                        # train if needed, then compare
+    python bench/qartsr_compare.py --smoke --out /tmp/q.json          # minutes: tiny budgets, 2 images
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from quantsr_cli.diffusion.ckpt import load_model, save_model
+from quantsr_cli.diffusion.data_local import PairedImages
+from quantsr_cli.diffusion.evaluate import bicubic_baseline, evaluate_sr
+from quantsr_cli.diffusion.losses import make_perceptual
+from quantsr_cli.diffusion.pipeline import QArtSRConfig, run_lsq, run_ptq_minmax, run_qartsr
+from quantsr_cli.diffusion.qmodel import QuantSpec, calibrate, quantize_model, set_quant_enabled
+from quantsr_cli.diffusion.stages import CalibData
+from quantsr_cli.diffusion.train_tiny import TinyTrainOptions, train_osd_tiny
+from quantsr_cli.diffusion.trq import measure_latent_error, retrain_timestep
+
+ROOT = Path(__file__).resolve().parents[1]
+METHODS = ("ptq-minmax", "qartsr-init", "lsq", "rpq-forward", "rpq", "rpq+et", "trq+rpq+et")
+
+
+def _args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--data", default=os.environ.get("QUANTSR_DATA", str(ROOT.parent / "shared" / "data")))
+    p.add_argument("--model", default=str(ROOT / "runs" / "osd_tiny" / "osd_sr_tiny_x4.safetensors"))
+    p.add_argument("--train-iters", type=int, default=2500, help="SR steps when the model must be trained")
+    p.add_argument("--ae-iters", type=int, default=400, help="autoencoder warm-up steps (training)")
+    p.add_argument("--bits", type=int, nargs="+", default=[4, 2])
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    p.add_argument("--budget", type=int, default=300, help="optimizer steps per trained method")
+    p.add_argument("--et-frac", type=float, default=0.5)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--calib-patches", type=int, default=256)
+    p.add_argument("--patch", type=int, default=64, help="HR patch side")
+    p.add_argument("--trq-timesteps", type=int, nargs="+", default=[499, 249, 1])
+    p.add_argument("--trq-iters", type=int, default=200)
+    p.add_argument("--lowrank", type=int, default=4)
+    p.add_argument("--lora", type=int, default=4)
+    p.add_argument("--max-images", type=int, default=0, help="per benchmark (0 = all)")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--state-dir", default=str(ROOT / "runs" / "qartsr_bench"))
+    p.add_argument("--out", default=str(ROOT / "bench" / "results" / "qartsr_x4.json"))
+    p.add_argument("--smoke", action="store_true", help="tiny budgets and 2 images per set (wiring check)")
+    a = p.parse_args()
+    if a.smoke:
+        a.budget, a.trq_iters, a.calib_patches, a.max_images = 22, 4, 32, 2
+        a.train_iters, a.ae_iters, a.trq_timesteps = min(a.train_iters, 6), min(a.ae_iters, 2), [249]
+    return a
+
+
+def _write(out: Path, results: dict) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(out.suffix + ".tmp")
+    tmp.write_text(json.dumps(results, indent=1, sort_keys=True))
+    os.replace(tmp, out)
+    md = out.with_suffix(".md")
+    tmp = md.with_suffix(".md.tmp")
+    tmp.write_text(_markdown(results))
+    os.replace(tmp, md)
+
+
+def _log(rec: dict) -> None:
+    print(json.dumps(rec), flush=True)
+
+
+def _fp_model(a: argparse.Namespace) -> torch.nn.Module:
+    path = Path(a.model)
+    if not path.is_file():
+        print(f"training osd-sr-tiny into {path.parent} (resumable)", flush=True)
+        data = Path(a.data) / "train"
+        opts = TinyTrainOptions(iters=a.train_iters, ae_iters=a.ae_iters, threads=a.threads, seed=a.seed,
+                                batch_size=4 if a.smoke else 16)
+        path = train_osd_tiny(path.parent, [data / "T91", data / "BSD200"], opts, log=_log)
+    return load_model(path).eval()
+
+
+def _calib(a: argparse.Namespace) -> CalibData:
+    data = Path(a.data) / "train"
+    pairs = PairedImages.from_folders([data / "T91", data / "BSD200"], 4, min_size=a.patch)
+    lr, hr = pairs.sample(a.calib_patches, a.patch, np.random.default_rng([a.seed, 12345]))
+    return CalibData(lr, hr, batch_size=a.batch, seed=a.seed)
+
+
+def _eval(model, a: argparse.Namespace) -> dict:
+    return evaluate_sr(model, Path(a.data) / "benchmarks", ("Set5", "Set14"), 4, a.max_images)
+
+
+def _trq_models(fp, a, data, perceptual, results) -> dict[int, torch.nn.Module]:
+    """Retrain (or reload) the FP model at each candidate timestep."""
+    state = Path(a.state_dir)
+    models = {}
+    for t in a.trq_timesteps:
+        path = state / f"trq_T{t}_it{a.trq_iters}_s{a.seed}.safetensors"
+        if path.is_file():
+            models[t] = load_model(path)
+            continue
+        t0 = time.time()
+        models[t] = retrain_timestep(fp, t, data, iters=a.trq_iters, perceptual=perceptual, log=_log)
+        save_model(models[t], path, extra={"trq_seconds": f"{time.time() - t0:.1f}"})
+    results.setdefault("trq", {})["retrain_iters"] = a.trq_iters
+    return models
+
+
+def _run_method(method, bits, fp, data, a, cfg, trq_models, results):
+    if method == "ptq-minmax":
+        return run_ptq_minmax(fp, bits, bits, data, calib_batches=cfg.calib_batches).model, {}
+    if method == "qartsr-init":
+        qm = copy.deepcopy(fp)
+        quantize_model(qm, cfg.quant_spec())
+        calibrate(qm, data.calibration_batches(cfg.calib_batches))
+        set_quant_enabled(qm, True)
+        return qm, {}
+    if method == "lsq":
+        res = run_lsq(fp, cfg, data, log=_log)
+        return res.model, res.report
+    et = int(round(a.budget * a.et_frac))
+    if method in ("rpq", "rpq-forward"):
+        c = QArtSRConfig(**{**cfg.__dict__, "rpq_iters": a.budget, "et_iters": 0,
+                            "order": "forward" if method == "rpq-forward" else "reverse"})
+        res = run_qartsr(fp, c, data, log=_log)
+        return res.model, res.report
+    c = QArtSRConfig(**{**cfg.__dict__, "rpq_iters": a.budget - et, "et_iters": et})
+    if method == "rpq+et":
+        res = run_qartsr(fp, c, data, log=_log)
+        return res.model, res.report
+    # trq+rpq+et: pick T by the smallest HQ-latent error of the PTQ-initialised denoiser at these bits
+    rows = [measure_latent_error(m, QuantSpec(w_bits=bits, a_bits=bits, lowrank=a.lowrank, lora=a.lora), data)
+            for m in [fp] + [trq_models[t] for t in a.trq_timesteps]]
+    results.setdefault("trq", {})[f"sweep_w{bits}a{bits}"] = rows
+    best = min(rows[1:], key=lambda r: r["zh_rmse"])["timestep"]
+    res = run_qartsr(trq_models[best], c, data, log=_log)
+    res.report["trq_selected_timestep"] = best
+    res.report["trq_fp"] = _eval(trq_models[best], a)
+    return res.model, res.report
+
+
+def main() -> None:
+    a = _args()
+    torch.set_num_threads(a.threads)
+    torch.manual_seed(a.seed)
+    out = Path(a.out)
+    results = json.loads(out.read_text()) if out.is_file() else {}
+    perceptual = make_perceptual("auto")
+    settings = {"budget": a.budget, "et_frac": a.et_frac, "batch": a.batch, "calib_patches": a.calib_patches,
+                "patch": a.patch, "trq_timesteps": a.trq_timesteps, "trq_iters": a.trq_iters, "lowrank": a.lowrank,
+                "lora": a.lora, "seed": a.seed, "max_images": a.max_images, "model": str(a.model),
+                "perceptual": perceptual.name}
+    if results.get("settings") != settings:
+        results = {"settings": settings, "rows": {}}
+    fp = _fp_model(a)
+    data = _calib(a)
+    rows = results["rows"]
+    for name, model in (("bicubic", bicubic_baseline), ("fp", fp)):
+        if name not in rows:
+            rows[name] = {"metrics": _eval(model, a)}
+            _write(out, results)
+    trq_models = _trq_models(fp, a, data, perceptual, results) if "trq+rpq+et" in a.methods else {}
+    for bits in a.bits:
+        cfg = QArtSRConfig(w_bits=bits, a_bits=bits, lowrank=a.lowrank, lora=a.lora, calib_batches=8,
+                           perceptual="auto")
+        for method in a.methods:
+            key = f"{method}@w{bits}a{bits}"
+            if key in rows:
+                continue
+            print(f"== {key}", flush=True)
+            torch.manual_seed(a.seed)
+            t0 = time.time()
+            model, report = _run_method(method, bits, fp, data, a, cfg, trq_models, results)
+            train_s = round(time.time() - t0, 1)
+            rows[key] = {"metrics": _eval(model, a), "train_seconds": train_s,
+                         "report": json.loads(json.dumps(report, default=str))}
+            _write(out, results)
+    _write(out, results)
+    print(_markdown(results))
+
+
+def _cell(row: dict | None, ds: str) -> str:
+    if not row:
+        return "—"
+    m = row["metrics"][ds]
+    return f"{m['psnr']:.2f} / {m['ssim']:.4f}"
+
+
+def _psnr(rows: dict, key: str) -> float | None:
+    r = rows.get(key)
+    return None if r is None else (r["metrics"]["Set5"]["psnr"] + r["metrics"]["Set14"]["psnr"]) / 2
+
+
+def _markdown(results: dict) -> str:
+    s, rows = results.get("settings", {}), results.get("rows", {})
+    bits = sorted({k.split("@w")[1].split("a")[0] for k in rows if "@w" in k}, reverse=True)
+    lines = ["# QArtSR on osd-sr-tiny (x4), Y-channel PSNR (dB) / SSIM", "",
+             f"Budget {s.get('budget')} optimizer steps per trained method (batch {s.get('batch')}, "
+             f"{s.get('calib_patches')} calibration patches of {s.get('patch')} px); ET share {s.get('et_frac')}; "
+             f"TRQ retrains {s.get('trq_iters')} LoRA steps per candidate T in {s.get('trq_timesteps')}. "
+             f"Perceptual term: {s.get('perceptual')}. Eval images per set: {s.get('max_images') or 'all'}.", "",
+             "| method | bits | Set5 | Set14 | train s |", "|---|---|---|---|---|"]
+    for name in ("bicubic", "fp"):
+        lines.append(f"| {name} | 32 | {_cell(rows.get(name), 'Set5')} | {_cell(rows.get(name), 'Set14')} | |")
+    for b in bits:
+        for m in METHODS:
+            r = rows.get(f"{m}@w{b}a{b}")
+            if r:
+                extra = f" (T={r['report'].get('trq_selected_timestep')})" if m == "trq+rpq+et" else ""
+                lines.append(f"| {m}{extra} | W{b}A{b} | {_cell(r, 'Set5')} | {_cell(r, 'Set14')} | "
+                             f"{r.get('train_seconds', '')} |")
+    lines += ["", "## Expected directions (mean of Set5/Set14 PSNR)", ""]
+    for b in bits:
+        chain = ["ptq-minmax", "rpq", "rpq+et", "trq+rpq+et"]
+        vals = [_psnr(rows, f"{m}@w{b}a{b}") for m in chain]
+        pairs = [(chain[i], chain[i + 1], vals[i], vals[i + 1]) for i in range(3)]
+        pairs.append(("rpq-forward", "rpq", _psnr(rows, f"rpq-forward@w{b}a{b}"), _psnr(rows, f"rpq@w{b}a{b}")))
+        pairs.append(("lsq", "rpq+et", _psnr(rows, f"lsq@w{b}a{b}"), _psnr(rows, f"rpq+et@w{b}a{b}")))
+        for lo, hi, x, y in pairs:
+            if x is not None and y is not None:
+                verdict = "yes" if y > x else "**no**"
+                lines.append(f"- W{b}A{b}: {hi} > {lo}? {verdict} ({y:.2f} vs {x:.2f} dB)")
+    sweeps = results.get("trq", {})
+    for key, srows in sorted(sweeps.items()):
+        if not key.startswith("sweep_"):
+            continue
+        lines += ["", f"## TRQ sweep {key[6:]} (denoiser quantized with PTQ init; T=999 is the original model)", "",
+                  "| T | sqrt(1-abar)/sqrt(abar) | eps RMSE | z_H RMSE | z_H rel | image PSNR vs FP |",
+                  "|---|---|---|---|---|---|"]
+        for r in srows:
+            lines.append(f"| {r['timestep']} | {r['amplification']:.3f} | {r['eps_rmse']:.4f} | {r['zh_rmse']:.4f} | "
+                         f"{r['zh_rel']:.4f} | {r['image_psnr_vs_fp']:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,159 @@
+"""Training of the FP ``osd-sr-tiny`` model on CPU, with checkpoints and resume.
+
+Two phases in one run (one Adam optimizer, cosine learning rate over all steps):
+
+1. ``ae_iters`` autoencoder warm-up: ``L1(decoder(encoder(HR)), HR)`` trains the VAE only, so that the
+   latent space means something before the one-step UNet is put in between (OSEDiff starts from the
+   pretrained SD VAE instead).
+2. ``iters`` SR steps: ``L1(SR, HR) + perceptual_weight * ssim+grad(SR, HR)`` through the whole
+   one-step pipeline at the fixed timestep (the decoder can be frozen, as in OSEDiff).
+
+Data: random aligned patches of T91 + BSD200 (HR ``patch_size``², LR by MATLAB-style bicubic ×1/4).
+Every step draws its batch from ``numpy.random.default_rng([seed, step])`` so a resumed run sees exactly
+the batches an uninterrupted run would. Files in ``out_dir``: ``last.safetensors`` (model) and
+``last_state.pt`` (optimizer + step), rewritten every ``save_every`` steps; ``train_log.jsonl``; and the
+final ``osd_sr_tiny_x<s>.safetensors``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from quantsr_cli.diffusion.ckpt import load_model, save_model
+from quantsr_cli.diffusion.data_local import PairedImages
+from quantsr_cli.diffusion.losses import SSIMGradLoss
+from quantsr_cli.diffusion.osd_tiny import ARCH, build_osd_model
+from quantsr_cli.errors import CheckpointError, ConfigError
+
+
+@dataclass(frozen=True)
+class TinyTrainOptions:
+    """Options of :func:`train_osd_tiny` (steps are optimizer steps, sizes in HR pixels)."""
+
+    iters: int = 2500
+    ae_iters: int = 400
+    batch_size: int = 16
+    patch_size: int = 64
+    lr: float = 5e-4
+    eta_min: float = 1e-6
+    perceptual_weight: float = 0.05
+    freeze_decoder: bool = False
+    save_every: int = 100
+    log_every: int = 25
+    seed: int = 0
+    threads: int = 1
+    hparams: dict[str, object] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.iters < 0 or self.ae_iters < 0 or self.iters + self.ae_iters < 1:
+            raise ConfigError("iters + ae_iters must be at least 1 (and neither negative)")
+        if self.patch_size % 16:
+            raise ConfigError(f"patch_size={self.patch_size} must be a multiple of 16")
+        if self.batch_size < 1 or self.lr <= 0:
+            raise ConfigError("batch_size must be >= 1 and lr > 0")
+
+
+def _atomic_torch_save(obj: object, path: Path) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _cosine(step: int, total: int, lr: float, eta_min: float) -> float:
+    return eta_min + 0.5 * (lr - eta_min) * (1 + math.cos(math.pi * min(step, total) / max(total, 1)))
+
+
+def train_osd_tiny(out_dir: str | Path, train_dirs: Sequence[str | Path],
+                   options: TinyTrainOptions = TinyTrainOptions(), *, resume: bool = True,
+                   log: Callable[[dict[str, object]], None] | None = None) -> Path:
+    """Train (or resume training) ``osd-sr-tiny`` and return the final checkpoint path.
+
+    Args:
+        out_dir: folder for checkpoints and the log (created).
+        train_dirs: HR image folders, e.g. ``shared/data/train/T91`` and ``.../BSD200``.
+        options: see :class:`TinyTrainOptions`; ``options.hparams`` go to the model builder.
+        resume: continue from ``out_dir/last.*`` when present (its hparams win).
+        log: called with a dict every ``log_every`` steps (default: print one line).
+
+    Returns:
+        ``out_dir / "osd_sr_tiny_x<upscale>.safetensors"``.
+    """
+    if options.threads > 0:
+        torch.set_num_threads(options.threads)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    last, state_path = out / "last.safetensors", out / "last_state.pt"
+    torch.manual_seed(options.seed)
+    start = 0
+    if resume and last.is_file() and state_path.is_file():
+        model = load_model(last)
+        state = torch.load(state_path, map_location="cpu", weights_only=True)
+        start = int(state["step"])
+    else:
+        model = build_osd_model(ARCH, **options.hparams)
+        state = None
+    model.train()
+    scale = int(model.hparams["upscale"])
+    total = options.ae_iters + options.iters
+    final = out / f"osd_sr_tiny_x{scale}.safetensors"
+    if start >= total:
+        save_model(model.eval(), final, extra={"step": str(start)})
+        return final
+    data = PairedImages.from_folders(train_dirs, scale, min_size=options.patch_size)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.Adam(params, lr=options.lr, betas=(0.9, 0.99))
+    if state is not None:
+        try:
+            opt.load_state_dict(state["optimizer"])
+        except (KeyError, ValueError) as exc:
+            raise CheckpointError(f"optimizer state does not fit the model ({exc})", state_path) from exc
+    perceptual = SSIMGradLoss()
+    emit = log or (lambda rec: print(" ".join(f"{k}={v}" for k, v in rec.items()), flush=True))
+    t0, running, count = time.time(), 0.0, 0
+    for step in range(start, total):
+        ae_phase = step < options.ae_iters
+        model.vae.decoder.requires_grad_(ae_phase or not options.freeze_decoder)
+        for group in opt.param_groups:
+            group["lr"] = _cosine(step, total, options.lr, options.eta_min)
+        lr_t, hr_t = data.sample(options.batch_size, options.patch_size, np.random.default_rng([options.seed, step]))
+        if ae_phase:
+            x = hr_t * 2 - 1
+            loss = F.l1_loss(model.vae.decoder(model.vae.encoder(x)), x)
+        else:
+            sr = model(lr_t)
+            loss = F.l1_loss(sr, hr_t) + options.perceptual_weight * perceptual(sr, hr_t)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        running += loss.item()
+        count += 1
+        done = step + 1
+        if done % options.log_every == 0 or done == total:
+            rec = {"step": done, "phase": "ae" if ae_phase else "sr", "loss": round(running / count, 5),
+                   "lr": f"{opt.param_groups[0]['lr']:.2e}", "sec_per_step": round((time.time() - t0) / count, 3)}
+            with open(out / "train_log.jsonl", "a", encoding="utf-8") as fh:
+                fh.write(json.dumps(rec) + "\n")
+            emit(rec)
+            t0, running, count = time.time(), 0.0, 0
+        if done % options.save_every == 0 or done == total:
+            save_model(model, last, extra={"step": str(done)})
+            _atomic_torch_save({"step": done, "optimizer": opt.state_dict()}, state_path)
+    save_model(model.eval(), final, extra={"step": str(total)})
+    return final
