@@ -54,7 +54,7 @@ template <bool A_UNSIGNED>
 __device__ __forceinline__ int qsr_dp4a(qsr_u32 a, qsr_u32 b, int c) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 610
   int d;
-  if (A_UNSIGNED)
+  if constexpr (A_UNSIGNED)
     asm("dp4a.u32.s32 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c));
   else
     asm("dp4a.s32.s32 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c));
@@ -79,7 +79,7 @@ __device__ __forceinline__ int qsr_dp4a(qsr_u32 a, qsr_u32 b, int c) {
 template <bool A_UNSIGNED>
 __device__ __forceinline__ void qsr_mma_16832(int* d, const qsr_u32* a, const qsr_u32* b) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  if (A_UNSIGNED)
+  if constexpr (A_UNSIGNED)
     asm volatile(
         "mma.sync.aligned.m16n8k32.row.col.s32.u8.s8.s32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
         "{%0,%1,%2,%3};\n"

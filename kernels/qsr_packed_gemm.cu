@@ -81,7 +81,7 @@ __device__ __forceinline__ void qsr_load_b(qsr_u8* dst, const qsr_u8* row, int j
     if (c + 16 <= C && (bit & 7) == 0) {
       const qsr_u8* src = row + (bit >> 3);
       const bool aligned = (((unsigned long long)src) & 3ull) == 0ull;
-      if (WBITS == 4) {
+      if constexpr (WBITS == 4) {
         const qsr_u32 w0 = aligned ? qsr_ld32(src) : qsr_bytes4(src);
         const qsr_u32 w1 = aligned ? qsr_ld32(src + 4) : qsr_bytes4(src + 4);
         qsr_unpack_u4x8(w0, u[0], u[1]);
@@ -200,7 +200,7 @@ __device__ __forceinline__ void qsr_gemm_body(const QsrGemm& p) {
       qsr_load_a(As + lr * QSR_SROW + 16 * lh, pix, c, p.C, a_ok, vec_a);
       qsr_load_b<WBITS>(Bs + lr * QSR_SROW + 16 * lh, wrow, tap * p.C + c, c, p.C, o_ok, k4);
       __syncthreads();
-      if (USE_MMA)
+      if constexpr (USE_MMA)
         qsr_step_mma<A_UNSIGNED>(As, Bs, acc);
       else
         qsr_step_dp4a<A_UNSIGNED>(As, Bs, acc);
@@ -208,7 +208,7 @@ __device__ __forceinline__ void qsr_gemm_body(const QsrGemm& p) {
     }
   }
 
-  if (USE_MMA) {
+  if constexpr (USE_MMA) {
     const int warp = tid >> 5, lane = tid & 31, g = lane >> 2, t = lane & 3;
     const int wm = warp >> 1, wn = warp & 1;
     QSR_UNROLL
@@ -232,17 +232,16 @@ __device__ __forceinline__ void qsr_gemm_body(const QsrGemm& p) {
 // Launch: grid (ceil(M / 64), ceil(O / 64)), block 128. Linear layers use the same kernels.
 // Compiling with -DQSR_SELECT -DQSR_WANT_<name> emits only that entry (the cupy backend builds one
 // module per kernel it needs: a few seconds of NVRTC instead of all eight).
-#define QSR_GEMM_ENTRY(NAME, MMA, WB, AU)                                                                 \
-  extern "C" __global__ void __launch_bounds__(QSR_THREADS, 4) NAME(                                        \
-      const qsr_u8* __restrict__ x, const qsr_u8* __restrict__ qw, const float* __restrict__ w_scale,   \
-      const float* __restrict__ bias, const float* __restrict__ residual, float* __restrict__ y,        \
-      qsr_u8* __restrict__ y_codes, const float* __restrict__ next_shift, int N, int H, int W, int C,   \
-      int O, int KH, int KW, int PH, int PW, int HO, int WO, int row_bytes, int zero2, float a_step,    \
-      float next_step, int next_qmin, int next_qmax, int flags) {                                       \
-    const QsrGemm p = {x,  qw, w_scale, bias, residual, y,  y_codes,   next_shift, N,     H,      W,  \
-                       C,  O,  KH,      KW,   PH,       PW, HO,        WO,         row_bytes, zero2,  \
-                       a_step, next_step, next_qmin, next_qmax, flags};                                 \
-    qsr_gemm_body<MMA, WB, AU>(p);                                                                      \
+#define QSR_GEMM_ENTRY(NAME, MMA, WB, AU)                                                                  \
+  extern "C" __global__ void __launch_bounds__(QSR_THREADS, 4) NAME(                                       \
+      const qsr_u8* __restrict__ x, const qsr_u8* __restrict__ qw, const float* __restrict__ w_scale,      \
+      const float* __restrict__ bias, const float* __restrict__ residual, float* __restrict__ y,           \
+      qsr_u8* __restrict__ y_codes, const float* __restrict__ next_shift, int N, int H, int W, int C,      \
+      int O, int KH, int KW, int PH, int PW, int HO, int WO, int row_bytes, int zero2, float a_step,       \
+      float next_step, int next_qmin, int next_qmax, int flags) {                                          \
+    const QsrGemm p = {x,  qw, w_scale, bias, residual, y,  y_codes, next_shift, N, H, W, C, O, KH, KW,    \
+                       PH, PW, HO, WO, row_bytes, zero2, a_step, next_step, next_qmin, next_qmax, flags};  \
+    qsr_gemm_body<MMA, WB, AU>(p);                                                                         \
   }
 
 #if !defined(QSR_SELECT) || defined(QSR_WANT_qsr_conv_mma_w4_s8)

@@ -16,6 +16,7 @@ import sys
 import tomllib
 import types
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -27,7 +28,7 @@ from quantsr_cli.errors import BackendUnavailableError
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests" / "kernel_shim"))
-from harness import CASES, Case, make_data, pack_rows, shim_exe_path, shim_run  # noqa: E402
+from kernel_harness import CASES, Case, make_data, pack_rows, shim_exe_path, shim_run  # noqa: E402
 
 KERNELS = REPO / "kernels"
 CU_FILES = sorted(KERNELS.glob("*.cu"))
@@ -96,15 +97,17 @@ def test_nvrtc_compiles_expanded_sources() -> None:
 
 
 def test_ptxas_reports_no_spills(tmp_path: Path) -> None:
+    """One tensor-core and one dp4a entry (the other six differ only in template constants)."""
     nvcc = shutil.which("nvcc")
     if nvcc is None:
         pytest.skip("nvcc not found")
-    r = subprocess.run([nvcc, "-arch=sm_90", "-std=c++17", "-cubin", "-Xptxas", "-v", f"-I{KERNELS}", "-o",
-                        str(tmp_path / "k.cubin"), str(KERNELS / "qsr_packed_gemm.cu")],
+    pick = ["-DQSR_SELECT", "-DQSR_WANT_qsr_conv_mma_w4_u8", "-DQSR_WANT_qsr_conv_dp4a_w2_s8"]
+    r = subprocess.run([nvcc, "-arch=sm_90", "-std=c++17", "-cubin", "-Xptxas", "-v", *pick, f"-I{KERNELS}",
+                        "-o", str(tmp_path / "k.cubin"), str(KERNELS / "qsr_packed_gemm.cu")],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     spills = re.findall(r"(\d+) bytes spill stores", r.stderr)
-    assert spills and all(s == "0" for s in spills), r.stderr
+    assert len(spills) == 2 and all(s == "0" for s in spills), r.stderr
 
 
 def test_flags_match_header() -> None:
@@ -227,25 +230,31 @@ def _shim_launcher(shim: Path, tmp: Path):  # noqa: ANN202 - a cupy_backend.laun
     return run
 
 
-@pytest.mark.parametrize("path", plan.PATHS)
-def test_backend_forward_runs_a_packed_model(shim: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                             path: str) -> None:
-    """cupy_backend.forward (layout, strides, dtypes, NCHW view of the NHWC output) on packing's modules,
-    conv -> ReLU -> 1x1 conv (channels-last input) -> linear, against their torch reference."""
-    from harness import packed_module  # noqa: PLC0415
+def _tiny_packed_model() -> tuple[list[torch.nn.Module], Any]:
+    """conv3x3 (W4A4u) -> ReLU -> conv1x1 (W2A2s, channels-last input) -> linear (W4A8s) on packing's modules."""
+    from kernel_harness import packed_module  # noqa: PLC0415 - needs quantsr_cli.packing
 
-    monkeypatch.setattr(cb, "launch", _shim_launcher(shim, tmp_path))
-    monkeypatch.setattr(cb, "kernel_path", lambda device: path)
     specs = (Case("m1", "conv", 1, 3, 9, 7, 16, 3, 4, 4, False, 7.5),
              Case("m2", "conv", 1, 16, 9, 7, 16, 1, 2, 2, True, 1.5),
              Case("m3", "linear", 63, 16, 1, 1, 8, 1, 4, 8, True, 8.0, per_channel=False))
     layers = [packed_module(c, make_data(c)) for c in specs]
-    x = torch.rand(2, 3, 9, 7) * 2 - 0.5
 
     def model(x: torch.Tensor) -> torch.Tensor:
         h = layers[1](torch.relu(layers[0](x)))
         return layers[2](h.permute(0, 2, 3, 1))
 
+    return layers, model
+
+
+@pytest.mark.parametrize("path", plan.PATHS)
+def test_backend_forward_runs_a_packed_model(shim: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                             path: str) -> None:
+    """cupy_backend.forward (layout, strides, dtypes, NCHW view of the NHWC output) with its launches run
+    in the shim, on packing's modules, against their torch reference."""
+    monkeypatch.setattr(cb, "launch", _shim_launcher(shim, tmp_path))
+    monkeypatch.setattr(cb, "kernel_path", lambda device: path)
+    layers, model = _tiny_packed_model()
+    x = torch.rand(2, 3, 9, 7) * 2 - 0.5
     ref = model(x)
     for layer in layers:
         assert cb.prepare(layer) is cb.impl and layer.backend_note == "cupy kernels"
@@ -320,7 +329,7 @@ def _gpu_ready() -> None:
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
 def test_gpu_packed_layers_match_reference(case: Case, path: str, monkeypatch: pytest.MonkeyPatch) -> None:
     _gpu_ready()
-    from harness import packed_module  # noqa: PLC0415 - needs quantsr_cli.packing
+    from kernel_harness import packed_module  # noqa: PLC0415 - needs quantsr_cli.packing
 
     monkeypatch.setenv("QUANTSR_CUPY_KERNEL", path)
     d = make_data(case)
@@ -330,3 +339,32 @@ def test_gpu_packed_layers_match_reference(case: Case, path: str, monkeypatch: p
     module.impl = cb.prepare(module)
     got = module(x if case.kind == "conv" else x.reshape(-1, case.c))
     assert torch.allclose(got, ref, atol=1e-3, rtol=0), float((got - ref).abs().max())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("path", plan.PATHS)
+def test_gpu_packed_model_and_fused_epilogue(path: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    _gpu_ready()
+    monkeypatch.setenv("QUANTSR_CUPY_KERNEL", path)
+    layers, model = _tiny_packed_model()
+    for layer in layers:
+        layer.cuda()
+    x = torch.rand(2, 3, 9, 7, device="cuda") * 2 - 0.5
+    ref = model(x)
+    for layer in layers:
+        layer.impl = cb.prepare(layer)
+    assert float((model(x) - ref).abs().max()) <= 1e-3
+    # fused ReLU + residual + next-layer codes through run_packed
+    from kernel_harness import packed_module  # noqa: PLC0415
+
+    case = next(c for c in CASES if c.out_codes and c.residual)
+    d = make_data(case)
+    module = packed_module(case, d).cuda()
+    codes = cb.quantize_codes(d["x"].cuda(), d["x_strides"], (d["n"], case.c, d["h"], d["w"]), d["step"],
+                              d["qmin"], d["qmax"], torch.from_numpy(d["shift"]).cuda())
+    shift = None if d["next_shift"] is None else torch.from_numpy(d["next_shift"]).cuda()
+    y, nxt = cb.run_packed(module, codes, d["geom"], relu=True, residual=torch.from_numpy(d["residual"]).cuda(),
+                           next_act=(d["next_step"], d["next_qmin"], d["next_qmax"], shift))
+    assert float((y.cpu().double() - d["ref_y"]).abs().max()) <= 1e-3
+    want = torch.clamp(torch.round((y.cpu() + d["next_shift_t"]) / d["next_step"]), d["next_qmin"], d["next_qmax"])
+    assert torch.equal(nxt.cpu().to(torch.int64), want.to(torch.int64))

@@ -12,7 +12,7 @@ Per layer call ``impl(module, x)``:
 Non-packed layers stay torch: tensors pass torch -> cupy through DLPack (no copy) and every kernel is
 launched on torch's current CUDA stream. Kernels are compiled with ``cupy.RawModule`` (NVRTC) on first
 use, once per device (CuPy also keeps its on-disk cache). ``QUANTSR_CUPY_KERNEL=dp4a|mma`` forces a
-path (default: tensor-core ``mma`` on sm_80+, ``dp4a`` on sm_61..sm_75). Layers the kernels do not
+path (default: tensor-core ``mma`` on sm_80+, ``dp4a`` below; CUDA 13's NVRTC starts at sm_75). Layers the kernels do not
 cover (8-bit weights, ``a_bits == 32``, stride/dilation/groups != 1, activation points) keep the torch
 reference forward on the same device. The fused epilogue (ReLU, residual, next-layer codes) is exposed
 through :func:`run_packed` for callers that fuse layers; ``impl`` uses plain layer semantics.
@@ -25,9 +25,9 @@ import importlib
 import importlib.resources
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -99,13 +99,13 @@ def check_available() -> None:
 
 
 def _cupy() -> Any:
-    check_available_cached()
+    _check_once()
     return importlib.import_module("cupy")
 
 
 @functools.lru_cache(maxsize=1)
-def check_available_cached() -> None:
-    check_available()
+def _check_once() -> None:
+    check_available()  # an exception is not cached: a later call checks again
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -33,11 +33,10 @@ from quantsr_cli.errors import ConfigError
 from quantsr_cli.models import build_model
 from quantsr_cli.models.loading import detect_arch, read_state_dict
 from quantsr_cli.packing import io as packing_io
-from quantsr_cli.quant import quant_summary, quantize_
+from quantsr_cli.quant import quantize_
 from quantsr_cli.slim import SlimHook, compact_state_dict, dqa_keep_lists, dqa_variants
 
 EventFn = Callable[[dict[str, Any]], None]
-FORMAT_VERSION = "1"
 
 
 @dataclass(frozen=True)
@@ -143,37 +142,21 @@ def compact_model(model: nn.Module, quant: QuantConfig, keep: list[int]) -> nn.M
 
 def model_metadata(model: nn.Module, quant: QuantConfig, kind: str, extra: dict[str, Any]) -> dict[str, str]:
     """safetensors metadata that lets :func:`quantsr_cli.packing.io.load_model_file` rebuild ``model``."""
-    return {
-        "format": "quantsr",
-        "format_version": FORMAT_VERSION,
-        "kind": kind,
-        "arch": model.arch,
-        "hparams": json.dumps(model.hparams),
-        "scale": str(model.hparams["upscale"]),
-        "method": quant.method,
-        "w_bits": str(quant.w_bits),
-        "a_bits": str(quant.a_bits),
-        "layers": json.dumps(quant_summary(model) if not quant.full_precision else {}),
-        "extra": json.dumps(extra),
-    }
+    file_kind = "fp" if quant.full_precision else "qat"
+    meta = packing_io.model_metadata(model, file_kind, quant, extra)
+    meta["kind"] = kind
+    return meta
 
 
 def write_model_file(model: nn.Module, path: Path, quant: QuantConfig, extra: dict[str, Any]) -> Path:
     """Write the float/fake-quant state of ``model`` as a ``qat`` (or ``fp``) safetensors file."""
-    kind = "fp" if quant.full_precision else "qat"
-    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    packing_io.save_file(tensors, model_metadata(model, quant, kind, extra), path)
+    packing_io.save_model(model, path, quant, extra)
     return path
 
 
 def write_packed_file(model: nn.Module, path: Path, quant: QuantConfig, extra: dict[str, Any]) -> Path:
     """Bit-pack the quantized layers of ``model`` and write them (FP models are written as ``fp``)."""
-    if quant.full_precision:
-        return write_model_file(model, path, quant, extra)
-    tensors, meta = packing_io.pack_model(model)
-    meta.update({k: v for k, v in model_metadata(model, quant, "packed", extra).items() if k not in meta})
-    meta["extra"] = json.dumps(extra)
-    packing_io.save_file(tensors, meta, path)
+    packing_io.save_model(model, path, quant, extra, pack=not quant.full_precision)
     return path
 
 

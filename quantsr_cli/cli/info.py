@@ -1,0 +1,53 @@
+"""``quantsr info``: params, quantized params, MACs, file size and compression of a model."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from quantsr_cli.cli.common import JsonOpt, print_json
+from quantsr_cli.engine.report import model_info
+
+
+def info(
+    model: Annotated[str | None, typer.Argument(help="Model file or bundled name (or use --arch).")] = None,
+    arch: Annotated[str | None, typer.Option("--arch", help="Report an architecture instead of a file.")] = None,
+    scale: Annotated[int, typer.Option("--scale", "-s", help="Upscaling factor for --arch.", min=2, max=4)] = 4,
+    bits: Annotated[int | None, typer.Option("--bits", help="W/A bits for --arch (omit for FP32).")] = None,
+    blocks: Annotated[int | None, typer.Option("--blocks", help="Blocks for --arch.")] = None,
+    layers: Annotated[bool, typer.Option("--layers", help="Per-layer table.")] = False,
+    json_out: JsonOpt = False,
+) -> None:
+    """Params, quantized params, MACs at 3x256x256, equivalent ops, file size and compression."""
+    report = model_info(model, arch=arch, scale=scale, bits=bits, blocks=blocks)
+    if not layers:
+        report = {k: v for k, v in report.items() if k != "layers"}
+    if json_out:
+        print_json(report)
+        return
+    console = Console()
+    table = Table(title=f"{report['arch']} x{report['scale']} W{report['w_bits']}A{report['a_bits']} ({report['kind']})")
+    table.add_column("quantity")
+    table.add_column("value", justify="right")
+    table.add_row("params", f"{report['params']:,}")
+    table.add_row("quantized params", f"{report['quantized_params']:,}")
+    table.add_row("full-precision params", f"{report['fp_params']:,}")
+    table.add_row("MACs @ 3x256x256", f"{report['macs'] / 1e9:.2f} G")
+    table.add_row("equivalent params (q x bits/32)", f"{report['equivalent_params'] / 1e3:.1f} K (-{report['params_reduction']:.1%})")
+    table.add_row("equivalent ops (q x bits/32)", f"{report['equivalent_ops'] / 1e9:.2f} G (-{report['ops_reduction']:.1%})")
+    table.add_row("FP32 size", f"{report['fp32_bytes']:,} B")
+    if report.get("file_bytes"):
+        table.add_row("file size", f"{report['file_bytes']:,} B")
+        table.add_row("compression vs FP32", f"{report['compression']:.2f}x")
+    console.print(table)
+    if layers:
+        lt = Table(title="layers")
+        for col in ("name", "type", "shape", "W bits", "A bits", "params", "MACs share"):
+            lt.add_column(col, justify="left" if col in ("name", "type", "shape") else "right")
+        for r in report["layers"]:
+            lt.add_row(r["name"], r["type"], "x".join(map(str, r["shape"])), str(r["w_bits"]), str(r["a_bits"]),
+                       f"{r['params']:,}", f"{r['macs_share']:.2%}")
+        console.print(lt)

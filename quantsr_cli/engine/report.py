@@ -1,0 +1,141 @@
+"""``quantsr info`` and ``quantsr pack``: size/compute accounting and QAT -> packed conversion.
+
+Counting conventions (the QuantSR papers'):
+
+- params: weights, biases and other float parameters; quantizer steps, shifts and per-bit scales are
+  not counted (they are a few scalars per layer and listed in ``file_bytes`` anyway);
+- MACs: conv/linear multiply-accumulates plus the attention matmuls (q·kᵀ and attn·v) at a
+  ``3 x 256 x 256`` LR input; bias adds, activations and pixel-shuffle are not counted;
+- equivalent ("BOPs-style") params and ops: the quantized part times ``w_bits / 32`` plus the
+  full-precision part as is; the quantized MACs are those of quantized layers and, for SwinIR, the
+  attention matmuls whose operands are quantized.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from quantsr_cli.config import QuantConfig
+from quantsr_cli.engine.modelio import LoadedModel, load_model, resolve_model_path
+from quantsr_cli.engine.quantize import block_hparams
+from quantsr_cli.errors import CheckpointError, ConfigError
+from quantsr_cli.metrics.complexity import count_macs
+from quantsr_cli.models import build_model
+from quantsr_cli.packing import io as packing_io
+
+INPUT_SHAPE = (1, 3, 256, 256)
+
+
+def _quantized_names(model: nn.Module) -> set[str]:
+    """Conv/linear layers (and attention points) selected by the model's ``quant_patterns``."""
+    names = set()
+    for name, _ in model.named_modules():
+        if any(fnmatch.fnmatchcase(name, p) for p in model.quant_patterns):
+            names.add(name)
+    return names
+
+
+def layer_table(fp_model: nn.Module, quantized: set[str], w_bits: int, a_bits: int) -> tuple[list[dict[str, Any]], dict[str, int]]:
+    """Per-layer rows (name, type, shape, bits, params, MACs) and MAC totals at :data:`INPUT_SHAPE`."""
+    macs = count_macs(fp_model, INPUT_SHAPE)
+    rows = []
+    for name, module in fp_model.named_modules():
+        if isinstance(module, (nn.Conv2d, nn.Linear)) or name in macs["layers"]:
+            q = name in quantized
+            weight = getattr(module, "weight", None)
+            rows.append({
+                "name": name, "type": type(module).__name__,
+                "shape": list(weight.shape) if weight is not None else [],
+                "w_bits": w_bits if q and weight is not None else 32,
+                "a_bits": a_bits if q else 32,
+                "params": sum(p.numel() for p in module.parameters(recurse=False)),
+                "macs": int(macs["layers"].get(name, 0)),
+            })
+    return rows, macs
+
+
+def describe(arch: str, hparams: dict[str, Any], quant: QuantConfig | None) -> dict[str, Any]:
+    """Params/MACs/equivalent-ops report of an architecture at the given quantization."""
+    fp_model = build_model(arch, **hparams).eval()
+    bits_w = quant.w_bits if quant and not quant.full_precision else 32
+    bits_a = quant.a_bits if quant and not quant.full_precision else 32
+    quantized = _quantized_names(fp_model) if bits_w < 32 else set()
+    with torch.no_grad():
+        rows, macs = layer_table(fp_model, quantized, bits_w, bits_a)
+    total_params = sum(p.numel() for p in fp_model.parameters())
+    q_params = sum(r["params"] - (r["shape"][0] if r["type"] != "Identity" and r["shape"] else 0)
+                   for r in rows if r["w_bits"] < 32)  # quantized weights; their biases stay FP
+    q_macs = sum(r["macs"] for r in rows if r["a_bits"] < 32)
+    fp_macs = int(macs["total"]) - q_macs
+    ratio = bits_w / 32
+    eq_params = (total_params - q_params) + q_params * ratio
+    eq_ops = fp_macs + q_macs * ratio
+    for r in rows:
+        r["macs_share"] = r["macs"] / max(int(macs["total"]), 1)
+    return {
+        "arch": arch, "scale": int(hparams.get("upscale", 0)), "hparams": hparams,
+        "w_bits": bits_w, "a_bits": bits_a,
+        "params": total_params, "quantized_params": q_params, "fp_params": total_params - q_params,
+        "fp32_bytes": total_params * 4,
+        "macs": int(macs["total"]), "quantized_macs": q_macs, "input_shape": list(INPUT_SHAPE),
+        "equivalent_params": eq_params, "equivalent_ops": eq_ops,
+        "params_reduction": 1 - eq_params / total_params, "ops_reduction": 1 - eq_ops / max(int(macs["total"]), 1),
+        "layers": rows,
+    }
+
+
+def model_info(
+    source: str | None = None, *, arch: str | None = None, scale: int = 4, bits: int | None = None,
+    blocks: int | None = None, method: str = "rbd",
+) -> dict[str, Any]:
+    """Report for a model file/bundled name, or for ``arch`` at ``bits`` (no file needed)."""
+    if source is None and arch is None:
+        raise ConfigError("give a model file (or bundled name) or --arch")
+    if source is not None:
+        loaded: LoadedModel = load_model(source)
+        quant = None
+        if loaded.kind != "fp":
+            quant = QuantConfig(str(loaded.meta.get("method", "rbd")) if loaded.meta.get("method") in
+                                ("rbd", "rlq", "lsq", "dorefa", "pams") else "rbd",
+                                int(loaded.meta.get("w_bits", 32)), int(loaded.meta.get("a_bits", 32)))
+        report = describe(loaded.arch, dict(loaded.model.hparams), quant)
+        report["kind"] = loaded.kind
+        report["method"] = loaded.meta.get("method")
+        path = resolve_model_path(source)
+        report["file"] = str(path)
+        report["file_bytes"] = path.stat().st_size
+        if path.suffix == ".safetensors":
+            size = packing_io.size_report(path)
+            report["file_params"] = size.get("params")
+            report["file_quantized_params"] = size.get("quantized_params")
+    else:
+        hparams = {"upscale": scale, **block_hparams(arch, blocks)}
+        quant = QuantConfig(method, bits, bits) if bits is not None else None
+        report = describe(arch, hparams, quant)
+        report["kind"] = "architecture"
+        report["method"] = method if bits is not None else None
+        report["file_bytes"] = None
+    report["compression"] = report["fp32_bytes"] / report["file_bytes"] if report.get("file_bytes") else None
+    return report
+
+
+def pack_file(src: str, dst: Path) -> dict[str, Any]:
+    """Convert a fake-quant (``qat``) model file into the packed format; returns its size report."""
+    path = resolve_model_path(src)
+    meta = packing_io.read_metadata(path)
+    if meta.get("kind") != "qat":
+        raise CheckpointError(f"expected a fake-quant (qat) model file, got kind {meta.get('kind')!r}", path)
+    if dst.resolve() == path.resolve():
+        raise ConfigError(f"output {dst} equals the input; choose another -o")
+    model = packing_io.load_model_file(path)
+    extra = packing_io.read_metadata(path).get("extra")
+    quant = QuantConfig(meta["method"], int(meta["w_bits"]), int(meta["a_bits"]))
+    import json
+
+    packing_io.save_model(model, dst, quant, json.loads(extra) if extra else None, pack=True)
+    return packing_io.size_report(dst)
