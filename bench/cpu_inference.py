@@ -69,6 +69,22 @@ def build(args: argparse.Namespace) -> tuple[nn.Module, nn.Module]:
     return fp, to_packed(qat.eval())
 
 
+def _one_layer(fp: nn.Module, fast: nn.Module, size: int, args: argparse.Namespace) -> None:
+    """Context: the first quantized conv alone, FP32 (NCHW, channels-last) vs the cpu backend."""
+    name = next((n for n, m in fast.named_modules() if type(m).__name__ == "PackedConv2d"), None)
+    if name is None:
+        return
+    conv, packed = fp.get_submodule(name), fast.get_submodule(name)
+    feat = torch.rand(1, conv.in_channels, size, size) * 4
+    feat_cl = feat.contiguous(memory_format=torch.channels_last)
+    variants = {"fp32": lambda: conv(feat), "fp32_cl": lambda: conv(feat_cl), "cpu": lambda: packed(feat_cl)}
+    with torch.inference_mode():
+        best, _, _ = _time_interleaved(variants, max(3, args.repeat), 1)
+    print(f"one conv {name} {tuple(conv.weight.shape)} at {size}x{size}: "
+          + ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in best.items())
+          + f"; fp32/cpu = {best['fp32'] / best['cpu']:.2f}x, fp32_cl/cpu = {best['fp32_cl'] / best['cpu']:.2f}x")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", default="quantsr-c")
@@ -103,6 +119,7 @@ def main() -> None:
     print(f"seconds per image: best (median) of {args.repeat} interleaved runs")
     for name, seconds in times.items():
         print(f"{name:10s} {seconds:8.3f} s ({medians[name]:.3f})   fp32/{name} = {times['fp32'] / seconds:5.2f}x")
+    _one_layer(fp, fast, x.shape[-1], args)
     diff = (y_cpu - y_ref).abs()
     print(f"max|cpu - torch_ref| = {diff.max().item():.2e}  (pixels > 1e-4: {(diff > 1e-4).float().mean().item():.2e}); "
           f"max|torch_ref - fp32| = {(y_ref - y_fp).abs().max().item():.2e}")

@@ -134,16 +134,15 @@ def _run_method(method, bits, fp, data, a, cfg, trq_models, results):
         calibrate(qm, data.calibration_batches(cfg.calib_batches))
         set_quant_enabled(qm, True)
         return qm, {}
-    if method == "lsq":
+    if method == "lsq":  # rpq_iters + et_iters = the budget, all end to end
         res = run_lsq(fp, cfg, data, log=_log)
         return res.model, res.report
-    et = int(round(a.budget * a.et_frac))
     if method in ("rpq", "rpq-forward"):
         c = QArtSRConfig(**{**cfg.__dict__, "rpq_iters": a.budget, "et_iters": 0,
                             "order": "forward" if method == "rpq-forward" else "reverse"})
         res = run_qartsr(fp, c, data, log=_log)
         return res.model, res.report
-    c = QArtSRConfig(**{**cfg.__dict__, "rpq_iters": a.budget - et, "et_iters": et})
+    c = cfg  # rpq_iters = budget - ET share, et_iters = ET share
     if method == "rpq+et":
         res = run_qartsr(fp, c, data, log=_log)
         return res.model, res.report
@@ -180,8 +179,9 @@ def main() -> None:
             _write(out, results)
     trq_models = _trq_models(fp, a, data, perceptual, results) if "trq+rpq+et" in a.methods else {}
     for bits in a.bits:
+        et = int(round(a.budget * a.et_frac))
         cfg = QArtSRConfig(w_bits=bits, a_bits=bits, lowrank=a.lowrank, lora=a.lora, calib_batches=8,
-                           perceptual="auto")
+                           rpq_iters=a.budget - et, et_iters=et, perceptual="auto")
         for method in a.methods:
             key = f"{method}@w{bits}a{bits}"
             if key in rows:

@@ -9,6 +9,7 @@ import typer
 from rich.table import Table
 
 from quantsr_cli.cli.common import DataRootOpt, DeviceOpt, JsonOpt, ScaleOpt, err_console, print_json, progress_bar
+from quantsr_cli.engine.compare import write_comparisons
 from quantsr_cli.engine.evaluate import run_eval
 from quantsr_cli.engine.modelio import load_model, set_depth
 from quantsr_cli.errors import ConfigError
@@ -32,6 +33,8 @@ def evaluate(
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Per-image rows.")] = False,
     save_dir: Annotated[Path | None, typer.Option("--save-dir", help="Write SR images here.")] = None,
     tile: Annotated[int, typer.Option("--tile", help="LR tile size for large images (0 = whole image).", min=0)] = 0,
+    compare_dir: Annotated[Path | None, typer.Option("--compare-dir", help="Write side-by-side zoomed crops (HR, bicubic, models) here.")] = None,
+    compare_model: Annotated[list[str] | None, typer.Option("--compare-model", help="Another model for --compare-dir panels; repeatable.")] = None,
     depth: Annotated[str | None, typer.Option("--depth", help="DQA models: full, half or quarter depth.")] = None,
     device: DeviceOpt = "cpu",
 ) -> None:
@@ -52,6 +55,11 @@ def evaluate(
 
         result = run_eval(loaded, datasets, data_root=str(data_root) if data_root else None, tile=tile,
                           save_dir=str(save_dir) if save_dir else None, on_event=on_event)
+    if compare_dir is not None:
+        others = [load_model(m, scale=loaded.scale, device=device) for m in (compare_model or [])]
+        for name in datasets:
+            write_comparisons([*others, loaded], name, compare_dir,
+                              data_root=str(data_root) if data_root else None)
     if json_out:
         print_json(result)
         return

@@ -31,8 +31,10 @@ def evaluate_sr(model: nn.Module | Callable[[torch.Tensor], torch.Tensor], root:
     Returns:
         ``{dataset: {"psnr": dB, "ssim": float, "images": n, "seconds": s}}``.
     """
+    device = torch.device("cpu")
     if isinstance(model, nn.Module):
         model.eval()
+        device = next(model.parameters()).device
     results: dict[str, dict[str, float]] = {}
     for name in datasets:
         items = load_benchmark(root, name, scale)
@@ -41,7 +43,7 @@ def evaluate_sr(model: nn.Module | Callable[[torch.Tensor], torch.Tensor], root:
         t0 = time.time()
         ps, ss = [], []
         for _, lr, hr in items:
-            sr = to_uint8(model(to_tensor(lr)))
+            sr = to_uint8(model(to_tensor(lr).to(device)))
             p, s = psnr_ssim_y(sr, hr, scale)
             ps.append(p)
             ss.append(s)

@@ -77,8 +77,8 @@ class _QuantLayerMixin:
         k = self.weight[0].numel()
         dev = self.weight.device
         self.options = opts
-        self.w_q = _quantizer(opts, opts.w_bits, out_ch, 0, True)
-        self.act_q = _quantizer(opts, opts.a_bits, 1, None, False)
+        self.w_q = _quantizer(opts, opts.w_bits, out_ch, 0, True).to(dev)
+        self.act_q = _quantizer(opts, opts.a_bits, 1, None, False).to(dev)
         grouped = getattr(self, "groups", 1) != 1
         self.log_phi = nn.Parameter(torch.zeros(in_ch, device=dev)) if opts.smooth and not grouped else None
         r = min(opts.lowrank, out_ch, k)

@@ -109,6 +109,7 @@ def quantize_model(model: nn.Module, spec: QuantSpec, patterns: Sequence[str] | 
             targets.append((name, mod))
     if not targets:
         raise ConfigError("no layer matches the model's quant_patterns")
+    device = next(model.parameters()).device
     for name, mod in targets:
         opts = spec.layer_options(_match(name, keep))
         if isinstance(mod, nn.Conv2d):
@@ -116,7 +117,7 @@ def quantize_model(model: nn.Module, spec: QuantSpec, patterns: Sequence[str] | 
         elif isinstance(mod, nn.Linear):
             new = QuantLinear.from_float(mod, opts)
         else:
-            new = ActPoint(opts)
+            new = ActPoint(opts).to(device)
         _set_submodule(model, name, new)
     for p in finetune_parameters(model):
         p.requires_grad_(True)

@@ -39,12 +39,14 @@ class CalibData:
         hr: ``(N, 3, s*h, s*w)`` in [0, 1] or None (only TRQ's GT retraining uses it).
         batch_size: samples per optimizer step.
         seed: seed of the per-epoch shuffles.
+        device: where batches are sent (the model's device).
     """
 
     lr: torch.Tensor
     hr: torch.Tensor | None = None
     batch_size: int = 8
     seed: int = 0
+    device: str | torch.device = "cpu"
     _perms: dict[int, torch.Tensor] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
@@ -65,12 +67,13 @@ class CalibData:
         n = self.lr.shape[0]
         g = torch.arange(step * self.batch_size, (step + 1) * self.batch_size)
         idx = torch.stack([self._perm(int(i) // n)[int(i) % n] for i in g])
-        return self.lr[idx], None if self.hr is None else self.hr[idx]
+        hr = None if self.hr is None else self.hr[idx].to(self.device)
+        return self.lr[idx].to(self.device), hr
 
     def calibration_batches(self, count: int) -> list[torch.Tensor]:
         """The first ``count`` LR batches in storage order (activation statistics)."""
         bs, n = self.batch_size, self.lr.shape[0]
-        return [self.lr[i * bs % n: i * bs % n + bs] for i in range(max(1, count))]
+        return [self.lr[i * bs % n: i * bs % n + bs].to(self.device) for i in range(max(1, count))]
 
 
 def rpq_schedule(num_modules: int, order: str = "reverse") -> list[tuple[int, list[int]]]:

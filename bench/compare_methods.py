@@ -1,0 +1,176 @@
+"""Side-by-side comparison of quantization methods on equal terms (same arch, data, seed, budget).
+
+For each arch (``quantsr-c`` from scratch, ``imdn`` from the published FP weights), each method (rbd,
+rlq, lsq, dorefa, pams) and each bit-width (W2A2, W4A4) at x4, this script trains with
+``quantsr quantize``'s engine, packs, and evaluates PSNR/SSIM on Set5 and Set14; it adds FP and
+bicubic rows and a QuantSR DQA experiment (one ``--dqa`` model at three depths vs separately trained
+models of those depths). Every run lives in ``--work-dir`` and resumes, so the script can be stopped
+and restarted; finished runs are not retrained. Results: ``bench/results/methods_x4.json`` and
+``bench/results/methods_x4.md``.
+
+    python bench/compare_methods.py                 # the full CPU-sized comparison (hours)
+    python bench/compare_methods.py --iters 4 --imdn-iters 2 --blocks 1 --work-dir /tmp/cmp   # smoke
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from quantsr_cli.config import METHODS, QuantConfig, TrainConfig
+from quantsr_cli.data import shared_data_dir
+from quantsr_cli.engine.evaluate import evaluate_model
+from quantsr_cli.engine.modelio import load_model
+from quantsr_cli.engine.quantize import QuantizeJob, run_quantize
+from quantsr_cli.engine.report import model_info
+from quantsr_cli.slim.dqa import DQA_DEPTHS, apply_depth
+
+HERE = Path(__file__).resolve().parent
+DATASETS = ("Set5", "Set14")
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def evaluate(source: str, depth_keep: list[int] | None = None) -> dict[str, Any]:
+    loaded = load_model(source)
+    if depth_keep is not None:
+        apply_depth(loaded.model, depth_keep)
+    out: dict[str, Any] = {}
+    for name in DATASETS:
+        res = evaluate_model(loaded, name, bicubic=False)
+        out[name] = {"psnr": round(res.psnr, 3), "ssim": round(res.ssim, 4)}
+    return out
+
+
+def train(args: argparse.Namespace, name: str, arch: str, quant: QuantConfig, iters: int, *,
+          blocks: int | None, init: str | None, patch: int, batch: int, dqa: bool = False) -> Path:
+    run_dir = args.work_dir / name
+    out = run_dir / "model.safetensors"
+    if (run_dir / "summary.json").is_file() and out.is_file():
+        log(f"{name}: done, reusing {out}")
+        return out
+    cfg = TrainConfig(iters=iters, batch_size=batch, patch_size=patch, lr=2e-4, scheduler="cosine",
+                      val_every=0, save_every=max(iters // 10, 1), log_every=max(iters // 20, 1), seed=args.seed,
+                      threads=args.threads, dqa=dqa, val_dataset="")
+    job = QuantizeJob(arch=arch, scale=4, quant=quant, train=cfg, init=init, blocks=blocks, run_dir=run_dir,
+                      resume=True, command=f"bench/compare_methods.py {name}")
+    log(f"{name}: training {iters} iterations")
+    run_quantize(job)
+    return out
+
+
+def row(label: str, arch: str, method: str, bits: str, source: str | None, metrics: dict[str, Any]) -> dict[str, Any]:
+    info = model_info(source) if source else {}
+    return {"label": label, "arch": arch, "method": method, "bits": bits, **metrics,
+            "params": info.get("params"), "quantized_params": info.get("quantized_params"),
+            "macs_g": round(info["macs"] / 1e9, 2) if info.get("macs") else None,
+            "file_bytes": info.get("file_bytes")}
+
+
+def bicubic_row() -> dict[str, Any]:
+    data = shared_data_dir()
+    loaded = load_model(str(data / "weights" / "IMDN_x4.pth"))
+    metrics = {}
+    for name in DATASETS:
+        res = evaluate_model(loaded, name, bicubic=True)
+        metrics[name] = {"psnr": round(res.bicubic["psnr"], 3), "ssim": round(res.bicubic["ssim"], 4)}
+    return {"label": "Bicubic", "arch": "-", "method": "-", "bits": "-", **metrics}
+
+
+def markdown(rows: list[dict[str, Any]], dqa_rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
+    head = ("| model | method | W/A | Set5 PSNR | Set5 SSIM | Set14 PSNR | Set14 SSIM | params | quantized | "
+            "MACs (G) | file (KB) |\n|---|---|---|---|---|---|---|---|---|---|---|\n")
+    lines = []
+    for r in rows:
+        kb = f"{r['file_bytes'] / 1024:.0f}" if r.get("file_bytes") else "-"
+        lines.append(f"| {r['label']} | {r['method']} | {r['bits']} | {r['Set5']['psnr']:.2f} | {r['Set5']['ssim']:.4f} | "
+                     f"{r['Set14']['psnr']:.2f} | {r['Set14']['ssim']:.4f} | {r.get('params') or '-'} | "
+                     f"{r.get('quantized_params') or '-'} | {r.get('macs_g') or '-'} | {kb} |")
+    text = head + "\n".join(lines) + "\n"
+    if dqa_rows:
+        text += ("\n| DQA (quantsr-c, RBD W4A4) | blocks | Set5 PSNR | Set14 PSNR |\n|---|---|---|---|\n")
+        for r in dqa_rows:
+            text += f"| {r['label']} | {r['blocks']} | {r['Set5']['psnr']:.2f} | {r['Set14']['psnr']:.2f} |\n"
+    text += (f"\nquantsr-c: {args.blocks} blocks from scratch, {args.iters} iterations, batch {args.batch}, "
+             f"HR patch {args.patch}; imdn: from the published FP weights, {args.imdn_iters} iterations, batch "
+             f"{args.imdn_batch}, HR patch {args.imdn_patch}; Adam 2e-4 cosine, seed {args.seed}, T91+BSD200.\n")
+    return text
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--work-dir", type=Path, default=HERE / "runs" / "methods")
+    parser.add_argument("--out", type=Path, default=HERE / "results" / "methods_x4.json")
+    parser.add_argument("--methods", nargs="+", default=list(METHODS))
+    parser.add_argument("--bits", nargs="+", type=int, default=[2, 4])
+    parser.add_argument("--archs", nargs="+", default=["quantsr-c", "imdn"])
+    parser.add_argument("--blocks", type=int, default=4)
+    parser.add_argument("--iters", type=int, default=1500)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--patch", type=int, default=96)
+    parser.add_argument("--imdn-iters", type=int, default=300)
+    parser.add_argument("--imdn-batch", type=int, default=16)
+    parser.add_argument("--imdn-patch", type=int, default=128)
+    parser.add_argument("--no-dqa", action="store_true")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=0)
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    data = shared_data_dir()
+    if data is None:
+        sys.exit("no shared data: set QUANTSR_DATA")
+    imdn_weights = str(data / "weights" / "IMDN_x4.pth")
+    rows: list[dict[str, Any]] = [bicubic_row()]
+    for arch in args.archs:
+        if arch == "imdn":
+            rows.append(row("IMDN FP32", "imdn", "-", "32/32", imdn_weights, evaluate(imdn_weights)))
+        else:
+            fp = train(args, f"{arch}_fp32", arch, QuantConfig("rbd", 32, 32), args.iters, blocks=args.blocks,
+                       init=None, patch=args.patch, batch=args.batch)
+            rows.append(row(f"{arch} FP32", arch, "-", "32/32", str(fp), evaluate(str(fp))))
+        for bits in args.bits:
+            for method in args.methods:
+                quant = QuantConfig(method, bits, bits)
+                name = f"{arch}_{method}_w{bits}a{bits}"
+                if arch == "imdn":
+                    out = train(args, name, arch, quant, args.imdn_iters, blocks=None, init=imdn_weights,
+                                patch=args.imdn_patch, batch=args.imdn_batch)
+                else:
+                    out = train(args, name, arch, quant, args.iters, blocks=args.blocks, init=None,
+                                patch=args.patch, batch=args.batch)
+                rows.append(row(name, arch, method, f"{bits}/{bits}", str(out), evaluate(str(out))))
+                args.out.parent.mkdir(parents=True, exist_ok=True)
+                args.out.write_text(json.dumps({"rows": rows}, indent=2))  # partial results survive a stop
+    dqa_rows: list[dict[str, Any]] = []
+    if not args.no_dqa and "quantsr-c" in args.archs:
+        quant = QuantConfig("rbd", 4, 4)
+        dqa = train(args, "quantsr-c_dqa_w4a4", "quantsr-c", quant, args.iters, blocks=args.blocks, init=None,
+                    patch=args.patch, batch=args.batch, dqa=True)
+        keep = json.loads(json.dumps(load_model(str(dqa)).meta["extra"]["dqa"]))
+        for depth in DQA_DEPTHS:
+            n = len(keep[depth])
+            dqa_rows.append({"label": f"DQA model at {depth} depth", "blocks": n, **evaluate(str(dqa), keep[depth])})
+            sep = train(args, f"quantsr-c_b{n}_w4a4", "quantsr-c", quant, args.iters, blocks=n, init=None,
+                        patch=args.patch, batch=args.batch)
+            dqa_rows.append({"label": f"separate {n}-block model", "blocks": n, **evaluate(str(sep))})
+    result = {"rows": rows, "dqa": dqa_rows, "settings": vars(args) | {"work_dir": str(args.work_dir),
+              "out": str(args.out)}, "machine": f"{os.cpu_count()} CPU cores, torch {torch.__version__}"}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2))
+    md = markdown(rows, dqa_rows, args)
+    args.out.with_suffix(".md").write_text(md)
+    print(md)
+
+
+if __name__ == "__main__":
+    main()
