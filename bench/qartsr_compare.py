@@ -12,6 +12,7 @@ Writes ``bench/results/qartsr_x4.json`` and ``bench/results/qartsr_x4.md``.
 
 Examples::
 
+    python bench/qartsr_compare.py --threads 2 --train-only           # train osd-sr-tiny (resumable)
     python bench/qartsr_compare.py --threads 2                        # train if needed, then compare
     python bench/qartsr_compare.py --smoke --out /tmp/q.json          # minutes: tiny budgets, 2 images
 """
@@ -64,6 +65,7 @@ def _args() -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--state-dir", default=str(ROOT / "runs" / "qartsr_bench"))
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "qartsr_x4.json"))
+    p.add_argument("--train-only", action="store_true", help="only train (or finish training) the FP model")
     p.add_argument("--smoke", action="store_true", help="tiny budgets and 2 images per set (wiring check)")
     a = p.parse_args()
     if a.smoke:
@@ -171,6 +173,8 @@ def main() -> None:
     if results.get("settings") != settings:
         results = {"settings": settings, "rows": {}}
     fp = _fp_model(a)
+    if a.train_only:
+        return
     data = _calib(a)
     rows = results["rows"]
     for name, model in (("bicubic", bicubic_baseline), ("fp", fp)):

@@ -95,6 +95,14 @@ class TrainConfig:
             raise ConfigError(f"scheduler={self.scheduler!r}; choose cosine, multistep or constant")
         if not 0.0 <= self.slim_start_ratio < 1.0:
             raise ConfigError(f"slim_start_ratio={self.slim_start_ratio} must be in [0, 1)")
+        for name in ("save_every", "log_every"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name}={getattr(self, name)} must be at least 1")
+        for name in ("val_every", "threads", "val_max_images", "slim_to"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name}={getattr(self, name)} must not be negative (0 = off/default)")
+        if self.feature_weight < 0:
+            raise ConfigError(f"feature_weight={self.feature_weight} must not be negative")
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from quantsr_cli.backends import available_backends, backend_of, resolve_backend, use_backend
+from quantsr_cli.backends import cpu
 from quantsr_cli.backends.cpu import cpu_forward, layer_report, onednn_available
 from quantsr_cli.config import METHODS, QuantConfig
 from quantsr_cli.errors import BackendUnavailableError, ConfigError
@@ -139,6 +140,23 @@ def test_cpu_handles_half_integer_zero_and_linear() -> None:
     linear = [n for n, m in model.named_modules() if type(m).__name__ == "PackedLinear"]
     assert linear and all(notes[n] == "cpu: oneDNN int8" for n in linear)
     assert all(model.get_submodule(n).w_zero == 7.5 for n in linear)
+
+
+def test_chunked_input_codes_equal_the_quantizer(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(cpu, "_CHUNK_BYTES", 3000)  # many slices, a ragged last one
+    model = to_packed(qat_model("swinir-s", "rbd", 4, 4))
+    conv = next(m for m in model.modules() if type(m).__name__ == "PackedConv2d")
+    lin = next(m for m in model.modules() if type(m).__name__ == "PackedLinear")
+    with torch.no_grad():
+        conv.a_shift.normal_()
+        lin.a_shift.normal_()
+    x4 = torch.randn(2, conv.in_channels, 7, 9) * 3
+    cases = [(conv, x4, (1, -1, 1, 1)), (conv, x4.contiguous(memory_format=torch.channels_last), (1, -1, 1, 1)),
+             (lin, torch.randn(37, lin.in_features) * 3, (-1,))]
+    for module, x, view in cases:
+        expect = torch.clamp(torch.round((x + module.a_shift.view(view)) / module.a_step), module.a_qmin, module.a_qmax)
+        got = cpu._input_codes(module, x, 1 if x.dim() == 4 else -1)
+        assert got.dtype == torch.uint8 and torch.equal(got.float() + module.a_qmin, expect)
 
 
 # --------------------------------------------------------------------------- switching, copies

@@ -7,6 +7,7 @@ import math
 import struct
 from collections import namedtuple
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import torch
@@ -188,10 +189,7 @@ def test_save_read_roundtrip_and_atomicity(tmp_path: Path, monkeypatch: pytest.M
     assert decode_layers(meta)[0]["format"] == "u2_row_lsb" and decode_layers(meta)[0]["shape"] == [64, 64, 3, 3]
     before = path.read_bytes()
 
-    def boom(*_: object) -> None:
-        raise OSError(28, "No space left on device")
-
-    monkeypatch.setattr(io.os, "replace", boom)
+    monkeypatch.setattr(io.os, "replace", mock.Mock(side_effect=OSError(28, "No space left on device")))
     with pytest.raises(CheckpointError, match="No space"):
         io.save_file(tensors, meta, path)
     assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["m.safetensors"]
@@ -322,33 +320,29 @@ def test_header_checks(valid_file: Path, edit, error: type, match: str) -> None:
             reader(valid_file)
 
 
-def _tamper(tensors: dict, meta: dict, how: str) -> None:
-    key = next(k for k in tensors if k.endswith("qweight"))
-    if how == "missing":
-        del tensors[key]
-    elif how == "extra":
-        tensors["body.9.qweight"] = torch.zeros(1, dtype=torch.uint8)
-    elif how == "shape":
-        tensors[key] = tensors[key][:, :-1].clone()
-    elif how == "dtype":
-        tensors[key] = tensors[key].float()
-    elif how == "layers_json":
-        meta["layers"] = meta["layers"][:-2]
-    elif how == "layer_bits":
-        layers = decode_layers(meta)
-        layers[0]["w_bits"] = 3
-        meta["layers"] = encode_layers(layers)
-    elif how == "bad_step":  # qparams = [w_scale (64), a_step, a_shift (64), bias (64)]
-        tensors[key.replace("qweight", "qparams")][64] = -1.0
-    elif how == "qparams_len":
-        tensors[key.replace("qweight", "qparams")] = torch.zeros(5)
+def _set_bits(meta: dict, bits: int) -> None:
+    layers = decode_layers(meta)
+    layers[0]["w_bits"] = bits
+    meta["layers"] = encode_layers(layers)
 
 
-@pytest.mark.parametrize("how", ["missing", "extra", "shape", "dtype", "layers_json", "layer_bits", "bad_step", "qparams_len"])
+_TAMPER = {  # (tensors, meta, key of a qweight) -> None; qparams = [w_scale (64), a_step, a_shift (64), bias (64)]
+    "missing": lambda t, m, k: t.pop(k),
+    "extra": lambda t, m, k: t.update({"body.9.qweight": torch.zeros(1, dtype=torch.uint8)}),
+    "shape": lambda t, m, k: t.update({k: t[k][:, :-1].clone()}),
+    "dtype": lambda t, m, k: t.update({k: t[k].float()}),
+    "layers_json": lambda t, m, k: m.update(layers=m["layers"][:-2]),
+    "layer_bits": lambda t, m, k: _set_bits(m, 3),
+    "bad_step": lambda t, m, k: t[k.replace("qweight", "qparams")].__setitem__(64, -1.0),
+    "qparams_len": lambda t, m, k: t.update({k.replace("qweight", "qparams"): torch.zeros(5)}),
+}
+
+
+@pytest.mark.parametrize("how", sorted(_TAMPER))
 def test_mismatched_content_raises_checkpoint_error(tmp_path: Path, how: str) -> None:
     torch.manual_seed(0)
     tensors, meta = io.pack_model(Toy(4, 4, n=2))
-    _tamper(tensors, meta, how)
+    _TAMPER[how](tensors, meta, next(k for k in tensors if k.endswith("qweight")))
     path = tmp_path / "t.safetensors"
     io.save_file(tensors, meta, path)
     tensors, meta = io.read_file(path)
@@ -366,11 +360,12 @@ def test_load_model_file_rejects_non_models(tmp_path: Path) -> None:
         io.load_model_file(path)
 
 
-def _expect_quantsr_errors_only(fn, path: Path) -> None:
-    try:
-        fn(path)
-    except QuantSRError:
-        pass
+def _only_quantsr_errors(path: Path) -> None:
+    for reader in (io.read_file, io.read_metadata, io.load_model_file, io.size_report):
+        try:
+            reader(path)
+        except QuantSRError:
+            pass
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -380,8 +375,7 @@ def test_fuzz_random_bytes(tmp_path: Path, blob: bytes, prefix: bool) -> None:
     if prefix:  # a plausible header length so the JSON parser sees the bytes
         blob = struct.pack("<Q", len(blob)) + blob
     path.write_bytes(blob)
-    for fn in (io.read_file, io.read_metadata, io.load_model_file, io.size_report):
-        _expect_quantsr_errors_only(fn, path)
+    _only_quantsr_errors(path)
 
 
 _JSON = st.recursive(
@@ -393,17 +387,8 @@ _JSON = st.recursive(
 
 @pytest.fixture(scope="module")
 def real_packed_bytes(tmp_path_factory: pytest.TempPathFactory) -> bytes:
-    models = pytest.importorskip("quantsr_cli.models")
-    quant = pytest.importorskip("quantsr_cli.quant")
-    from quantsr_cli.config import QuantConfig
-
-    torch.manual_seed(0)
-    model = quant.quantize_(models.build_model("quantsr-c", upscale=2, num_block=1, num_feat=8), QuantConfig("rbd", 2, 2))
-    model.train()
-    with torch.no_grad():
-        model(torch.rand(1, 3, 8, 8))
     path = tmp_path_factory.mktemp("real") / "m.safetensors"
-    io.save_model(model.eval(), path, pack=True)
+    io.save_model(_real_qat("rbd", 2, upscale=2, num_block=1, num_feat=8), path, pack=True)
     return path.read_bytes()
 
 
@@ -432,5 +417,4 @@ def test_fuzz_mutated_valid_file(tmp_path: Path, real_packed_bytes: bytes, data:
         raw = bytearray(struct.pack("<Q", len(blob)) + blob + raw[8 + n :])
     path = tmp_path / "mut.safetensors"
     path.write_bytes(bytes(raw))
-    for fn in (io.read_file, io.read_metadata, io.load_model_file, io.size_report):
-        _expect_quantsr_errors_only(fn, path)
+    _only_quantsr_errors(path)

@@ -55,6 +55,8 @@ def onednn_available() -> bool:
 def _int_weight(module: PackedConv2d | PackedLinear) -> tuple[torch.Tensor, torch.Tensor] | str:
     """int8 weight (original shape) and per-channel float32 scales, or the reason it is unsupported."""
     zero = module.w_zero
+    if not math.isfinite(zero):
+        return f"weight zero {zero} is not finite"
     factor = 1 if zero == math.floor(zero) else 2 if 2 * zero == math.floor(2 * zero) else 0
     if not factor:
         return f"weight zero {zero} is neither integer nor half-integer"
@@ -113,22 +115,44 @@ def _state(module: PackedModule) -> dict[str, Any] | str:
     return module.cached("cpu", key, lambda: _build_state(module))
 
 
+_CHUNK_BYTES = 2 << 20
+"""Float32 bytes quantized per slice: the five elementwise passes then run in cache, not DRAM."""
+
+
 def _input_codes(module: PackedModule, x: torch.Tensor, channel_dim: int) -> torch.Tensor:
-    """uint8 codes ``clamp(round((x + shift) / step), qmin, qmax) - qmin`` (channels-last for 4-D x)."""
+    """uint8 codes ``clamp(round((x + shift) / step), qmin, qmax) - qmin`` (channels-last for 4-D x).
+
+    The same float ops as the reference, applied slice by slice (rows of ``H`` for conv inputs, rows
+    of ``x`` for linear inputs) through a small float buffer.
+    """
     fmt = _CL if x.dim() == 4 else torch.contiguous_format
-    buf = torch.empty(x.shape, dtype=torch.float32, memory_format=fmt)
-    if module.a_shift is not None:
-        shape = [1] * x.dim()
-        shape[channel_dim] = -1
-        torch.add(x, module.a_shift.view(shape), out=buf)
-        buf.div_(module.a_step)
-    else:
-        torch.div(x, module.a_step, out=buf)
-    buf.round_().clamp_(module.a_qmin, module.a_qmax)
-    if module.a_qmin:
-        buf.sub_(module.a_qmin)
+    dim = 2 if x.dim() == 4 else 0
     codes = torch.empty(x.shape, dtype=torch.uint8, memory_format=fmt)
-    return codes.copy_(buf)
+    size = x.shape[dim]
+    if codes.numel() == 0:
+        return codes
+    rows = max(1, min(size, _CHUNK_BYTES // (4 * x.numel() // size)))
+    tmp_shape = list(x.shape)
+    tmp_shape[dim] = rows
+    tmp = torch.empty(tmp_shape, dtype=torch.float32, memory_format=fmt)
+    shift = None
+    if module.a_shift is not None:
+        view = [1] * x.dim()
+        view[channel_dim] = -1
+        shift = module.a_shift.view(view)
+    for start in range(0, size, rows):
+        n = min(rows, size - start)
+        src, buf = x.narrow(dim, start, n), tmp.narrow(dim, 0, n)
+        if shift is not None:
+            torch.add(src, shift, out=buf)
+            buf.div_(module.a_step)
+        else:
+            torch.div(src, module.a_step, out=buf)
+        buf.round_().clamp_(module.a_qmin, module.a_qmax)
+        if module.a_qmin:
+            buf.sub_(module.a_qmin)
+        codes.narrow(dim, start, n).copy_(buf)
+    return codes
 
 
 def cpu_forward(module: PackedModule, x: torch.Tensor) -> torch.Tensor:

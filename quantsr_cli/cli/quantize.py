@@ -12,10 +12,11 @@ from typing import Annotated, Any
 import typer
 
 from quantsr_cli.cli.common import DeviceOpt, JsonOpt, log, print_json, progress_bar, TrainRenderer
-from quantsr_cli.config import METHODS, QuantConfig, TrainConfig
+from quantsr_cli.config import METHODS, SCALES, QuantConfig, TrainConfig
 from quantsr_cli.engine.modelio import read_model_meta
 from quantsr_cli.engine.quantize import QuantizeJob, run_quantize
-from quantsr_cli.errors import ConfigError
+from quantsr_cli.errors import CheckpointError, ConfigError
+from quantsr_cli.models import ARCHS
 from quantsr_cli.presets import list_presets, load_config_file, load_preset
 
 _TRAIN_FIELDS = {f.name for f in fields(TrainConfig)}
@@ -127,6 +128,11 @@ def run_training_command(
         if meta.get("kind") != "qat":
             raise ConfigError(f"--model {start_model}: expected a fake-quant (qat) model file, got {meta.get('kind')!r}; "
                               "use the qat_last/qat_best file of a quantize run")
+        # These values name the run folder: only accept registered archs and known scales from a file.
+        if meta.get("arch") not in ARCHS or meta.get("scale") not in SCALES or not all(
+            k in meta for k in ("method", "w_bits", "a_bits")
+        ):
+            raise CheckpointError("metadata has no valid arch/scale/method/bits; not a quantsr qat file", start_model)
         for key in ("arch", "scale", "method", "w_bits", "a_bits"):
             cli[key] = meta[key]
     opts, used_preset = resolve_options(cli, config, preset)

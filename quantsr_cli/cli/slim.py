@@ -29,6 +29,8 @@ def slim(
     """QSA: train a quantized model while removing residual blocks until --target-blocks remain."""
     if (model is None) == (arch is None):
         raise ConfigError("give either --model QAT_FILE or --arch NAME")
+    if target_blocks < 1:
+        raise ConfigError(f"--target-blocks {target_blocks} must be at least 1")
     cli = dict(arch=arch, bits=bits, blocks=blocks, init=init, slim_to=target_blocks, slim_start_ratio=start_ratio,
                iters=iters, batch_size=batch_size, patch_size=patch_size, lr=lr, val_every=val_every,
                save_every=save_every, seed=seed, threads=threads, train_data=train_data or None,

@@ -24,7 +24,7 @@ def upscale(
     suffix: Annotated[str, typer.Option("--suffix", help="Appended to each output file's stem (folder output).")] = "",
     ext: Annotated[str, typer.Option("--ext", help="Output format: auto (as the input), png, jpg, webp, tif.")] = "auto",
     overwrite: Annotated[bool, typer.Option("--overwrite/--skip-existing", help="Replace or keep existing outputs.")] = True,
-    max_pixels: Annotated[int, typer.Option("--max-pixels", help="Refuse inputs larger than this (pixels).")] = MAX_PIXELS,
+    max_pixels: Annotated[int, typer.Option("--max-pixels", help="Refuse inputs with more pixels (width x height) than this; 0 = no limit.")] = MAX_PIXELS,
     device: DeviceOpt = "cpu",
     json_out: JsonOpt = False,
 ) -> None:
@@ -42,7 +42,7 @@ def upscale(
 
         report = run_upscale(loaded, inputs, str(output), opts, on_event=on_event)
     for message in report.failed.values():
-        err_console.print(f"error: {message}", highlight=False, markup=False)
+        err_console.print(f"error: {message}", highlight=False, markup=False, soft_wrap=True)
     if json_out:
         print_json(report.to_dict())
     else:

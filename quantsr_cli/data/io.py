@@ -19,6 +19,7 @@ Every failure raises :class:`quantsr_cli.errors.ImageError` with the path and a 
 from __future__ import annotations
 
 import os
+import re
 import secrets
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +33,7 @@ from quantsr_cli.errors import ImageError
 
 __all__ = [
     "MAX_PIXELS", "IMAGE_EXTENSIONS", "Image", "read_image", "write_image", "tensor_to_uint8", "header_size",
-    "list_images",
+    "list_images", "remove_stale_temp_files",
 ]
 
 MAX_PIXELS = 100_000_000
@@ -107,6 +108,7 @@ def read_image(path: str | Path, max_pixels: int | None = MAX_PIXELS) -> Image:
     if raw.size == 0:
         raise ImageError("empty file (0 bytes)", path)
     data = raw.tobytes()
+    _quiet_opencv()
     dims = header_size(data)
     if dims is not None:
         _check_pixels(dims[0], dims[1], max_pixels, path)
@@ -116,7 +118,25 @@ def read_image(path: str | Path, max_pixels: int | None = MAX_PIXELS) -> Image:
     if arr is None or arr.size == 0:
         raise ImageError("not a readable image (unsupported format or corrupt data)", path)
     _check_pixels(arr.shape[1], arr.shape[0], max_pixels, path)
-    return _to_image(apply_orientation(arr, exif_orientation(data)), path)
+    # OpenCV decodes a gray+alpha PNG (colour type 4) as BGRA: remember it was gray
+    gray_alpha = data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR" and len(data) > 25 and data[25] == 4
+    return _to_image(apply_orientation(arr, exif_orientation(data)), path, gray_alpha)
+
+
+_OPENCV_QUIET = False
+
+
+def _quiet_opencv() -> None:
+    """Silence OpenCV's own stderr logging (decode failures become one ImageError line instead),
+    unless the user set ``OPENCV_LOG_LEVEL``."""
+    global _OPENCV_QUIET
+    if not _OPENCV_QUIET:
+        _OPENCV_QUIET = True
+        if "OPENCV_LOG_LEVEL" not in os.environ:
+            try:
+                cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_SILENT)
+            except AttributeError:  # builds without the logging utilities
+                pass
 
 
 def _check_pixels(w: int, h: int, max_pixels: int | None, path: Path) -> None:
@@ -124,11 +144,12 @@ def _check_pixels(w: int, h: int, max_pixels: int | None, path: Path) -> None:
         raise ImageError(f"invalid image size {w}x{h}", path)
     if max_pixels is not None and w * h > max_pixels:
         raise ImageError(
-            f"image is {w}x{h} = {w * h / 1e6:.1f} megapixels, above the limit of {max_pixels / 1e6:.1f}", path
+            f"image is {w}x{h} = {w * h / 1e6:.1f} megapixels, above the limit of {max_pixels / 1e6:.1f} "
+            "(raise it with --max-pixels)", path
         )
 
 
-def _to_image(arr: np.ndarray, path: Path) -> Image:
+def _to_image(arr: np.ndarray, path: Path, gray_alpha: bool = False) -> Image:
     if arr.dtype == np.uint8:
         depth, peak = 8, 255.0
     elif arr.dtype == np.uint16:
@@ -146,10 +167,12 @@ def _to_image(arr: np.ndarray, path: Path) -> Image:
     elif channels == 3:
         color, gray = arr[:, :, ::-1], False
     elif channels == 4:
-        color, alpha, gray = arr[:, :, 2::-1], arr[:, :, 3], False
+        color, alpha, gray = arr[:, :, 2::-1], arr[:, :, 3], gray_alpha
     else:
         raise ImageError(f"unsupported channel count {channels}", path)
-    rgb = torch.from_numpy(np.ascontiguousarray(color.transpose(2, 0, 1)).astype(np.float32) / peak)
+    planes = color.transpose(2, 0, 1).astype(np.float32, order="C")
+    planes /= peak  # in place: no second float copy of a large image
+    rgb = torch.from_numpy(planes)
     a = None
     if alpha is not None:
         a = torch.from_numpy(np.ascontiguousarray(alpha).astype(np.float32) / peak)[None, None]
@@ -178,8 +201,8 @@ def tensor_to_uint8(x: torch.Tensor) -> np.ndarray:
 
 
 def _quantize(x: torch.Tensor, peak: int, dtype: type) -> np.ndarray:
-    t = x.detach().to("cpu", torch.float32).clamp(0, 1) * float(peak)
-    return t.round().numpy().astype(dtype)
+    t = x.detach().to("cpu", torch.float32).clamp(0, 1)  # a new tensor: the in-place ops below are ours
+    return t.mul_(float(peak)).round_().numpy().astype(dtype)
 
 
 def write_image(
@@ -227,15 +250,29 @@ def write_image(
     t = t.to("cpu", torch.float32)
     if gray and t.shape[0] == 3:
         t = (0.299 * t[0] + 0.587 * t[1] + 0.114 * t[2])[None]
-    planes = [_quantize(c, peak, dtype) for c in t.flip(0)] if t.shape[0] == 3 else [_quantize(t[0], peak, dtype)]
+    # One plane at a time into one (H, W, C) array: peak memory stays near the uint8/uint16 image size
+    # plus one float plane, whatever the image size (no float copy of the whole image).
+    sources = [t[2], t[1], t[0]] if t.shape[0] == 3 else [t[0]]  # OpenCV order: BGR
     if alpha is not None and ext not in _NO_ALPHA_FORMATS:
         a = alpha.detach().reshape(alpha.shape[-2], alpha.shape[-1])
         if tuple(a.shape) != tuple(t.shape[-2:]):
             raise ImageError(f"alpha size {tuple(a.shape)} differs from image size {tuple(t.shape[-2:])}", path)
-        if len(planes) == 1:
-            planes = planes * 3  # OpenCV encoders have no gray+alpha layout
-        planes.append(_quantize(a, peak, dtype))
-    arr = planes[0] if len(planes) == 1 else np.stack(planes, axis=2)
+        if len(sources) == 1:
+            sources = sources * 3  # OpenCV encoders have no gray+alpha layout
+        sources.append(a)
+    h, w = int(t.shape[-2]), int(t.shape[-1])
+    arr = np.empty((h, w, len(sources)), dtype=dtype)
+    rows = max(1, (1 << 22) // max(w, 1))  # ~16 MB of float32 temporaries at a time
+    done: dict[int, int] = {}
+    for k, src in enumerate(sources):
+        if id(src) in done:
+            arr[:, :, k] = arr[:, :, done[id(src)]]
+            continue
+        done[id(src)] = k
+        for top in range(0, h, rows):
+            arr[top : top + rows, :, k] = _quantize(src[top : top + rows], peak, dtype)
+    if len(sources) == 1:
+        arr = arr[:, :, 0]
     params = [cv2.IMWRITE_JPEG_QUALITY, int(jpeg_quality)] if ext in (".jpg", ".jpeg") else []
     try:
         ok, buf = cv2.imencode(ext, arr, params)
@@ -247,10 +284,55 @@ def write_image(
     return path
 
 
+_TEMP_NAME = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)\.[0-9a-f]{8}\.tmp$")
+"""Temp files of :func:`write_image`: ``.<final name>.<writer pid>.<8 hex>.tmp`` (hidden, never an image
+extension, so folder listings and ``--skip-existing`` never take one for an output)."""
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError, OverflowError):
+        return True  # someone else's process, or we cannot tell: leave its file alone
+    return True
+
+
+def remove_stale_temp_files(folder: str | Path, names: set[str] | None = None) -> list[Path]:
+    """Delete temp files that a killed :func:`write_image` left in ``folder``.
+
+    Only files named like this module's temp files whose writer process is gone are removed (a
+    concurrent writer's temp file is kept); with ``names``, only those for these final file names.
+
+    Returns:
+        The removed paths.
+    """
+    removed: list[Path] = []
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return removed
+    for entry in entries:
+        m = _TEMP_NAME.match(entry.name)
+        if m is None or (names is not None and m.group("name") not in names) or _pid_alive(int(m.group("pid"))):
+            continue
+        try:
+            if entry.is_file(follow_symlinks=False):
+                os.unlink(entry.path)
+                removed.append(Path(entry.path))
+        except OSError:
+            pass
+    return removed
+
+
 def _atomic_write(path: Path, buf: np.ndarray) -> None:
     tmp = None
     try:
         # O_EXCL + 0o666 so the final file gets the usual umask permissions (mkstemp would give 0600).
+        # Name: see _TEMP_NAME (remove_stale_temp_files relies on it).
         tmp = str(path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
         with os.fdopen(fd, "wb") as fh:

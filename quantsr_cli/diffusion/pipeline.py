@@ -53,8 +53,8 @@ class QArtSRConfig:
     rpq_iters: int = 300
     et_iters: int = 300
     order: str = "reverse"
-    lr: float = 1e-3
-    lr_weights: float = 1e-4
+    lr: float = 1e-2
+    lr_weights: float = 1e-3
     module_weight: float = 1.0
     image_weight: float = 1.0
     a1: float = 1.0
@@ -63,7 +63,7 @@ class QArtSRConfig:
     trq_timestep: int | None = None
     trq_iters: int = 300
     trq_rank: int = 4
-    trq_lr: float = 5e-4
+    trq_lr: float = 1e-3
 
     def __post_init__(self) -> None:
         if self.order not in ("reverse", "forward"):

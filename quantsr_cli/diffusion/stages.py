@@ -155,7 +155,7 @@ def _names(owned: list[list[str]], modules: Iterable[int]) -> list[str]:
 
 
 def run_rpq(model_q: nn.Module, model_fp: nn.Module, data: CalibData, *, iters: int, order: str = "reverse",
-            lr: float = 1e-3, lr_weights: float = 1e-4, module_weight: float = 1.0, image_weight: float = 1.0,
+            lr: float = 1e-2, lr_weights: float = 1e-3, module_weight: float = 1.0, image_weight: float = 1.0,
             perceptual: nn.Module | None = None, a1: float = 1.0, a2: float = 20.0, log: LogFn | None = None,
             log_every: int = 25, step0: int = 0) -> list[dict[str, object]]:
     """Reversed (or forward) per-module quantization; ``iters`` optimizer steps split over the chain.
@@ -213,8 +213,8 @@ def run_rpq(model_q: nn.Module, model_fp: nn.Module, data: CalibData, *, iters: 
     return history
 
 
-def run_e2e(model_q: nn.Module, model_fp: nn.Module, data: CalibData, *, iters: int, lr: float = 1e-3,
-            lr_weights: float = 1e-4, perceptual: nn.Module | None = None, a1: float = 1.0, a2: float = 20.0,
+def run_e2e(model_q: nn.Module, model_fp: nn.Module, data: CalibData, *, iters: int, lr: float = 1e-2,
+            lr_weights: float = 1e-3, perceptual: nn.Module | None = None, a1: float = 1.0, a2: float = 20.0,
             log: LogFn | None = None, log_every: int = 25, step0: int = 0, stage: str = "et") -> dict[str, object]:
     """End-to-end training of all finetuning parameters on ``a1*perc + a2*MSE`` to the FP output
     (QArtSR's extended training; with ``a1=0`` and LSQ quantizers also the LSQ-QAT baseline).

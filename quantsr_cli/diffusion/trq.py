@@ -32,7 +32,7 @@ LogFn = Callable[[dict[str, object]], None]
 
 
 def retrain_timestep(model: nn.Module, timestep: int, data: CalibData, *, iters: int = 300, rank: int = 4,
-                     lr: float = 5e-4, target: str = "auto", perceptual: nn.Module | None = None,
+                     lr: float = 1e-3, target: str = "auto", perceptual: nn.Module | None = None,
                      a1: float = 0.05, log: LogFn | None = None, log_every: int = 25) -> nn.Module:
     """Return a copy of the FP one-step ``model`` retrained (LoRA only, merged) at ``timestep``.
 
@@ -123,7 +123,7 @@ def measure_latent_error(model: nn.Module, spec: QuantSpec, data: CalibData, *, 
 
 
 def timestep_sweep(model: nn.Module, timesteps: Sequence[int], spec: QuantSpec, data: CalibData, *,
-                   retrain_iters: int = 0, rank: int = 4, lr: float = 5e-4, perceptual: nn.Module | None = None,
+                   retrain_iters: int = 0, rank: int = 4, lr: float = 1e-3, perceptual: nn.Module | None = None,
                    log: LogFn | None = None) -> tuple[list[dict[str, float]], dict[int, nn.Module]]:
     """Latent quantization error per candidate timestep.
 

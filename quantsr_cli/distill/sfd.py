@@ -39,6 +39,11 @@ class _Capture:
     def __call__(self, module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
         self.value = inputs[0].clone()  # the feature point may be an inplace ReLU
 
+    def __deepcopy__(self, memo: dict[int, Any]) -> _Capture:
+        # A deep copy of the hooked model (packing copies it) gets an empty capture: the last
+        # feature is part of an autograd graph, which cannot be deep-copied.
+        return _Capture()
+
 
 class FeatureDistillHook:
     """Trainer hook adding the SFD loss; ``student`` is the (quantized) model being trained."""

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import json
+import reprlib
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -14,6 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from quantsr_cli.config import QUANT_BITS
 from quantsr_cli.errors import CheckpointError, ConfigError
 from quantsr_cli.models import build_model
 from quantsr_cli.models.loading import detect_arch, load_weights, read_state_dict
@@ -72,6 +74,8 @@ def resolve_model_path(source: str) -> Path:
     if not path.is_file():
         if bundled is not None:
             raise CheckpointError(f"bundled model {source!r} is not installed (expected {path})")
+        if path.is_dir():
+            raise CheckpointError("is a folder, not a model file", source)
         known = ", ".join(BUNDLED_MODELS)
         raise CheckpointError(f"model file not found (bundled names: {known})", source)
     return path
@@ -100,7 +104,7 @@ def load_model(
         model = packing_io.load_model_file(path)
         meta = decode_meta(packing_io.read_metadata(path))
         file_arch = str(meta.get("arch"))
-        file_scale = int(meta.get("scale", 0))
+        file_scale = _checked_meta(meta, model, path)
         if arch is not None and arch != file_arch:
             raise CheckpointError(f"file holds a {file_arch!r} model, not {arch!r}", path)
         kind = str(meta.get("kind", "fp"))
@@ -134,6 +138,25 @@ def load_model(
         raise CheckpointError(f"model is x{file_scale}, not x{scale} (pass --scale {file_scale})", path)
     model.eval().to(device)
     return LoadedModel(model=model, arch=file_arch, scale=file_scale, kind=kind, source=source, meta=meta)
+
+
+def _checked_meta(meta: dict[str, Any], model: nn.Module, path: Path) -> int:
+    """The file's scale, after checking the descriptive metadata against the loaded model.
+
+    ``scale``, ``w_bits``, ``a_bits`` and ``method`` are only informative for the loader, so a file
+    whose values are missing, malformed or contradict the model is refused here (CheckpointError)
+    rather than failing later with a TypeError.
+    """
+    upscale = getattr(model, "hparams", {}).get("upscale")
+    scale = meta.get("scale")
+    if type(scale) is not int or scale != upscale:
+        raise CheckpointError(f"metadata scale {reprlib.repr(scale)} does not match the model (x{upscale})", path)
+    for key in ("w_bits", "a_bits"):
+        if key in meta and (type(meta[key]) is not int or meta[key] not in QUANT_BITS + (32,)):
+            raise CheckpointError(f"metadata {key} {reprlib.repr(meta[key])} is not one of 2, 4, 8, 32", path)
+    if "method" in meta and not isinstance(meta["method"], str):
+        raise CheckpointError(f"metadata method {reprlib.repr(meta['method'])} is not a name", path)
+    return scale
 
 
 def decode_meta(meta: dict[str, str]) -> dict[str, Any]:

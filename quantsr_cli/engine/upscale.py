@@ -19,7 +19,14 @@ from typing import Any
 import torch
 
 from quantsr_cli.data.imresize import imresize
-from quantsr_cli.data.io import IMAGE_EXTENSIONS, MAX_PIXELS, list_images, read_image, write_image
+from quantsr_cli.data.io import (
+    IMAGE_EXTENSIONS,
+    MAX_PIXELS,
+    list_images,
+    read_image,
+    remove_stale_temp_files,
+    write_image,
+)
 from quantsr_cli.engine.modelio import LoadedModel
 from quantsr_cli.engine.tiling import upscale_tensor
 from quantsr_cli.errors import ConfigError, ImageError, QuantSRError
@@ -43,6 +50,8 @@ class UpscaleOptions:
             raise ConfigError(f"--tile {self.tile} must be 0 (no tiling) or positive")
         if self.tile_pad < 0:
             raise ConfigError(f"--tile-pad {self.tile_pad} must not be negative")
+        if self.max_pixels is not None and self.max_pixels < 0:
+            raise ConfigError(f"--max-pixels {self.max_pixels} must be positive (0 = no limit)")
         if self.ext not in ("auto", "png", "jpg", "jpeg", "webp", "tif", "tiff", "bmp"):
             raise ConfigError(f"--ext {self.ext!r}; choose auto, png, jpg, webp, tif or bmp")
 
@@ -93,13 +102,16 @@ def output_paths(files: list[Path], output: Path, opts: UpscaleOptions, single_t
 
 def upscale_image(loaded: LoadedModel, src: Path, dst: Path, opts: UpscaleOptions) -> None:
     """Read ``src``, super-resolve it and write ``dst`` atomically."""
-    image = read_image(src, max_pixels=opts.max_pixels)
+    image = read_image(src, max_pixels=opts.max_pixels or None)
+    rgb, lr_alpha, bit_depth, gray = image.rgb, image.alpha, image.bit_depth, image.gray
+    del image  # keep at most one copy of the input alive while the (large) output exists
     device = next(iter(loaded.model.parameters()), torch.empty(0)).device
-    sr = upscale_tensor(loaded.model, image.rgb.to(device), loaded.scale, tile=opts.tile, tile_pad=opts.tile_pad)
+    sr = upscale_tensor(loaded.model, rgb.to(device), loaded.scale, tile=opts.tile, tile_pad=opts.tile_pad)
+    del rgb
     alpha = None
-    if image.alpha is not None:
-        alpha = imresize(image.alpha, loaded.scale).clamp(0, 1)
-    write_image(dst, sr.cpu(), alpha=alpha, bit_depth=image.bit_depth, gray=image.gray)
+    if lr_alpha is not None:
+        alpha = imresize(lr_alpha, loaded.scale).clamp(0, 1)
+    write_image(dst, sr.cpu(), alpha=alpha, bit_depth=bit_depth, gray=gray)
 
 
 def run_upscale(
@@ -126,6 +138,8 @@ def run_upscale(
         raise ImageError("output folder does not exist or is not writable", out.parent)
     report = UpscaleReport()
     targets = output_paths(files, out, opts, single)
+    # temp files of an earlier run that was killed (kill -9, power loss) while writing these outputs
+    remove_stale_temp_files(out.parent if single else out, {dst.name for dst in targets})
     for index, (src, dst) in enumerate(zip(files, targets)):
         try:
             if dst.resolve() == src.resolve():

@@ -43,10 +43,13 @@ def read_state_dict(path: str | Path) -> dict[str, Tensor]:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError("no such checkpoint file", path)
+    if path.stat().st_size == 0:
+        raise CheckpointError("empty file (0 bytes)", path)
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        refused = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
+        # torch words it "Unsupported global: GLOBAL mod.name" or "unsupported GLOBAL mod.name whose module ..."
+        refused = re.search(r"[Uu]nsupported (?:global: )?GLOBAL (\S+)", str(exc))
         if refused:
             raise CheckpointError(
                 f"refused to unpickle {refused.group(1)}: only tensors and plain containers are allowed "
@@ -54,7 +57,7 @@ def read_state_dict(path: str | Path) -> dict[str, Tensor]:
                 path,
             ) from exc
         detail = re.search(r"WeightsUnpickler error:\s*(.+)", str(exc))
-        reason = detail.group(1).strip() if detail else _first_line(exc)
+        reason = detail.group(1).strip() if detail else _unpickling_reason(exc)
         raise CheckpointError(f"not a readable PyTorch checkpoint ({reason[:200]})", path) from exc
     except Exception as exc:  # torch raises RuntimeError, EOFError, OSError, zip errors... for bad files
         reason = f"{type(exc).__name__}: {_first_line(exc)}"
@@ -248,6 +251,16 @@ def _scale(channels: int, per_pixel: int) -> int:
 
 def _fmt(hparams: Mapping[str, object]) -> str:
     return "(" + ", ".join(f"{k}={v}" for k, v in hparams.items()) + ")"
+
+
+def _unpickling_reason(exc: BaseException) -> str:
+    """The informative line of torch's weights_only error (not its advice to load unsafely)."""
+    boilerplate = ("Weights only load failed", "Check the documentation", "Please file an issue")
+    for line in str(exc).splitlines():
+        line = line.strip()
+        if line and not line.startswith(boilerplate):
+            return line[:200]
+    return "refused by weights_only loading"
 
 
 def _first_line(exc: BaseException) -> str:

@@ -17,6 +17,7 @@ the conv geometry; :meth:`spec` returns them as the JSON-able dict stored in fil
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -28,6 +29,7 @@ from quantsr_cli.packing.layout import (
     PackFormat,
     conv_weight_to_rows,
     pack_codes,
+    packed_row_bytes,
     rows_to_conv_weight,
     unpack_codes,
 )
@@ -174,11 +176,8 @@ class _PackedWeight(_PackedBase):
         self.w_zero = float(w_zero)
         self.format = PackFormat.for_bits(self.w_bits)
         out = self.weight_shape[0]
-        k = 1
-        for s in self.weight_shape[1:]:
-            k *= s
-        self.k = k
-        nbytes = -(-k * self.w_bits // 8)
+        self.k = math.prod(self.weight_shape[1:])
+        nbytes = packed_row_bytes(self.k, self.w_bits)
         self.register_buffer("qweight", torch.zeros(out, nbytes, dtype=torch.uint8))
         self.register_buffer("w_scale", torch.ones(out if per_channel else 1))
         self.register_buffer("bias", torch.zeros(out) if has_bias else None)
@@ -230,6 +229,12 @@ class PackedConv2d(_PackedWeight):
 
     Input ``(N, C_in, H, W)`` float32, output ``(N, C_out, H', W')`` float32 (same geometry as the
     ``nn.Conv2d`` it replaces; ``padding_mode='zeros'`` only).
+
+    Args:
+        spec: a metadata ``layers`` entry (see :meth:`spec`): ``shape`` ``[O, I/groups, kh, kw]``,
+            ``w_bits``, ``w_zero``, ``per_channel``, ``bias``, ``a_bits``, ``a_qmin``, ``a_qmax``,
+            ``shift`` (channels, 0 = none) and optional ``stride``/``padding``/``dilation``/``groups``.
+            Buffers start zeroed; fill them with ``load_state_dict`` or use :meth:`from_qat`.
     """
 
     kind = "conv2d"
@@ -288,7 +293,11 @@ class PackedConv2d(_PackedWeight):
 
 
 class PackedLinear(_PackedWeight):
-    """A quantized linear layer with bit-packed weights: ``(..., I)`` -> ``(..., O)`` float32."""
+    """A quantized linear layer with bit-packed weights: ``(..., I)`` -> ``(..., O)`` float32.
+
+    Args:
+        spec: as for :class:`PackedConv2d` with ``shape`` ``[O, I]`` and no conv geometry.
+    """
 
     kind = "linear"
 
@@ -328,7 +337,9 @@ class PackedLinear(_PackedWeight):
 class PackedActQuant(_PackedBase):
     """An activation point (e.g. attention q/k/v or softmax output): ``x -> x_hat``, same shape.
 
-    ``shift_dim`` is the dim the optional per-channel shift runs along (default -1, the last).
+    Args:
+        spec: ``a_bits``, ``a_qmin``, ``a_qmax``, ``shift`` (channels, 0 = none) and ``shift_dim``, the
+            dim the optional per-channel shift runs along (default -1, the last).
     """
 
     kind = "act"

@@ -17,7 +17,9 @@ values expands to the shared data folder (see :func:`expand_data_vars`).
 
 from __future__ import annotations
 
+import math
 import os
+import reprlib
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -25,6 +27,9 @@ from typing import Any
 import yaml
 
 from quantsr_cli.errors import ConfigError
+
+# Element type of the list-valued keys.
+LIST_ITEMS: dict[str, type] = {"milestones": int, "train_data": str}
 
 # Every key a preset or --config file may set, with its expected Python type.
 PRESET_KEYS: dict[str, type | tuple[type, ...]] = {
@@ -92,7 +97,8 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"cannot read config file: {exc.strerror or exc}", path) from None
+        reason = getattr(exc, "strerror", None) or (f"not UTF-8 text ({exc.reason})" if isinstance(exc, UnicodeDecodeError) else exc)
+        raise ConfigError(f"cannot read config file: {reason}", path) from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
@@ -122,11 +128,24 @@ def validate_options(data: dict[Any, Any], path: str | Path | None = None) -> di
                 pass
         if expected is int and isinstance(value, bool) or not isinstance(value, expected):
             name = expected.__name__ if isinstance(expected, type) else str(expected)
-            raise ConfigError(f"key {key!r} must be of type {name}, got {type(value).__name__} {value!r}", path)
+            raise ConfigError(f"key {key!r} must be of type {name}, got {type(value).__name__} {_short(value)}", path)
+        if expected is float and not math.isfinite(value):
+            raise ConfigError(f"key {key!r} must be a finite number, got {value!r}", path)
+        item = LIST_ITEMS.get(key)
+        if item is not None and not all(isinstance(v, item) and not isinstance(v, bool) for v in value):
+            raise ConfigError(f"key {key!r} must be a list of {item.__name__}, got {_short(value)}", path)
         if isinstance(value, str):
             value = expand_data_vars(value)
         out[key] = value
     return out
+
+
+def _short(value: Any) -> str:
+    """A bounded repr (YAML aliases can nest a value exponentially: a full repr would never end)."""
+    short = reprlib.Repr()
+    short.maxlevel, short.maxlist, short.maxdict, short.maxstring, short.maxother = 2, 4, 4, 60, 60
+    text = short.repr(value)
+    return text if len(text) <= 120 else text[:117] + "..."
 
 
 def expand_data_vars(value: str) -> str:

@@ -1,0 +1,77 @@
+"""Fixtures of the robustness corpus: a forking CLI runner, tiny model files, and assertion helpers.
+
+Every corpus case runs the real ``quantsr`` entry point in its own child process (see
+:mod:`.forkcli`); the interruption and load tests start plain ``python -m quantsr_cli`` processes.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from .forkcli import CliServer
+from .helpers import write_png
+
+
+@pytest.fixture(scope="session")
+def cli() -> CliServer:
+    """``cli(*args, cwd=..., env=...) -> Result``: one ``quantsr`` run in a fresh child process."""
+    server = CliServer()
+    yield server
+    server.close()
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Small calibrated quantsr-c models (16 features, 1 block unless named otherwise).
+
+    ``packed`` / ``qat`` / ``fp``: x2 W4A4; ``fp_x4``: an x4 FP file; ``pth_x3``: a foreign x3
+    ``.pth`` state dict; ``student`` (qat W2A2, 2 blocks) and ``teacher`` (fp, 2 blocks): x2 for distill;
+    ``student4``: qat W2A2 with 4 blocks for slim.
+    """
+    from quantsr_cli.config import QuantConfig
+    from quantsr_cli.models import build_model
+    from quantsr_cli.packing import io as packing_io
+    from quantsr_cli.quant import quantize_
+
+    folder = tmp_path_factory.mktemp("models")
+
+    def qat(blocks: int, bits: int) -> tuple[torch.nn.Module, QuantConfig]:
+        config = QuantConfig("rbd", bits, bits)
+        model = quantize_(build_model("quantsr-c", upscale=2, num_block=blocks, num_feat=16), config)
+        model.train()
+        with torch.no_grad():
+            model(torch.rand(2, 3, 16, 16))  # lazy quantizer initialisation
+        return model.eval(), config
+
+    torch.manual_seed(0)
+    files = {name: folder / f"{name}.safetensors" for name in
+             ("packed", "qat", "fp", "fp_x4", "student", "teacher", "student4")}
+    model, config = qat(1, 4)
+    packing_io.save_model(model, files["qat"], config)
+    packing_io.save_model(model, files["packed"], config, pack=True)
+    packing_io.save_model(build_model("quantsr-c", upscale=2, num_block=1, num_feat=16), files["fp"])
+    packing_io.save_model(build_model("quantsr-c", upscale=4, num_block=1, num_feat=16), files["fp_x4"])
+    model, config = qat(2, 2)
+    packing_io.save_model(model, files["student"], config)
+    packing_io.save_model(build_model("quantsr-c", upscale=2, num_block=2, num_feat=16), files["teacher"])
+    model, config = qat(4, 2)
+    packing_io.save_model(model, files["student4"], config)
+    files["pth_x3"] = folder / "x3.pth"
+    torch.save({"params": build_model("quantsr-c", upscale=3, num_block=1, num_feat=16).state_dict()}, files["pth_x3"])
+    return files
+
+
+@pytest.fixture(scope="session")
+def small_train_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Two 64x64 HR training images (synthetic, so the corpus does not need the shared data)."""
+    folder = tmp_path_factory.mktemp("train")
+    rng = np.random.default_rng(7)
+    for i in range(2):
+        base = (rng.random((16, 16, 3)) * 255).astype(np.uint8)
+        write_png(folder / f"t{i}.png", cv2.resize(base, (64, 64), interpolation=cv2.INTER_CUBIC))
+    return folder
