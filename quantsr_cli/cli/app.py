@@ -63,6 +63,15 @@ def _register_optional() -> None:
 _register_optional()
 
 
+def _register_diffusion() -> None:
+    from quantsr_cli.cli import diffusion as diffusion_cmd
+
+    app.add_typer(diffusion_cmd.app, name="diffusion")
+
+
+_register_diffusion()
+
+
 def main() -> None:
     """Console entry point."""
     debug = os.environ.get("QUANTSR_DEBUG", "") not in ("", "0")

@@ -33,7 +33,7 @@ from quantsr_cli.errors import ImageError
 
 __all__ = [
     "MAX_PIXELS", "IMAGE_EXTENSIONS", "Image", "read_image", "write_image", "tensor_to_uint8", "header_size",
-    "list_images", "remove_stale_temp_files",
+    "list_images", "remove_stale_temp_files", "image_array", "write_array",
 ]
 
 MAX_PIXELS = 100_000_000
@@ -218,6 +218,8 @@ def write_image(
     The format follows the final name's extension. 16-bit is kept for PNG/TIFF and reduced to 8-bit
     for other formats; ``alpha`` is dropped for formats without alpha (JPEG, BMP); ``gray`` writes one
     channel of BT.601 luma ``0.299 R + 0.587 G + 0.114 B`` (exactly the gray value when R = G = B).
+    Same as :func:`write_array` of :func:`image_array` (callers holding a large ``rgb`` can free it
+    between the two).
 
     Args:
         path: destination file; its folder must exist.
@@ -233,6 +235,18 @@ def write_image(
     Raises:
         ImageError: unknown extension, bad tensor shape, encoder failure or unwritable destination.
     """
+    return write_array(path, image_array(path, rgb, alpha, bit_depth, gray), jpeg_quality)
+
+
+def image_array(
+    path: str | Path,
+    rgb: torch.Tensor,
+    alpha: torch.Tensor | None = None,
+    bit_depth: int = 8,
+    gray: bool = False,
+) -> np.ndarray:
+    """The integer OpenCV array (``(H, W)`` or ``(H, W, C)`` BGR[A], uint8/uint16) :func:`write_image`
+    encodes for ``path``'s format; arguments as there."""
     path = Path(path)
     ext = path.suffix.lower()
     if ext not in IMAGE_EXTENSIONS:
@@ -271,8 +285,15 @@ def write_image(
         done[id(src)] = k
         for top in range(0, h, rows):
             arr[top : top + rows, :, k] = _quantize(src[top : top + rows], peak, dtype)
-    if len(sources) == 1:
-        arr = arr[:, :, 0]
+    return arr[:, :, 0] if len(sources) == 1 else arr
+
+
+def write_array(path: str | Path, arr: np.ndarray, jpeg_quality: int = 95) -> Path:
+    """Encode an :func:`image_array` result in ``path``'s format and write it atomically."""
+    path = Path(path)
+    ext = path.suffix.lower()
+    if ext not in IMAGE_EXTENSIONS:
+        raise ImageError(f"unknown image extension {ext or '(none)'!r}; use one of {', '.join(IMAGE_EXTENSIONS)}", path)
     params = [cv2.IMWRITE_JPEG_QUALITY, int(jpeg_quality)] if ext in (".jpg", ".jpeg") else []
     try:
         ok, buf = cv2.imencode(ext, arr, params)

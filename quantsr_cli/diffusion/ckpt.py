@@ -26,7 +26,8 @@ def save_model(model: nn.Module, path: str | Path, spec: QuantSpec | None = None
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     meta = {"kind": KINDS[spec is not None], "arch": str(model.arch),
-            "hparams": json.dumps(model.hparams, sort_keys=True)}
+            "hparams": json.dumps(model.hparams, sort_keys=True),
+            "scale": str(int(model.hparams.get("upscale", getattr(model, "upscale", 4))))}
     if spec is not None:
         meta["quant_spec"] = json.dumps(spec.to_dict(), sort_keys=True)
     meta.update(extra or {})

@@ -83,12 +83,25 @@ def load_latest_state(run_dir: Path, on_skip: Any = None) -> tuple[Path, dict[st
     for path in list_states(run_dir):
         try:
             tensors, meta = packing_io.read_file(path)
+            _check_state_meta(meta, path)
         except CheckpointError as exc:
             if on_skip:
                 on_skip(f"skipping unreadable checkpoint {path.name}: {exc}")
             continue
         return path, tensors, meta
     return None
+
+
+def _check_state_meta(meta: dict[str, str], path: Path) -> None:
+    """A state file's own metadata must be what :func:`save_state` writes (else it is skipped)."""
+    try:
+        ok = (meta.get("kind") == "train_state" and meta.get("iteration", "").isdigit()
+              and isinstance(json.loads(meta["trainer"]), dict)
+              and isinstance(json.loads(meta["optimizer"]).get("param_groups"), list))
+    except (KeyError, ValueError, TypeError, AttributeError, RecursionError):
+        ok = False
+    if not ok:
+        raise CheckpointError("not a quantsr training state (bad kind/iteration/trainer/optimizer metadata)", path)
 
 
 def restore_state(
@@ -105,6 +118,6 @@ def restore_state(
         optimizer.load_state_dict(_unflatten_optimizer(tensors, json.loads(meta["optimizer"])))
         torch.set_rng_state(tensors["rng.torch"])
         return int(meta["iteration"]), json.loads(meta["trainer"])
-    except (RuntimeError, KeyError, ValueError) as exc:
-        first = str(exc).splitlines()[0][:300]
+    except (RuntimeError, KeyError, ValueError, TypeError, AttributeError, IndexError) as exc:
+        first = (str(exc).splitlines() or [type(exc).__name__])[0][:300]
         raise CheckpointError(f"checkpoint does not fit this run ({first})", path) from None

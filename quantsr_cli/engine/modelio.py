@@ -54,8 +54,10 @@ class LoadedModel:
     def label(self) -> str:
         """Short human label: ``imdn x4 W4A4 rbd (packed)``."""
         bits = ""
-        if self.kind != "fp":
-            bits = f" W{self.meta.get('w_bits', '?')}A{self.meta.get('a_bits', '?')} {self.meta.get('method', '')}"
+        if self.kind not in ("fp", "diffusion-fp"):
+            src = self.meta.get("quant_spec") if isinstance(self.meta.get("quant_spec"), dict) else self.meta
+            method = self.meta.get("method", "qartsr" if self.kind == "diffusion-qat" else "")
+            bits = f" W{src.get('w_bits', '?')}A{src.get('a_bits', '?')} {method}"
         return f"{self.arch} x{self.scale}{bits} ({self.kind})"
 
 
@@ -101,8 +103,13 @@ def load_model(
     """
     path = resolve_model_path(source)
     if path.suffix.lower() in SAFETENSORS_SUFFIXES:
-        model = packing_io.load_model_file(path)
         meta = decode_meta(packing_io.read_metadata(path))
+        if str(meta.get("kind", "")).startswith("diffusion-"):
+            from quantsr_cli.diffusion.ckpt import load_model as load_diffusion_model
+
+            model = load_diffusion_model(path)
+        else:
+            model = packing_io.load_model_file(path)
         file_arch = str(meta.get("arch"))
         file_scale = _checked_meta(meta, model, path)
         if arch is not None and arch != file_arch:

@@ -22,10 +22,11 @@ from quantsr_cli.data.imresize import imresize
 from quantsr_cli.data.io import (
     IMAGE_EXTENSIONS,
     MAX_PIXELS,
+    image_array,
     list_images,
     read_image,
     remove_stale_temp_files,
-    write_image,
+    write_array,
 )
 from quantsr_cli.engine.modelio import LoadedModel
 from quantsr_cli.engine.tiling import upscale_tensor
@@ -111,7 +112,9 @@ def upscale_image(loaded: LoadedModel, src: Path, dst: Path, opts: UpscaleOption
     alpha = None
     if lr_alpha is not None:
         alpha = imresize(lr_alpha, loaded.scale).clamp(0, 1)
-    write_image(dst, sr.cpu(), alpha=alpha, bit_depth=bit_depth, gray=gray)
+    arr = image_array(dst, sr.cpu(), alpha=alpha, bit_depth=bit_depth, gray=gray)
+    del sr  # the float output canvas goes before the encoder's buffers come
+    write_array(dst, arr)
 
 
 def run_upscale(

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from .helpers import error_line, fresh_dir, write_png
+from .helpers import error_line, fresh_dir, read_any, write_png
 
 RNG = np.random.default_rng(3)
 
@@ -50,9 +50,14 @@ DATASET_CASES = {
 def test_bad_benchmark_dataset(cli, tiny_models, datasets: Path, tmp_path: Path, case: str) -> None:
     where, words = DATASET_CASES[case]
     result = cli("eval", "--model", str(tiny_models["packed"]), "--dataset", str(datasets / case),
-                 "--save-dir", str(tmp_path / "sr"), cwd=tmp_path)
+                 "--save-dir", str(tmp_path / "sr"), cwd=tmp_path, env={"QUANTSR_CACHE": str(tmp_path / "cache")})
     error_line(result, str(datasets / where), words)
-    assert not (tmp_path / "sr").exists()
+    if case == "unreadable":  # images before the broken one were evaluated: their SR files are complete
+        saved = sorted((tmp_path / "sr").rglob("*"))
+        assert [p.name for p in saved if p.is_file()] == ["im0.png"]
+        assert read_any(saved[-1]).shape == (16, 16, 3)  # HR-only set: LR 8x8 made by bicubic, SR x2
+    else:  # refused before any image was evaluated
+        assert not (tmp_path / "sr").exists()
 
 
 def test_unknown_dataset_name(cli, tiny_models, tmp_path: Path) -> None:

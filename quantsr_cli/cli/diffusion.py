@@ -1,0 +1,84 @@
+"""``quantsr diffusion``: QArtSR for one-step diffusion SR (train, quantize, sweep)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from quantsr_cli.cli.common import JsonOpt, log, print_json
+from quantsr_cli.engine import diffusion as engine
+
+app = typer.Typer(help="QArtSR: low-bit one-step diffusion SR (TRQ + RPQ + ET) on osd-sr-tiny or OSEDiff.",
+                  no_args_is_help=True)
+
+TrainData = Annotated[list[str] | None, typer.Option("--train-data", help="HR folders [default: T91 + BSD200].")]
+
+
+def _log(event: dict) -> None:
+    log(" ".join(f"{k}={v}" for k, v in event.items()))
+
+
+@app.command("train")
+def train(
+    run_dir: Annotated[Path, typer.Option("--run-dir", help="Checkpoints and the final model go here.")] = Path("runs/osd_tiny"),
+    iters: Annotated[int, typer.Option("--iters", help="SR training steps.", min=1)] = 2500,
+    ae_iters: Annotated[int, typer.Option("--ae-iters", help="Autoencoder warm-up steps.", min=0)] = 400,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 16,
+    threads: Annotated[int, typer.Option("--threads", min=1)] = 1,
+    seed: Annotated[int, typer.Option("--seed")] = 0,
+    train_data: TrainData = None,
+) -> None:
+    """Train (or resume) the small one-step diffusion SR model osd-sr-tiny (x4) on CPU."""
+    path = engine.run_train(run_dir, iters, ae_iters, batch_size, threads, seed, train_data, log=_log)
+    typer.echo(str(path))
+
+
+@app.command("quantize")
+def quantize(
+    model: Annotated[str, typer.Option("--model", "-m", help="FP diffusion model file (from `train`).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Quantized model file to write.")],
+    bits: Annotated[int, typer.Option("--bits", help="W/A bits: 2 or 4.")] = 4,
+    stages: Annotated[str, typer.Option("--stages", help="Comma list of trq, rpq, et.")] = "rpq,et",
+    trq_timestep: Annotated[int | None, typer.Option("--trq-timestep", help="TRQ retraining timestep T.")] = None,
+    order: Annotated[str, typer.Option("--order", help="RPQ order: reverse (QArtSR) or forward (ablation).")] = "reverse",
+    iters: Annotated[int, typer.Option("--iters", help="Optimizer steps per stage.", min=1)] = 300,
+    patches: Annotated[int, typer.Option("--calib-patches", min=1)] = 256,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 8,
+    seed: Annotated[int, typer.Option("--seed")] = 0,
+    train_data: TrainData = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """QArtSR: TRQ (optional), reversed per-module quantization (RPQ) and extended training (ET)."""
+    if bits not in (2, 4, 8):
+        raise typer.BadParameter(f"--bits {bits}: choose 2, 4 or 8")
+    result = engine.run_quantize(model, out, bits=bits, stages=tuple(s.strip() for s in stages.split(",") if s.strip()),
+                                 trq_timestep=trq_timestep, order=order, iters=iters, patches=patches,
+                                 batch=batch_size, seed=seed, dirs=train_data, log=_log)
+    if json_out:
+        print_json(result)
+    else:
+        typer.echo(result["out"])
+
+
+@app.command("sweep")
+def sweep(
+    model: Annotated[str, typer.Option("--model", "-m", help="FP diffusion model file.")],
+    timesteps: Annotated[list[int] | None, typer.Option("--timestep", "-t", help="Candidate T; repeatable.")] = None,
+    bits: Annotated[int, typer.Option("--bits")] = 4,
+    retrain_iters: Annotated[int, typer.Option("--retrain-iters", help="LoRA steps at each T (0 = switch only).", min=0)] = 0,
+    patches: Annotated[int, typer.Option("--calib-patches", min=1)] = 64,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 8,
+    seed: Annotated[int, typer.Option("--seed")] = 0,
+    train_data: TrainData = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """TRQ sweep: HQ-latent quantization error and error amplification per timestep."""
+    rows = engine.run_sweep(model, timesteps or [999, 499, 249, 1], bits=bits, retrain_iters=retrain_iters,
+                            patches=patches, batch=batch_size, seed=seed, dirs=train_data, log=_log)
+    if json_out:
+        print_json(rows)
+        return
+    for row in rows:
+        typer.echo(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
