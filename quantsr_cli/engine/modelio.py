@@ -155,7 +155,7 @@ def _checked_meta(meta: dict[str, Any], model: nn.Module, path: Path) -> int:
     rather than failing later with a TypeError.
     """
     upscale = getattr(model, "hparams", {}).get("upscale")
-    scale = meta.get("scale")
+    scale = meta.get("scale", upscale)  # files written before "scale" was recorded: the model's own
     if type(scale) is not int or scale != upscale:
         raise CheckpointError(f"metadata scale {reprlib.repr(scale)} does not match the model (x{upscale})", path)
     for key in ("w_bits", "a_bits"):

@@ -113,7 +113,13 @@ def load_into_deeper(job: QuantizeJob, state: dict[str, torch.Tensor], extra: di
     from quantsr_cli.errors import CheckpointError
 
     model = build_model(job.arch, upscale=job.scale, **extra)
-    result = model.load_state_dict(state, strict=False)
+    try:
+        result = model.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # shape mismatches raise even with strict=False
+        lines = [ln.strip() for ln in str(exc).splitlines() if "size mismatch" in ln]
+        detail = lines[0] if lines else str(exc).splitlines()[0]
+        raise CheckpointError(f"weights do not fit {job.arch} x{job.scale} with {job.blocks} blocks: {detail[:200]}",
+                              job.init) from None
     prefix = model.block_names()[0].rsplit(".", 1)[0]
     have = {int(k.split(".")[1]) for k in state if k.startswith(prefix + ".")}
     bad_missing = [k for k in result.missing_keys

@@ -4,7 +4,9 @@ Mirrors Real-ESRGAN's ``inference_realesrgan.py`` where it fits: inputs are file
 the output is a file for a single input and otherwise a folder (``<stem><suffix>.<ext>``); large
 images go through overlapping tiles; alpha is upscaled separately (bicubic), 16-bit PNGs stay 16-bit
 and grayscale stays grayscale. Every output is written atomically, so an interrupted run leaves only
-complete files, and ``skip_existing`` resumes it. One failing image does not stop the others.
+complete files (plus, after ``kill -9``, at most a hidden ``.<name>.<pid>.<hex>.tmp`` file, which the
+next run into that folder deletes), and ``skip_existing`` resumes it. One failing image does not stop
+the others.
 """
 
 from __future__ import annotations

@@ -106,6 +106,9 @@ def save_file(tensors: dict[str, torch.Tensor], meta: dict[str, str], path: str 
     tmp = None
     try:
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        umask = os.umask(0)
+        os.umask(umask)
+        os.fchmod(fd, 0o666 & ~umask)  # mkstemp creates 0600; model files are ordinary user files
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()

@@ -101,9 +101,8 @@ def serve() -> None:  # pragma: no cover - runs in the server process
 
 def base_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     """The environment of a CLI run: ours, one thread, the shared data folder, no QUANTSR_DEBUG."""
-    from tests.conftest import data_dir
-
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "QUANTSR_DATA": str(data_dir())}
+    data = os.environ.get("QUANTSR_DATA") or str(REPO.parent / "shared" / "data")  # as tests/conftest.py
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "QUANTSR_DATA": data}
     env.pop("QUANTSR_DEBUG", None)
     env.update(extra or {})
     return env
@@ -128,7 +127,7 @@ class CliServer:
         full_env = base_env(env)
         if not self.fork:
             r = subprocess.run([sys.executable, "-m", "quantsr_cli", *args], cwd=cwd or REPO, env=full_env,
-                               capture_output=True, text=True, timeout=timeout)
+                               capture_output=True, text=True, errors="replace", timeout=timeout)
             return Result(r.returncode, r.stdout, r.stderr)
         if self.proc is None or self.proc.poll() is not None:
             self.proc = self._start()

@@ -71,9 +71,11 @@ def test_bad_image_is_refused_and_nothing_written(cli, tiny_models, tmp_path: Pa
     src = tmp_path / name
     src.write_bytes(make())
     out = fresh_dir(tmp_path / "out")
-    result = cli("upscale", str(src), "-o", str(out / "result.png"), "--model", str(tiny_models["packed"]))
+    previous = write_png(out / "result.png", RGB)  # an earlier result at the output path is not damaged
+    before = previous.read_bytes()
+    result = cli("upscale", str(src), "-o", str(previous), "--model", str(tiny_models["packed"]))
     error_line(result, str(src), words)
-    assert list(out.iterdir()) == []
+    assert [p.name for p in out.iterdir()] == ["result.png"] and previous.read_bytes() == before
     if name == "huge.png":  # the limit is documented in the message and can be raised
         error_line(result, "megapixels", "--max-pixels")
 
