@@ -10,17 +10,15 @@ Two phases in one run (one Adam optimizer, cosine learning rate over all steps):
 
 Data: random aligned patches of T91 + BSD200 (HR ``patch_size``², LR by MATLAB-style bicubic ×1/4).
 Every step draws its batch from ``numpy.random.default_rng([seed, step])`` so a resumed run sees exactly
-the batches an uninterrupted run would. Files in ``out_dir``: ``last.safetensors`` (model) and
-``last_state.pt`` (optimizer + step), rewritten every ``save_every`` steps; ``train_log.jsonl``; and the
-final ``osd_sr_tiny_x<s>.safetensors``.
+the batches an uninterrupted run would. Files in ``out_dir``: ``last_state.safetensors`` (model, optimizer
+and step in one atomically written file, no pickle), rewritten every ``save_every`` steps;
+``train_log.jsonl``; and the final ``osd_sr_tiny_x<s>.safetensors``.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -29,12 +27,15 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
 
-from quantsr_cli.diffusion.ckpt import load_model, save_model
+from quantsr_cli.diffusion.ckpt import save_model
 from quantsr_cli.diffusion.data_local import PairedImages
 from quantsr_cli.diffusion.losses import SSIMGradLoss
 from quantsr_cli.diffusion.osd_tiny import ARCH, build_osd_model
 from quantsr_cli.errors import CheckpointError, ConfigError
+from quantsr_cli.packing.io import read_file, save_file
+from quantsr_cli.packing.state import flatten_optimizer, unflatten_optimizer
 
 
 @dataclass(frozen=True)
@@ -64,16 +65,14 @@ class TinyTrainOptions:
             raise ConfigError("batch_size must be >= 1 and lr > 0")
 
 
-def _atomic_torch_save(obj: object, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+def _save_state(model: nn.Module, opt: torch.optim.Optimizer, step: int, path: Path) -> None:
+    """Model + optimizer + step in one safetensors file (atomic, no pickle)."""
+    tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    opt_tensors, opt_info = flatten_optimizer(opt.state_dict())
+    tensors.update(opt_tensors)
+    meta = {"kind": "diffusion-train-state", "arch": str(model.arch), "hparams": json.dumps(model.hparams),
+            "step": str(step), "optimizer": json.dumps(opt_info)}
+    save_file(tensors, meta, path)
 
 
 def _cosine(step: int, total: int, lr: float, eta_min: float) -> float:
@@ -99,13 +98,16 @@ def train_osd_tiny(out_dir: str | Path, train_dirs: Sequence[str | Path],
         torch.set_num_threads(options.threads)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    last, state_path = out / "last.safetensors", out / "last_state.pt"
+    state_path = out / "last_state.safetensors"
     torch.manual_seed(options.seed)
     start = 0
-    if resume and last.is_file() and state_path.is_file():
-        model = load_model(last)
-        state = torch.load(state_path, map_location="cpu", weights_only=True)
-        start = int(state["step"])
+    state = None
+    if resume and state_path.is_file():
+        tensors, meta = read_file(state_path)
+        model = build_osd_model(meta.get("arch", ARCH), **json.loads(meta.get("hparams", "{}")))
+        model.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
+        state = {"step": int(meta["step"]), "optimizer": unflatten_optimizer(tensors, json.loads(meta["optimizer"]))}
+        start = state["step"]
     else:
         model = build_osd_model(ARCH, **options.hparams)
         state = None
@@ -153,7 +155,6 @@ def train_osd_tiny(out_dir: str | Path, train_dirs: Sequence[str | Path],
             emit(rec)
             t0, running, count = time.time(), 0.0, 0
         if done % options.save_every == 0 or done == total:
-            save_model(model, last, extra={"step": str(done)})
-            _atomic_torch_save({"step": done, "optimizer": opt.state_dict()}, state_path)
+            _save_state(model, opt, done, state_path)
     save_model(model.eval(), final, extra={"step": str(total)})
     return final

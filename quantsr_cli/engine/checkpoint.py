@@ -16,31 +16,9 @@ from torch import nn
 
 from quantsr_cli.errors import CheckpointError
 from quantsr_cli.packing import io as packing_io
+from quantsr_cli.packing.state import flatten_optimizer, unflatten_optimizer
 
 STATE_PREFIX = "state_"
-
-
-def _flatten_optimizer(opt_state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    tensors: dict[str, torch.Tensor] = {}
-    scalars: dict[str, dict[str, Any]] = {}
-    for idx, entry in opt_state["state"].items():
-        for name, value in entry.items():
-            if torch.is_tensor(value):
-                tensors[f"optim.{idx}.{name}"] = value.detach().cpu().contiguous()
-            else:
-                scalars.setdefault(str(idx), {})[name] = value
-    return tensors, {"param_groups": opt_state["param_groups"], "scalars": scalars}
-
-
-def _unflatten_optimizer(tensors: dict[str, torch.Tensor], info: dict[str, Any]) -> dict[str, Any]:
-    state: dict[int, dict[str, Any]] = {}
-    for key, value in tensors.items():
-        if key.startswith("optim."):
-            _, idx, name = key.split(".", 2)
-            state.setdefault(int(idx), {})[name] = value
-    for idx, entries in info.get("scalars", {}).items():
-        state.setdefault(int(idx), {}).update(entries)
-    return {"state": state, "param_groups": info["param_groups"]}
 
 
 def save_state(
@@ -56,7 +34,7 @@ def save_state(
     folder = run_dir / "checkpoints"
     folder.mkdir(parents=True, exist_ok=True)
     tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    opt_tensors, opt_info = _flatten_optimizer(optimizer.state_dict())
+    opt_tensors, opt_info = flatten_optimizer(optimizer.state_dict())
     tensors.update(opt_tensors)
     tensors["rng.torch"] = torch.get_rng_state()
     meta = dict(model_meta)
@@ -115,7 +93,7 @@ def restore_state(
     model_sd = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
     try:
         model.load_state_dict(model_sd, strict=True)
-        optimizer.load_state_dict(_unflatten_optimizer(tensors, json.loads(meta["optimizer"])))
+        optimizer.load_state_dict(unflatten_optimizer(tensors, json.loads(meta["optimizer"])))
         torch.set_rng_state(tensors["rng.torch"])
         return int(meta["iteration"]), json.loads(meta["trainer"])
     except (RuntimeError, KeyError, ValueError, TypeError, AttributeError, IndexError) as exc:
