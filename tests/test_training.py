@@ -170,3 +170,16 @@ def test_torchrun_two_cpu_processes(tmp_path: Path, tiny_train_dir: Path) -> Non
                             cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
     assert (tmp_path / "ddp" / "qat_last.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_user_example_swinir_w2_twenty_iterations(tmp_path: Path, shared_data: Path) -> None:
+    """Issue acceptance: `quantsr quantize --bits 2 --arch swinir-s --iters 20 --out s.safetensors`, then eval."""
+    out = tmp_path / "s.safetensors"
+    result = run_cli("quantize", "--bits", "2", "--arch", "swinir-s", "--iters", "20", "--out", str(out),
+                     cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert (tmp_path / "runs" / "swinir-s_x4_w2a2" / "qat_last.safetensors").is_file()
+    evaluated = run_cli("eval", "--model", str(out), "--dataset", "Set5", "--scale", "4", "--json", cwd=tmp_path)
+    assert evaluated.returncode == 0, evaluated.stderr
+    assert json.loads(evaluated.stdout)["datasets"]["Set5"]["psnr"] > 10
