@@ -97,8 +97,9 @@ class SlimHook:
         last = self.removed[-1]
         if last["psnr_after"] is None:
             last["psnr_after"] = psnr
+            before = "no earlier validation" if last["psnr_before"] is None else f"{last['psnr_before']:.3f} dB"
             trainer.emit({"event": "slim", "message": f"iter {iteration}: PSNR after removing {last['block']}: "
-                                                     f"{psnr:.3f} dB (before {last['psnr_before']})"})
+                                                     f"{psnr:.3f} dB (before: {before})"})
         if self.done:
             return
         target_psnr = last["psnr_before"] if last["psnr_before"] is not None else -float("inf")
