@@ -1,0 +1,45 @@
+"""The benchmark scripts run end to end on tiny budgets (slow) and print their contract lines."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO, data_dir
+
+
+def _run(args: list[str], timeout: float = 1800) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "QUANTSR_DATA": str(data_dir())}
+    return subprocess.run([sys.executable, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def test_gpu_bench_says_unavailable_without_gpu() -> None:
+    pytest.importorskip("torch")
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present; the real benchmark is run by hand")
+    result = _run(["bench/gpu_inference.py"], timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip().splitlines()[-1].startswith("speedup_vs_fp16=unavailable")
+
+
+@pytest.mark.slow
+def test_compare_methods_smoke_and_resume(tmp_path: Path, shared_data: Path) -> None:
+    args = ["bench/compare_methods.py", "--work-dir", str(tmp_path / "w"), "--out", str(tmp_path / "m.json"),
+            "--methods", "rbd", "lsq", "--bits", "2", "--blocks", "1", "--iters", "2", "--batch", "2",
+            "--patch", "32", "--imdn-iters", "1", "--imdn-batch", "2", "--imdn-patch", "32", "--threads", "1"]
+    first = _run(args)
+    assert first.returncode == 0, first.stderr[-3000:]
+    result = json.loads((tmp_path / "m.json").read_text())
+    labels = [r["label"] for r in result["rows"]]
+    assert labels[0] == "Bicubic" and "IMDN FP32" in labels and "imdn_rbd_w2a2" in labels
+    assert len(result["dqa"]) == 6
+    assert (tmp_path / "m.md").read_text().startswith("| model |")
+    again = _run(args)  # every run is finished: nothing is retrained
+    assert again.returncode == 0 and "training" not in again.stderr
