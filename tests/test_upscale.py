@@ -118,3 +118,14 @@ def test_info_of_architecture_counts_swinir_quantized_layers() -> None:
     assert report["params"] == 929_628
     assert 0 < report["quantized_params"] < report["params"]
     assert report["equivalent_params"] < report["params"] * 0.25
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["default", "default-w2"])
+def test_cpu_backend_gives_reference_psnr_on_set5(name: str, shared_data: Path) -> None:
+    ref = run_cli("eval", "--model", name, "--dataset", "Set5", "--backend", "torch", "--json")
+    cpu = run_cli("eval", "--model", name, "--dataset", "Set5", "--backend", "cpu", "--json")
+    assert ref.returncode == 0 and cpu.returncode == 0, ref.stderr + cpu.stderr
+    a = json.loads(ref.stdout)["datasets"]["Set5"]["psnr"]
+    b = json.loads(cpu.stdout)["datasets"]["Set5"]["psnr"]
+    assert abs(a - b) <= 0.01

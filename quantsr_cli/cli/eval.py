@@ -12,6 +12,7 @@ from quantsr_cli.cli.common import DataRootOpt, DeviceOpt, JsonOpt, ScaleOpt, er
 from quantsr_cli.engine.compare import write_comparisons
 from quantsr_cli.engine.evaluate import run_eval
 from quantsr_cli.engine.modelio import load_model, set_depth
+from quantsr_cli.engine.runtime import select_backend
 from quantsr_cli.errors import ConfigError
 
 EXAMPLES = """
@@ -35,6 +36,7 @@ def evaluate(
     tile: Annotated[int, typer.Option("--tile", help="LR tile size for large images (0 = whole image).", min=0)] = 0,
     compare_dir: Annotated[Path | None, typer.Option("--compare-dir", help="Write side-by-side zoomed crops (HR, bicubic, models) here.")] = None,
     compare_model: Annotated[list[str] | None, typer.Option("--compare-model", help="Another model for --compare-dir panels; repeatable.")] = None,
+    backend: Annotated[str, typer.Option("--backend", help="Packed models: torch (reference), cpu, cupy or auto.")] = "torch",
     depth: Annotated[str | None, typer.Option("--depth", help="DQA models: full, half or quarter depth.")] = None,
     device: DeviceOpt = "cpu",
 ) -> None:
@@ -45,6 +47,7 @@ def evaluate(
     loaded = load_model(source, arch=arch, scale=scale, device=device)
     if depth is not None:
         set_depth(loaded, depth)
+    select_backend(loaded, backend, device)
     datasets = dataset or ["Set5"]
     with progress_bar(enabled=not json_out or err_console.is_terminal) as progress:
         task = progress.add_task("eval", total=None, info="")

@@ -1,7 +1,7 @@
 """``quantsr eval --compare-dir``: side-by-side zoomed crops of HR, bicubic and each model, with PSNR.
 
 Per image one PNG: panels of the same crop (a square of a quarter of the shorter HR side around the
-pixel where the first model's error is largest after blurring, so the crop shows a hard region)
+pixel where the last model's error (the model being judged) is largest after blurring, so the crop shows a hard region)
 scaled up with nearest-neighbour to ``panel`` pixels, each labelled with its name and Y-PSNR.
 """
 
