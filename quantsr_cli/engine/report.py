@@ -14,6 +14,7 @@ Counting conventions (the QuantSR papers'):
 from __future__ import annotations
 
 import fnmatch
+import json
 from pathlib import Path
 from typing import Any
 
@@ -133,9 +134,7 @@ def pack_file(src: str, dst: Path) -> dict[str, Any]:
     if dst.resolve() == path.resolve():
         raise ConfigError(f"output {dst} equals the input; choose another -o")
     model = packing_io.load_model_file(path)
-    extra = packing_io.read_metadata(path).get("extra")
+    extra = meta.get("extra")
     quant = QuantConfig(meta["method"], int(meta["w_bits"]), int(meta["a_bits"]))
-    import json
-
     packing_io.save_model(model, dst, quant, json.loads(extra) if extra else None, pack=True)
     return packing_io.size_report(dst)
