@@ -16,6 +16,9 @@ METHODS = ("rbd", "rlq", "lsq", "dorefa", "pams")
 QUANT_BITS = (2, 4, 8)
 """Bit-widths a quantized weight or activation may take. 32 means full precision (no quantizer)."""
 
+ACT_SIGN_RULES = ("min", "mse")
+"""How learned-step activation quantizers pick signed/unsigned on their first batch (see ``QuantConfig``)."""
+
 SCALES = (2, 3, 4)
 
 
@@ -27,15 +30,23 @@ class QuantConfig:
         method: one of :data:`METHODS`.
         w_bits: weight bit-width, in :data:`QUANT_BITS`, or 32 for full precision.
         a_bits: activation bit-width, in :data:`QUANT_BITS`, or 32 for full precision.
+        act_sign: how ``rbd``/``rlq``/``lsq`` activation quantizers choose their grid on the first
+            batch: ``"min"`` (the released code: signed when the batch has any negative value) or
+            ``"mse"`` (whichever of the signed/unsigned grids, at the LSQ initial step, has the lower
+            mean squared error on that batch). Used only at initialisation; the choice is stored in
+            each quantizer's ``signed`` buffer. Ignored by ``dorefa`` and ``pams``.
     """
 
     method: str = "rbd"
     w_bits: int = 4
     a_bits: int = 4
+    act_sign: str = "min"
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ConfigError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
+        if self.act_sign not in ACT_SIGN_RULES:
+            raise ConfigError(f"act_sign={self.act_sign!r}; choose one of {', '.join(ACT_SIGN_RULES)}")
         for name in ("w_bits", "a_bits"):
             bits = getattr(self, name)
             if bits not in QUANT_BITS + (32,):
@@ -47,7 +58,7 @@ class QuantConfig:
         return self.w_bits == 32 and self.a_bits == 32
 
     def to_dict(self) -> dict[str, object]:
-        return {"method": self.method, "w_bits": self.w_bits, "a_bits": self.a_bits}
+        return {"method": self.method, "w_bits": self.w_bits, "a_bits": self.a_bits, "act_sign": self.act_sign}
 
 
 @dataclass(frozen=True)
@@ -81,6 +92,7 @@ class TrainConfig:
     slim_start_ratio: float = 0.2
     distill: str = ""
     feature_weight: float = 1e-4
+    bias_correction: bool = True
 
     def __post_init__(self) -> None:
         if self.iters < 1:

@@ -387,3 +387,29 @@ def test_weight_sqnr_floors(method: str, floors: tuple[float, float, float]) -> 
             wq = make_weight_quantizer(method, bits)(w)
         sqnr = 10 * math.log10(w.pow(2).sum() / (w - wq).pow(2).sum())
         assert sqnr > floor, (method, bits, sqnr)
+
+
+def test_act_sign_rule_mse_picks_unsigned_for_a_leaky_relu_output() -> None:
+    torch.manual_seed(0)
+    leaky = nn.functional.leaky_relu(torch.randn(4, 8, 16, 16), 0.05)
+    released = RLQActQuantizer(2, (1, 8, 1, 1))
+    released(leaky)
+    assert bool(released.signed)  # any negative value → signed, as in ActOurs
+    mse = RLQActQuantizer(2, (1, 8, 1, 1), sign_rule="mse")
+    mse(leaky)
+    assert not bool(mse.signed)
+    assert mse.qrange == (0, 3)
+    # the chosen grid really has the lower error at the LSQ initial step
+    err = {s: float((q(leaky) - leaky).square().mean()) for s, q in (("min", released), ("mse", mse))}
+    assert err["mse"] < err["min"]
+
+
+def test_act_sign_rule_mse_keeps_signed_for_symmetric_data_and_is_validated() -> None:
+    torch.manual_seed(1)
+    q = LSQActQuantizer(4, None, sign_rule="mse")
+    q(torch.randn(2, 4, 8, 8))
+    assert bool(q.signed)
+    with pytest.raises(ConfigError, match="act_sign"):
+        QuantConfig("rbd", 2, 2, act_sign="max")
+    layer = quantize_(nn.Sequential(nn.Conv2d(3, 4, 3)), QuantConfig("rbd", 2, 2, act_sign="mse"), patterns=("0",))
+    assert layer[0].act_q.sign_rule == "mse"

@@ -183,3 +183,19 @@ def test_user_example_swinir_w2_twenty_iterations(tmp_path: Path, shared_data: P
     evaluated = run_cli("eval", "--model", str(out), "--dataset", "Set5", "--scale", "4", "--json", cwd=tmp_path)
     assert evaluated.returncode == 0, evaluated.stderr
     assert json.loads(evaluated.stdout)["datasets"]["Set5"]["psnr"] > 10
+
+
+def test_act_sign_and_bias_correction_flags_reach_the_run(tmp_path: Path, tiny_train_dir: Path) -> None:
+    """``--act-sign mse --no-bias-correction`` through the real CLI: recorded in the run's metadata,
+    and the FP biases untouched by calibration (the default run's corrected biases differ)."""
+    runs = {}
+    for name, extra in (("plain", ["--act-sign", "mse", "--no-bias-correction"]), ("default", [])):
+        args = _quantize_args(tmp_path / name, tiny_train_dir, 1)
+        proc = run_cli(*args, "--lr", "1e-12", *extra)
+        assert proc.returncode == 0, proc.stderr
+        runs[name] = tmp_path / name / "qat_last.safetensors"
+    meta = json.loads(read_metadata(runs["plain"])["extra"])
+    assert meta["act_sign"] == "mse" and meta["bias_correction"] is False
+    assert json.loads(read_metadata(runs["default"])["extra"])["act_sign"] == "min"
+    plain, default = load_file(str(runs["plain"])), load_file(str(runs["default"]))
+    assert not torch.allclose(plain["body.0.conv1.bias"], default["body.0.conv1.bias"])

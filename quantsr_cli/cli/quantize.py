@@ -54,7 +54,8 @@ def build_job(opts: dict[str, Any], *, run_dir: Path | None, out: Path | None, r
     a_bits = opts.get("a_bits", bits if bits is not None else 4)
     if bits == 32:
         w_bits = a_bits = 32
-    quant = QuantConfig(method=opts.get("method", "rbd"), w_bits=int(w_bits), a_bits=int(a_bits))
+    quant = QuantConfig(method=opts.get("method", "rbd"), w_bits=int(w_bits), a_bits=int(a_bits),
+                        act_sign=opts.get("act_sign", "min"))
     train_kwargs = {k: v for k, v in opts.items() if k in _TRAIN_FIELDS}
     for key in ("train_data", "milestones"):
         if key in train_kwargs:
@@ -93,6 +94,8 @@ def quantize(
     slim_to: Annotated[int | None, typer.Option("--slim-to", help="QSA: remove blocks during training until N remain.")] = None,
     distill: Annotated[str | None, typer.Option("--distill", help="SFD: full-precision teacher model file.")] = None,
     feature_weight: Annotated[float | None, typer.Option("--feature-weight", help="SFD feature loss weight [default: 1e-4].")] = None,
+    act_sign: Annotated[str | None, typer.Option("--act-sign", help="Activation grid choice on the first batch: min (released code: signed if any value < 0) or mse [default: min].")] = None,
+    bias_correction: Annotated[bool | None, typer.Option("--bias-correction/--no-bias-correction", help="Correct FP biases for the quantization error on the calibration batch [default: on].")] = None,
     preset: Annotated[str | None, typer.Option("--preset", help="Bundled preset name (auto: <arch>_x<scale>_w<b>a<b>).")] = None,
     config: Annotated[Path | None, typer.Option("--config", help="YAML file of options (overridden by flags).")] = None,
     run_dir: Annotated[Path | None, typer.Option("--run-dir", help="Run folder [default: runs/<arch>_x<scale>_w<b>a<b>].")] = None,
@@ -105,7 +108,8 @@ def quantize(
     cli = dict(arch=arch, bits=bits, w_bits=w_bits, a_bits=a_bits, method=method, scale=scale, init=init,
                blocks=blocks, train_data=train_data or None, val_dataset=val_dataset, iters=iters,
                batch_size=batch_size, patch_size=patch_size, lr=lr, val_every=val_every, save_every=save_every,
-               seed=seed, threads=threads, dqa=dqa, slim_to=slim_to, distill=distill, feature_weight=feature_weight)
+               seed=seed, threads=threads, dqa=dqa, slim_to=slim_to, distill=distill, feature_weight=feature_weight,
+               act_sign=act_sign, bias_correction=bias_correction)
     run_training_command(cli, config=config, preset=preset, run_dir=run_dir, resume=resume, out=out,
                          device=device, json_out=json_out)
 

@@ -39,6 +39,7 @@ PRESET_KEYS: dict[str, type | tuple[type, ...]] = {
     "bits": int,
     "w_bits": int,
     "a_bits": int,
+    "act_sign": str,
     "blocks": int,
     "init": str,
     "iters": int,
@@ -61,6 +62,7 @@ PRESET_KEYS: dict[str, type | tuple[type, ...]] = {
     "slim_start_ratio": float,
     "distill": str,
     "feature_weight": float,
+    "bias_correction": bool,
     "description": str,
 }
 

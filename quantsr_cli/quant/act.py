@@ -34,6 +34,12 @@ PAMS_EMA_DECAY = 0.9
 """EMA decay for :data:`PAMS_EMA_STEPS` (PAMS uses 0.9997 over a whole epoch)."""
 
 
+def _mse_of_grid(x: Tensor, qmin: int, qmax: int) -> float:
+    """Mean squared error of fake-quantizing ``x`` on ``[qmin, qmax]`` at the LSQ initial step."""
+    step = lsq_init_step(x, qmax)
+    return float((torch.clamp(torch.round(x / step), qmin, qmax) * step - x).square().mean())
+
+
 class LearnedStepActQuantizer(ActQuantizer):
     """LSQ activation quantizer with optional RLQ shift (methods ``lsq``, ``rlq``, ``rbd``).
 
@@ -43,7 +49,11 @@ class LearnedStepActQuantizer(ActQuantizer):
 
     Initialisation (released ``ActOurs``/``ActLSQ``): on the first batch, *after* the shift, the
     quantizer becomes signed (``Qn, Qp = −2**(b−1), 2**(b−1)−1``) if ``min < −1e-5`` and unsigned
-    (``0, 2**b−1``) otherwise, and ``α = 2·mean|x| / sqrt(Qp)``. Both are stored in buffers
+    (``0, 2**b−1``) otherwise (``sign_rule="min"``), and ``α = 2·mean|x| / sqrt(Qp)``. With
+    ``sign_rule="mse"`` (our option, not in the release) the grid whose LSQ-initialised fake
+    quantization of the batch has the lower MSE wins: after a LeakyReLU (IMDN) the release's rule
+    makes every quantizer signed although the negative tail is tiny, which leaves a 2-bit grid
+    only one positive level. Both are stored in buffers
     (``signed``, ``initialized``) so a loaded checkpoint is never re-initialised. Unlike the release,
     which initialises only on the first *training* forward and otherwise quantizes with an
     uninitialised ``torch.Tensor(1)`` (defect (i)), a first forward in eval mode initialises too.
@@ -57,12 +67,16 @@ class LearnedStepActQuantizer(ActQuantizer):
         bits: bit-width in {2, 4, 8}.
         shift_shape: shape of ``τ̂`` (``(1, C, 1, 1)`` for conv inputs, ``(C,)`` for linear inputs),
             or ``None`` for no shift (per-tensor attention points).
+        sign_rule: ``"min"`` (release) or ``"mse"``, see above.
     """
 
     surrogate = "ste"
 
-    def __init__(self, bits: int, shift_shape: tuple[int, ...] | None = None) -> None:
+    def __init__(self, bits: int, shift_shape: tuple[int, ...] | None = None, sign_rule: str = "min") -> None:
         super().__init__(bits)
+        if sign_rule not in ("min", "mse"):
+            raise ConfigError(f"unknown activation sign rule {sign_rule!r}; choose min or mse")
+        self.sign_rule = sign_rule
         self._surrogate: Surrogate = phi_surrogate if self.surrogate == "phi" else ste_surrogate
         self.step = nn.Parameter(torch.ones(1))
         self.shift = None if shift_shape is None else nn.Parameter(torch.zeros(shift_shape))
@@ -77,7 +91,11 @@ class LearnedStepActQuantizer(ActQuantizer):
     def _initialize(self, x: Tensor) -> None:
         if self.shift is not None:
             x = x + self.shift
-        self.signed.fill_(bool(x.min() < SIGNED_THRESHOLD))
+        if self.sign_rule == "min":
+            signed = bool(x.min() < SIGNED_THRESHOLD)
+        else:
+            signed = _mse_of_grid(x, *signed_range(self.bits)) < _mse_of_grid(x, *unsigned_range(self.bits))
+        self.signed.fill_(signed)
         self.step.copy_(lsq_init_step(x, self.qrange[1]).to(self.step))
         self.initialized.fill_(True)
 
@@ -106,7 +124,7 @@ class LearnedStepActQuantizer(ActQuantizer):
 
     def extra_repr(self) -> str:
         shift = None if self.shift is None else tuple(self.shift.shape)
-        return f"bits={self.bits}, surrogate={self.surrogate}, shift={shift}"
+        return f"bits={self.bits}, surrogate={self.surrogate}, shift={shift}, sign_rule={self.sign_rule}"
 
 
 class LSQActQuantizer(LearnedStepActQuantizer):

@@ -32,7 +32,8 @@ from quantsr_cli.quant.weight import (
 FULL_PRECISION_BITS = 32
 
 
-def make_act_quantizer(method: str, bits: int, shift_shape: tuple[int, ...] | None = None) -> ActQuantizer | None:
+def make_act_quantizer(method: str, bits: int, shift_shape: tuple[int, ...] | None = None,
+                       sign_rule: str = "min") -> ActQuantizer | None:
     """Activation quantizer of ``method`` at ``bits`` (``None`` for 32 bits).
 
     Args:
@@ -40,15 +41,16 @@ def make_act_quantizer(method: str, bits: int, shift_shape: tuple[int, ...] | No
         bits: 2, 4, 8 or 32.
         shift_shape: shape of the RLQ/RBD per-channel shift ``τ̂``, or ``None`` (per-tensor, no
             shift). Ignored by ``lsq``, ``dorefa`` and ``pams``, which have no shift.
+        sign_rule: ``"min"`` or ``"mse"`` (``QuantConfig.act_sign``); learned-step methods only.
     """
     if bits == FULL_PRECISION_BITS:
         return None
     if method == "rlq":
-        return RLQActQuantizer(bits, shift_shape)
+        return RLQActQuantizer(bits, shift_shape, sign_rule)
     if method == "rbd":
-        return RBDActQuantizer(bits, shift_shape)
+        return RBDActQuantizer(bits, shift_shape, sign_rule)
     if method == "lsq":
-        return LSQActQuantizer(bits)
+        return LSQActQuantizer(bits, None, sign_rule)
     if method == "dorefa":
         return DoReFaActQuantizer(bits)
     if method == "pams":
@@ -85,7 +87,7 @@ class _QuantMixin:
 
     def _setup_quant(self, config: QuantConfig, shift_shape: tuple[int, ...]) -> None:
         self.method, self.w_bits, self.a_bits = config.method, config.w_bits, config.a_bits
-        self.act_q = make_act_quantizer(config.method, config.a_bits, shift_shape)
+        self.act_q = make_act_quantizer(config.method, config.a_bits, shift_shape, config.act_sign)
         self.w_q = make_weight_quantizer(config.method, config.w_bits)
         weight: Tensor = self.weight  # type: ignore[attr-defined]
         for q in (self.act_q, self.w_q):
@@ -180,7 +182,7 @@ class ActQuant(nn.Module):
 
     def __init__(self, config: QuantConfig) -> None:
         super().__init__()
-        act_q = make_act_quantizer(config.method, config.a_bits, None)
+        act_q = make_act_quantizer(config.method, config.a_bits, None, config.act_sign)
         if act_q is None:
             raise ConfigError("ActQuant needs a_bits in 2, 4, 8 (32 means no activation point)")
         self.method, self.a_bits = config.method, config.a_bits
