@@ -104,9 +104,13 @@ def test_layers_without_bias_are_skipped() -> None:
     assert correct_biases_(layer, x) == 0
 
 
-def test_imdn_rbd_w2a2_starts_near_bicubic_only_with_bias_correction(shared_data) -> None:
-    """Published IMDN x4 at RBD W2A2, calibrated on one T91/BSD200 batch: Set5 (first 2 images)
-    PSNR-Y. Without correction the asymmetric 2-bit grid wrecks the start (~13 dB on all of Set5)."""
+def test_imdn_rbd_w2a2_calibration_with_bias_correction(shared_data) -> None:
+    """Published IMDN x4 at RBD W2A2, calibrated on one T91 batch; Set5 (first 2 images) PSNR-Y.
+
+    Without correction the asymmetric 2-bit grid wrecks the start (~13 dB on all of Set5). Correcting
+    in the same pass that initialises the quantizers (``quantsr quantize``'s calibration) also sizes
+    the activation steps on corrected activations: the last conv's step is far smaller than when the
+    quantizers are first initialised on the uncorrected network."""
     from quantsr_cli.data import TrainDataset
     from quantsr_cli.engine.evaluate import evaluate_model
     from quantsr_cli.engine.modelio import load_model
@@ -116,14 +120,20 @@ def test_imdn_rbd_w2a2_starts_near_bicubic_only_with_bias_correction(shared_data
         pytest.skip(f"{weights} not found")
     data = TrainDataset([str(shared_data / "train" / "T91")], scale=4, patch_size=96, seed=0)
     batch = data.sample_batch(0, 8)[0]
-    psnr = {}
-    for corrected in (False, True):
+    psnr, last_step = {}, {}
+    for mode in ("none", "after_init", "single_pass"):
         loaded = load_model(str(weights), arch="imdn", scale=4)
         quantize_(loaded.model, QuantConfig("rbd", 2, 2))
-        initialize_quantizers(loaded.model, batch)
-        if corrected:
+        if mode == "single_pass":
+            loaded.model.train()
             correct_biases_(loaded.model, batch)
+        else:
+            initialize_quantizers(loaded.model, batch)
+            if mode == "after_init":
+                correct_biases_(loaded.model, batch)
         loaded.model.eval()
-        psnr[corrected] = evaluate_model(loaded, "Set5", bicubic=False, max_images=2).psnr
-    assert psnr[False] < 20.0
-    assert psnr[True] > 26.0
+        last_step[mode] = float(loaded.model.LR_conv.act_q.step.detach())
+        psnr[mode] = evaluate_model(loaded, "Set5", bicubic=False, max_images=2).psnr
+    assert psnr["none"] < 20.0
+    assert psnr["after_init"] > 26.0 and psnr["single_pass"] > 26.0
+    assert last_step["single_pass"] < 0.5 * last_step["none"]

@@ -196,11 +196,14 @@ def init_distributed() -> None:
 
 
 def calibrate(model: nn.Module, lr: torch.Tensor, bias_correction: bool = True) -> None:
-    """Initialise every lazily initialised quantizer from one batch (same on every DDP rank), then,
-    when asked, apply empirical bias correction (:func:`~quantsr_cli.quant.correct_biases_`)."""
-    initialize_quantizers(model, lr)
+    """Initialise every lazily initialised quantizer from one batch (same on every DDP rank); with
+    ``bias_correction`` in the same training-mode pass, layer by layer
+    (:func:`~quantsr_cli.quant.correct_biases_`), so each step is sized on corrected activations."""
     if bias_correction:
+        model.train()
         correct_biases_(model, lr)
+    else:
+        initialize_quantizers(model, lr)
 
 
 def prepare_training(job: QuantizeJob, model: nn.Module, on_event: EventFn | None) -> Trainer:

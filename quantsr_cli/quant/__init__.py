@@ -11,7 +11,7 @@ Methods (``QuantConfig.method``):
 Typical use::
 
     quantize_(model, QuantConfig("rbd", 4, 4))      # uses model.quant_patterns
-    initialize_quantizers(model, lr_batch); correct_biases_(model, lr_batch)
+    model.train(); correct_biases_(model, lr_batch)   # initialise quantizers + bias correction
     opt = torch.optim.Adam(param_groups(model, lr=2e-4))
 
 Export for packing: ``layer.w_q.export(layer.weight)`` → :class:`WeightParams`, ``layer.act_q.export()``

@@ -6,8 +6,9 @@ QuantSR/QuantSR+ code, which starts QAT from the uncorrected fake-quant model. W
 RBD weight grid is asymmetric (``{−2**(n−1)+1 … 2**(n−1)}``, one extra positive level): on the
 published IMDN x4 weights at W2 the saturated positive tails shift every output channel's mean, the
 shifts compound through the LeakyReLU blocks, and the calibrated W2A2 model starts at 13.3 dB on
-Set5 (mirrored grid: 28.4 dB). Subtracting each layer's mean output error from its FP bias brings the
-start to 28.7 dB; it changes only the initial value of a trainable FP parameter, never the quantizer.
+Set5 (mirrored grid: 28.4 dB). Subtracting each layer's mean output error from its FP bias, layer
+by layer while the quantizers initialise, fixes that; it changes only the initial value of a
+trainable FP parameter and where the steps start, never the quantizer.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ def _channel_mean(t: Tensor, layer: QConv2d | QLinear) -> Tensor:
 @torch.no_grad()
 def initialize_quantizers(model: nn.Module, batch: Tensor) -> None:
     """One training-mode forward on ``batch`` so every lazily initialised quantizer sets its state
-    (signedness, steps) from real data; the model's mode is left in training mode.
+    (signedness, steps) from real data; the model is left in training mode.
 
     Args:
         model: a model after :func:`~quantsr_cli.quant.quantize_`.
@@ -53,10 +54,17 @@ def correct_biases_(model: nn.Module, batch: Tensor) -> int:
     affected by the quantized, corrected layers before it): ``b_L -= mean(L(x) − L_fp(x))`` per output
     channel, where ``L_fp`` uses the unquantized input and weight. The layer's output is corrected
     in place before it flows on, so later layers see the corrected network. A layer called twice
-    is corrected on its first call only. Call after the quantizers are initialised.
+    is corrected on its first call only.
+
+    Run it on a model whose quantizers are **not yet initialised** (what ``quantsr quantize`` does):
+    each lazily initialised quantizer then sets its step from the corrected upstream activations.
+    Initialising first on the uncorrected network would size the activation steps for its drifted
+    activations: on IMDN at RBD W2A2 the last layers' steps came out 10–30× too large (4.3 instead of
+    0.13) and QAT spent its iterations shrinking them. The pass runs in the model's current mode
+    (training mode for a calibration, as in :func:`initialize_quantizers`).
 
     Args:
-        model: a quantized model (its quantizers initialised).
+        model: a quantized model.
         batch: ``(N, 3, h, w)`` LR images in [0, 1] (the calibration batch).
 
     Returns:
@@ -75,12 +83,9 @@ def correct_biases_(model: nn.Module, batch: Tensor) -> int:
 
     layers = [m for m in model.modules() if isinstance(m, (QConv2d, QLinear))]
     handles = [m.register_forward_hook(hook) for m in layers]
-    was_training = model.training
     try:
-        model.eval()
         model(batch)
     finally:
         for h in handles:
             h.remove()
-        model.train(was_training)
     return len(done)
