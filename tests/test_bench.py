@@ -43,3 +43,19 @@ def test_compare_methods_smoke_and_resume(tmp_path: Path, shared_data: Path) -> 
     assert (tmp_path / "m.md").read_text().startswith("| model |")
     again = _run(args)  # every run is finished: nothing is retrained
     assert again.returncode == 0 and "training" not in again.stderr
+
+
+@pytest.mark.slow
+def test_quantsr_plus_ablation_smoke(tmp_path: Path, shared_data: Path) -> None:
+    args = ["bench/ablation_quantsr_plus.py", "--work-dir", str(tmp_path / "w"), "--out", str(tmp_path / "a.json"),
+            "--blocks", "2", "--slim-to", "1", "--teacher-iters", "2", "--iters", "4", "--batch", "2",
+            "--patch", "32", "--val-every", "1", "--threads", "1"]
+    first = _run(args)
+    assert first.returncode == 0, first.stderr[-3000:]
+    rows = {r["label"]: r for r in json.loads((tmp_path / "a.json").read_text())["rows"]}
+    assert list(rows) == ["FP32 teacher", "RBD", "RBD+SFD", "RBD+QSA", "RBD+QSA+SFD"]
+    assert rows["RBD"]["blocks"] == 2 and rows["RBD+QSA"]["blocks"] == 1
+    assert rows["RBD+QSA"]["params"] < rows["RBD"]["params"]  # the slimmed file really lost a block
+    assert rows["RBD+QSA"]["macs_g"] < rows["RBD"]["macs_g"]
+    again = _run(args)
+    assert again.returncode == 0 and "training" not in again.stderr
