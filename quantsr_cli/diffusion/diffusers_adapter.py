@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from quantsr_cli.diffusion.schedule import x0_from_eps
+from quantsr_cli.diffusion.schedule import OneStepSRMixin
 from quantsr_cli.errors import CheckpointError, ConfigError
 
 ARCH = "osediff"
@@ -140,7 +140,7 @@ def merge_osediff_lora(unet: nn.Module, vae: nn.Module, ckpt: dict[str, object],
     return changed
 
 
-class OSEDiffAdapter(nn.Module):
+class OSEDiffAdapter(OneStepSRMixin, nn.Module):
     """OSEDiff one-step SR over diffusers modules: LR ``(N, 3, H, W)`` in [0, 1] → SR ``(N, 3, sH, sW)``."""
 
     def __init__(self, unet: nn.Module, vae: nn.Module, prompt_embeds: torch.Tensor, timestep: int = 999,
@@ -199,18 +199,6 @@ class OSEDiffAdapter(nn.Module):
     def decode(self, z_h: torch.Tensor) -> torch.Tensor:
         return (self.vae.decode(z_h / self.scaling_factor).sample + 1) * 0.5
 
-    def latents(self, lr: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        z_l = self.encode(lr)
-        eps = self.denoise(z_l)
-        return z_l, eps, x0_from_eps(z_l, eps, self.timestep)
-
-    def forward(self, lr: torch.Tensor) -> torch.Tensor:
-        h, w = lr.shape[-2:]
-        m = self.size_multiple
-        ph, pw = (-h) % m, (-w) % m
-        if ph or pw:
-            lr = F.pad(lr, (0, pw, 0, ph), mode="replicate")
-        return self.decode(self.latents(lr)[2])[..., : h * self.upscale, : w * self.upscale]
 
 
 def _load_prompt(prompt: torch.Tensor | str | Path | None, dim: int) -> torch.Tensor:

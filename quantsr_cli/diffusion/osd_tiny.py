@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from quantsr_cli.diffusion.osd_blocks import DownLevel, MidBlock, ResBlock, UpLevel, _groups, timestep_embedding
-from quantsr_cli.diffusion.schedule import x0_from_eps
+from quantsr_cli.diffusion.schedule import OneStepSRMixin
 from quantsr_cli.errors import ConfigError
 
 ARCH = "osd-sr-tiny"
@@ -109,7 +109,7 @@ class TinyUNet(nn.Module):
         return self.out(h)
 
 
-class OSDSRTiny(nn.Module):
+class OSDSRTiny(OneStepSRMixin, nn.Module):
     """The ``osd-sr-tiny`` model: LR ``(N, 3, H, W)`` in [0, 1] → SR ``(N, 3, sH, sW)`` (unclamped).
 
     Any LR size works (edge-padded internally to a multiple of ``size_multiple``).
@@ -168,20 +168,6 @@ class OSDSRTiny(nn.Module):
         """``z_H`` → image in ~[0, 1] (unclamped)."""
         return (self.vae.decoder(z_h / self.scaling_factor) + 1) * 0.5
 
-    def latents(self, lr: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(z_L, eps, z_H)`` for an LR batch whose sizes are multiples of ``size_multiple``."""
-        z_l = self.encode(lr)
-        eps = self.denoise(z_l)
-        return z_l, eps, x0_from_eps(z_l, eps, self.timestep)
-
-    def forward(self, lr: torch.Tensor) -> torch.Tensor:
-        h, w = lr.shape[-2:]
-        m = self.size_multiple
-        ph, pw = (-h) % m, (-w) % m
-        if ph or pw:
-            lr = F.pad(lr, (0, pw, 0, ph), mode="replicate")
-        out = self.decode(self.latents(lr)[2])
-        return out[..., : h * self.upscale, : w * self.upscale]
 
 
 DIFFUSION_ARCHS: dict[str, type[nn.Module]] = {ARCH: OSDSRTiny}

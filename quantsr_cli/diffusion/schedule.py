@@ -13,6 +13,7 @@ import math
 from functools import lru_cache
 
 import torch
+import torch.nn.functional as F
 
 from quantsr_cli.errors import ConfigError
 
@@ -71,3 +72,32 @@ def x0_from_eps(z_t: torch.Tensor, eps: torch.Tensor, t: int) -> torch.Tensor:
     """
     a = alpha_bar(t)
     return (z_t - math.sqrt(1.0 - a) * eps) / math.sqrt(a)
+
+
+class OneStepSRMixin:
+    """The one-step SR pipeline shared by ``OSDSRTiny`` and ``OSEDiffAdapter``.
+
+    The class provides ``encode(lr)``, ``denoise(z_L)``, ``decode(z_H)`` and the attributes
+    ``timestep``, ``size_multiple`` and ``upscale``; this mixin adds ``latents`` and ``forward``.
+    """
+
+    timestep: int
+    size_multiple: int
+    upscale: int
+
+    def latents(self, lr: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(z_L, eps, z_H)`` for an LR batch whose sizes are multiples of ``size_multiple``."""
+        z_l = self.encode(lr)  # type: ignore[attr-defined]
+        eps = self.denoise(z_l)  # type: ignore[attr-defined]
+        return z_l, eps, x0_from_eps(z_l, eps, self.timestep)
+
+    def forward(self, lr: torch.Tensor) -> torch.Tensor:
+        """LR ``(N, 3, h, w)`` in [0, 1] → SR ``(N, 3, h·upscale, w·upscale)`` (~[0, 1], unclamped);
+        sizes that are not multiples of ``size_multiple`` are replicate-padded, then cropped."""
+        h, w = lr.shape[-2:]
+        m = self.size_multiple
+        ph, pw = (-h) % m, (-w) % m
+        if ph or pw:
+            lr = F.pad(lr, (0, pw, 0, ph), mode="replicate")
+        out = self.decode(self.latents(lr)[2])  # type: ignore[attr-defined]
+        return out[..., : h * self.upscale, : w * self.upscale]
