@@ -199,3 +199,19 @@ def test_act_sign_and_bias_correction_flags_reach_the_run(tmp_path: Path, tiny_t
     assert json.loads(read_metadata(runs["default"])["extra"])["act_sign"] == "min"
     plain, default = load_file(str(runs["plain"])), load_file(str(runs["default"]))
     assert not torch.allclose(plain["body.0.conv1.bias"], default["body.0.conv1.bias"])
+
+
+def test_every_bundled_preset_builds_a_valid_job() -> None:
+    from quantsr_cli.cli.quantize import build_job, resolve_options
+    from quantsr_cli.presets import list_presets
+
+    names = list_presets()
+    assert {"imdn_x4_w4a4", "imdn_x4_w2a2", "swinir-s_x4_w2a2"} <= set(names)
+    for name in names:
+        opts, used = resolve_options({}, None, name)
+        job = build_job(opts, run_dir=None, out=None, resume=False, device="cpu")
+        assert used == name and job.train.iters >= 1
+    w2 = build_job(resolve_options({}, None, "imdn_x4_w2a2")[0], run_dir=None, out=None, resume=False, device="cpu")
+    assert w2.quant.act_sign == "mse" and w2.quant.method == "rbd" and w2.train.bias_correction
+    flag = resolve_options({"act_sign": "min"}, None, "imdn_x4_w2a2")[0]  # a flag beats the preset
+    assert build_job(flag, run_dir=None, out=None, resume=False, device="cpu").quant.act_sign == "min"
