@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from quantsr_cli.config import QuantConfig
-from quantsr_cli.quant import QConv2d, QLinear, correct_biases_, initialize_quantizers, quantize_
+from quantsr_cli.quant import QConv2d, QLinear, calibrate_, correct_biases_, initialize_quantizers, quantize_
 
 
 class Toy(nn.Module):
@@ -125,8 +125,7 @@ def test_imdn_rbd_w2a2_calibration_with_bias_correction(shared_data) -> None:
         loaded = load_model(str(weights), arch="imdn", scale=4)
         quantize_(loaded.model, QuantConfig("rbd", 2, 2))
         if mode == "single_pass":
-            loaded.model.train()
-            correct_biases_(loaded.model, batch)
+            calibrate_(loaded.model, batch)
         else:
             initialize_quantizers(loaded.model, batch)
             if mode == "after_init":

@@ -110,7 +110,6 @@ def train_osd_tiny(out_dir: str | Path, train_dirs: Sequence[str | Path],
         start = state["step"]
     else:
         model = build_osd_model(ARCH, **options.hparams)
-        state = None
     model.train()
     scale = int(model.hparams["upscale"])
     total = options.ae_iters + options.iters

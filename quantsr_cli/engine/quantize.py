@@ -33,7 +33,7 @@ from quantsr_cli.errors import ConfigError
 from quantsr_cli.models import build_model
 from quantsr_cli.models.loading import detect_arch, read_state_dict
 from quantsr_cli.packing import io as packing_io
-from quantsr_cli.quant import correct_biases_, initialize_quantizers, quantize_
+from quantsr_cli.quant import calibrate_, quantize_
 from quantsr_cli.slim import SlimHook, compact_state_dict, dqa_keep_lists, dqa_variants
 
 EventFn = Callable[[dict[str, Any]], None]
@@ -195,17 +195,6 @@ def init_distributed() -> None:
         torch.distributed.init_process_group(backend=backend)
 
 
-def calibrate(model: nn.Module, lr: torch.Tensor, bias_correction: bool = True) -> None:
-    """Initialise every lazily initialised quantizer from one batch (same on every DDP rank); with
-    ``bias_correction`` in the same training-mode pass, layer by layer
-    (:func:`~quantsr_cli.quant.correct_biases_`), so each step is sized on corrected activations."""
-    if bias_correction:
-        model.train()
-        correct_biases_(model, lr)
-    else:
-        initialize_quantizers(model, lr)
-
-
 def prepare_training(job: QuantizeJob, model: nn.Module, on_event: EventFn | None) -> Trainer:
     """Quantize ``model``, set up data, validation and the trainer (resuming when asked)."""
     cfg = job.train
@@ -221,7 +210,7 @@ def prepare_training(job: QuantizeJob, model: nn.Module, on_event: EventFn | Non
     train_dirs = cfg.train_data or default_train_dirs()
     data = TrainDataset(list(train_dirs), scale=job.scale, patch_size=cfg.patch_size, seed=cfg.seed)
     if job.start_model is None:
-        calibrate(model, data.sample_batch(0, cfg.batch_size)[0].to(device),
+        calibrate_(model, data.sample_batch(0, cfg.batch_size)[0].to(device),
                   bias_correction=cfg.bias_correction and not job.quant.full_precision)
     validate = make_validator(job.scale, cfg.val_dataset, cfg.val_max_images, job.arch) if cfg.val_dataset else None
     extra: dict[str, Any] = {"command": job.command, "iters": cfg.iters, "act_sign": job.quant.act_sign,

@@ -11,7 +11,7 @@ Methods (``QuantConfig.method``):
 Typical use::
 
     quantize_(model, QuantConfig("rbd", 4, 4))      # uses model.quant_patterns
-    model.train(); correct_biases_(model, lr_batch)   # initialise quantizers + bias correction
+    calibrate_(model, lr_batch)                     # init quantizers + bias correction, one pass
     opt = torch.optim.Adam(param_groups(model, lr=2e-4))
 
 Export for packing: ``layer.w_q.export(layer.weight)`` → :class:`WeightParams`, ``layer.act_q.export()``
@@ -28,7 +28,7 @@ from quantsr_cli.quant.act import (
 )
 from quantsr_cli.quant.api import param_groups, quant_summary, quantize_, quantized_layers, quantizer_parameters
 from quantsr_cli.quant.base import ActParams, ActQuantizer, WeightParams, WeightQuantizer, apply_act_params
-from quantsr_cli.quant.calibrate import correct_biases_, initialize_quantizers
+from quantsr_cli.quant.calibrate import calibrate_, correct_biases_, initialize_quantizers
 from quantsr_cli.quant.layers import ActQuant, QConv2d, QLinear, make_act_quantizer, make_weight_quantizer
 from quantsr_cli.quant.weight import (
     DoReFaWeightQuantizer,
@@ -58,6 +58,7 @@ __all__ = [
     "WeightParams",
     "WeightQuantizer",
     "apply_act_params",
+    "calibrate_",
     "correct_biases_",
     "initialize_quantizers",
     "make_act_quantizer",

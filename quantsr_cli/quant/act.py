@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from quantsr_cli.config import ACT_SIGN_RULES
 from quantsr_cli.errors import ConfigError
 from quantsr_cli.quant.base import ActParams, ActQuantizer
 from quantsr_cli.quant.primitives import (
@@ -36,8 +37,7 @@ PAMS_EMA_DECAY = 0.9
 
 def _mse_of_grid(x: Tensor, qmin: int, qmax: int) -> float:
     """Mean squared error of fake-quantizing ``x`` on ``[qmin, qmax]`` at the LSQ initial step."""
-    step = lsq_init_step(x, qmax)
-    return float((torch.clamp(torch.round(x / step), qmin, qmax) * step - x).square().mean())
+    return float((fake_quant(x, lsq_init_step(x, qmax), qmin, qmax) - x).square().mean())
 
 
 class LearnedStepActQuantizer(ActQuantizer):
@@ -74,8 +74,8 @@ class LearnedStepActQuantizer(ActQuantizer):
 
     def __init__(self, bits: int, shift_shape: tuple[int, ...] | None = None, sign_rule: str = "min") -> None:
         super().__init__(bits)
-        if sign_rule not in ("min", "mse"):
-            raise ConfigError(f"unknown activation sign rule {sign_rule!r}; choose min or mse")
+        if sign_rule not in ACT_SIGN_RULES:
+            raise ConfigError(f"unknown activation sign rule {sign_rule!r}; choose one of {', '.join(ACT_SIGN_RULES)}")
         self.sign_rule = sign_rule
         self._surrogate: Surrogate = phi_surrogate if self.surrogate == "phi" else ste_surrogate
         self.step = nn.Parameter(torch.ones(1))

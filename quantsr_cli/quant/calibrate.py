@@ -89,3 +89,22 @@ def correct_biases_(model: nn.Module, batch: Tensor) -> int:
         for h in handles:
             h.remove()
     return len(done)
+
+
+@torch.no_grad()
+def calibrate_(model: nn.Module, batch: Tensor, bias_correction: bool = True) -> None:
+    """Calibrate a freshly quantized model on one batch, in training mode (left in training mode).
+
+    With ``bias_correction`` this is a single :func:`correct_biases_` pass, so each quantizer
+    initialises on its corrected input; otherwise it is :func:`initialize_quantizers` (the release).
+
+    Args:
+        model: a model after :func:`~quantsr_cli.quant.quantize_`, quantizers not yet initialised.
+        batch: ``(N, 3, h, w)`` LR images in [0, 1].
+        bias_correction: whether to correct the FP biases in the same pass.
+    """
+    if bias_correction:
+        model.train()
+        correct_biases_(model, batch)
+    else:
+        initialize_quantizers(model, batch)
