@@ -28,33 +28,24 @@ from typing import Any
 
 import torch
 
-from quantsr_cli.config import QuantConfig, TrainConfig
+from quantsr_cli.config import QuantConfig
 from quantsr_cli.data import shared_data_dir
-from quantsr_cli.engine.quantize import QuantizeJob, run_quantize
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from compare_methods import evaluate, log, row  # noqa: E402  (sibling bench script)
+from compare_methods import evaluate, row  # noqa: E402  (sibling bench script)
+from compare_methods import train as train_run  # noqa: E402
 
 VARIANTS = (("RBD", False, False), ("RBD+SFD", True, False), ("RBD+QSA", False, True), ("RBD+QSA+SFD", True, True))
 
 
 def train(args: argparse.Namespace, name: str, quant: QuantConfig, iters: int, *, init: str | None,
           distill: str = "", slim_to: int = 0) -> Path:
-    run_dir = args.work_dir / name
-    out = run_dir / "model.safetensors"
-    if (run_dir / "summary.json").is_file() and out.is_file():
-        log(f"{name}: done, reusing {out}")
-        return out
-    cfg = TrainConfig(iters=iters, batch_size=args.batch, patch_size=args.patch, lr=2e-4, scheduler="cosine",
-                      val_every=args.val_every if slim_to else 0, val_max_images=0, save_every=max(iters // 10, 1),
-                      log_every=max(iters // 20, 1), seed=args.seed, threads=args.threads, distill=distill,
-                      slim_to=slim_to, val_dataset="Set5" if slim_to else "")
-    job = QuantizeJob(arch="quantsr-c", scale=4, quant=quant, train=cfg, init=init, blocks=args.blocks,
-                      run_dir=run_dir, resume=True, command=f"bench/ablation_quantsr_plus.py {name}")
-    log(f"{name}: training {iters} iterations")
-    run_quantize(job)
-    return out
+    """One ablation run through :func:`compare_methods.train` (QSA runs validate on Set5 to pace removals)."""
+    return train_run(args, name, "quantsr-c", quant, iters, blocks=args.blocks, init=init, patch=args.patch,
+                     batch=args.batch, script="bench/ablation_quantsr_plus.py", distill=distill, slim_to=slim_to,
+                     val_every=args.val_every if slim_to else 0, val_max_images=0,
+                     val_dataset="Set5" if slim_to else "")
 
 
 def markdown(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:

@@ -52,17 +52,24 @@ def evaluate(source: str, depth_keep: list[int] | None = None) -> dict[str, Any]
 
 
 def train(args: argparse.Namespace, name: str, arch: str, quant: QuantConfig, iters: int, *,
-          blocks: int | None, init: str | None, patch: int, batch: int, dqa: bool = False) -> Path:
+          blocks: int | None, init: str | None, patch: int, batch: int, script: str = "bench/compare_methods.py",
+          **overrides: Any) -> Path:
+    """Train (or resume, or reuse when finished) run ``name`` in ``args.work_dir``; returns its packed file.
+
+    Every run shares Adam 2e-4 with cosine decay, ``args.seed`` and ``args.threads``; ``overrides`` are
+    further :class:`TrainConfig` fields (``dqa``, ``distill``, ``slim_to``, ``val_every``, ``val_dataset``).
+    """
     run_dir = args.work_dir / name
     out = run_dir / "model.safetensors"
     if (run_dir / "summary.json").is_file() and out.is_file():
         log(f"{name}: done, reusing {out}")
         return out
+    settings: dict[str, Any] = {"val_every": 0, "val_dataset": ""} | overrides
     cfg = TrainConfig(iters=iters, batch_size=batch, patch_size=patch, lr=2e-4, scheduler="cosine",
-                      val_every=0, save_every=max(iters // 10, 1), log_every=max(iters // 20, 1), seed=args.seed,
-                      threads=args.threads, dqa=dqa, val_dataset="")
+                      save_every=max(iters // 10, 1), log_every=max(iters // 20, 1), seed=args.seed,
+                      threads=args.threads, **settings)
     job = QuantizeJob(arch=arch, scale=4, quant=quant, train=cfg, init=init, blocks=blocks, run_dir=run_dir,
-                      resume=True, command=f"bench/compare_methods.py {name}")
+                      resume=True, command=f"{script} {name}")
     log(f"{name}: training {iters} iterations")
     run_quantize(job)
     return out

@@ -12,6 +12,7 @@ from typing import Annotated, Any
 import typer
 
 from quantsr_cli.cli.common import DeviceOpt, JsonOpt, log, print_json, progress_bar, TrainRenderer
+from quantsr_cli.cli.trainopts import StartModel
 from quantsr_cli.config import METHODS, SCALES, QuantConfig, TrainConfig
 from quantsr_cli.engine.modelio import read_model_meta
 from quantsr_cli.engine.quantize import QuantizeJob, run_quantize
@@ -98,20 +99,28 @@ def quantize(
     bias_correction: Annotated[bool | None, typer.Option("--bias-correction/--no-bias-correction", help="Correct FP biases for the quantization error on the calibration batch [default: on].")] = None,
     preset: Annotated[str | None, typer.Option("--preset", help="Bundled preset name (auto: <arch>_x<scale>_w<b>a<b>).")] = None,
     config: Annotated[Path | None, typer.Option("--config", help="YAML file of options (overridden by flags).")] = None,
+    model: StartModel = None,
     run_dir: Annotated[Path | None, typer.Option("--run-dir", help="Run folder [default: runs/<arch>_x<scale>_w<b>a<b>].")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the newest checkpoint in the run folder.")] = False,
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Packed model file to write [default: <run-dir>/model.safetensors].")] = None,
     device: DeviceOpt = "cpu",
     json_out: JsonOpt = False,
 ) -> None:
-    """Quantization-aware training of an SR model at W/A 2, 4 or 8 bits (RBD by default)."""
+    """Quantization-aware training of an SR model at W/A 2, 4 or 8 bits (RBD by default).
+
+    With --model, training continues from a quantsr model instead (arch, scale, method and bits come
+    from the file; a packed lsq/rlq/rbd file or bundled name such as ``default`` is fine-tuned from its
+    codes, see ``quantsr_cli.packing.unpack``).
+    """
+    if model is not None and (arch is not None or init is not None or blocks is not None):
+        raise ConfigError("--model continues from a model file; it cannot be combined with --arch, --init or --blocks")
     cli = dict(arch=arch, bits=bits, w_bits=w_bits, a_bits=a_bits, method=method, scale=scale, init=init,
                blocks=blocks, train_data=train_data or None, val_dataset=val_dataset, iters=iters,
                batch_size=batch_size, patch_size=patch_size, lr=lr, val_every=val_every, save_every=save_every,
                seed=seed, threads=threads, dqa=dqa, slim_to=slim_to, distill=distill, feature_weight=feature_weight,
                act_sign=act_sign, bias_correction=bias_correction)
     run_training_command(cli, config=config, preset=preset, run_dir=run_dir, resume=resume, out=out,
-                         device=device, json_out=json_out)
+                         device=device, json_out=json_out, start_model=model)
 
 
 def run_training_command(
@@ -129,9 +138,9 @@ def run_training_command(
     """Shared body of ``quantize``, ``slim`` and ``distill``: merge options, train, report."""
     if start_model is not None:
         meta = read_model_meta(start_model)
-        if meta.get("kind") != "qat":
-            raise ConfigError(f"--model {start_model}: expected a fake-quant (qat) model file, got {meta.get('kind')!r}; "
-                              "use the qat_last/qat_best file of a quantize run")
+        if meta.get("kind") not in ("qat", "packed"):
+            raise ConfigError(f"--model {start_model}: expected a quantized (qat or packed) model file, got "
+                              f"{meta.get('kind')!r}; use the qat_last/qat_best file of a quantize run")
         # These values name the run folder: only accept registered archs and known scales from a file.
         if meta.get("arch") not in ARCHS or meta.get("scale") not in SCALES or not all(
             k in meta for k in ("method", "w_bits", "a_bits")

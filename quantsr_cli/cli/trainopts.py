@@ -22,4 +22,4 @@ Config = Annotated[Path | None, typer.Option("--config", help="YAML file of opti
 RunDir = Annotated[Path | None, typer.Option("--run-dir", help="Run folder [default: runs/<arch>_x<scale>_w<b>a<b>].")]
 Resume = Annotated[bool, typer.Option("--resume", help="Continue from the newest checkpoint in the run folder.")]
 Out = Annotated[Path | None, typer.Option("--out", "-o", help="Packed model file to write [default: <run-dir>/model.safetensors].")]
-StartModel = Annotated[str | None, typer.Option("--model", "-m", help="Fake-quant (qat) model file to continue from.")]
+StartModel = Annotated[str | None, typer.Option("--model", "-m", help="Model to continue from: a qat file, or a packed lsq/rlq/rbd file or bundled name (fine-tuned from its codes).")]

@@ -27,12 +27,14 @@ from quantsr_cli.config import QuantConfig, TrainConfig
 from quantsr_cli.distill import FeatureDistillHook
 from quantsr_cli.data import TrainDataset, shared_data_dir
 from quantsr_cli.engine.evaluate import evaluate_model
-from quantsr_cli.engine.modelio import LoadedModel, load_model
+from quantsr_cli.engine.modelio import LoadedModel, load_model, resolve_model_path
 from quantsr_cli.engine.trainer import Trainer
 from quantsr_cli.errors import ConfigError
 from quantsr_cli.models import build_model
 from quantsr_cli.models.loading import detect_arch, read_state_dict
+from quantsr_cli.packing import PackedModule
 from quantsr_cli.packing import io as packing_io
+from quantsr_cli.packing.unpack import to_qat
 from quantsr_cli.quant import calibrate_, quantize_
 from quantsr_cli.slim import SlimHook, compact_state_dict, dqa_keep_lists, dqa_variants
 
@@ -60,6 +62,17 @@ class QuantizeJob:
     def run_name(self) -> str:
         bits = "fp32" if self.quant.full_precision else f"w{self.quant.w_bits}a{self.quant.a_bits}"
         return f"{self.arch}_x{self.scale}_{bits}"
+
+
+def load_start_model(source: str) -> nn.Module:
+    """The trainable model ``--model`` names: a qat file as is, a packed file rebuilt by ``to_qat``."""
+    path = resolve_model_path(source)
+    model = packing_io.load_model_file(path)
+    if any(isinstance(m, PackedModule) for m in model.modules()):
+        meta = packing_io.read_metadata(path)
+        model = to_qat(model, QuantConfig(method=meta.get("method", ""), w_bits=int(meta.get("w_bits", "0")),
+                                          a_bits=int(meta.get("a_bits", "0"))), path)
+    return model
 
 
 def block_hparams(arch: str, blocks: int | None) -> dict[str, Any]:
@@ -214,6 +227,7 @@ def prepare_training(job: QuantizeJob, model: nn.Module, on_event: EventFn | Non
                   bias_correction=cfg.bias_correction and not job.quant.full_precision)
     validate = make_validator(job.scale, cfg.val_dataset, cfg.val_max_images, job.arch) if cfg.val_dataset else None
     extra: dict[str, Any] = {"command": job.command, "iters": cfg.iters, "act_sign": job.quant.act_sign,
+                             **({"start_model": os.path.basename(job.start_model)} if job.start_model else {}),
                              "bias_correction": cfg.bias_correction,
                              "train_data": [os.path.basename(d) for d in train_dirs]}
     hooks: list[Any] = []
@@ -275,7 +289,7 @@ def run_quantize(job: QuantizeJob, on_event: EventFn | None = None) -> dict[str,
     """Train ``job`` to the end (resuming if asked) and write its outputs; returns the summary."""
     torch.manual_seed(job.train.seed)  # fresh weights (no --init) are part of the run's determinism
     if job.start_model is not None:
-        model = packing_io.load_model_file(Path(job.start_model))
+        model = load_start_model(job.start_model)
     else:
         model = build_initial_model(job)
     trainer = prepare_training(job, model, on_event)
