@@ -12,7 +12,7 @@ from quantsr_cli.cli.quantize import run_training_command
 
 
 def distill(
-    model: Annotated[str, typer.Option("--model", "-m", help="Student: a fake-quant (qat) model file.")],
+    model: Annotated[str, typer.Option("--model", "-m", help="Student: a quantized model (qat file, or a packed lsq/rlq/rbd file or bundled name).")],
     teacher: Annotated[str, typer.Option("--teacher", help="Full-precision teacher (.pth or safetensors).")],
     feature_weight: Annotated[float, typer.Option("--feature-weight", help="Weight of the feature loss.")] = 1e-4,
     iters: T.Iters = None, batch_size: T.BatchSize = None, patch_size: T.PatchSize = None, lr: T.Lr = None,

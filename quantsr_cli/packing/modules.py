@@ -92,6 +92,20 @@ def _weight_bits(layer: nn.Module, codes: torch.Tensor) -> int:
     return next(b for b in (2, 4, 8) if top < (1 << b))
 
 
+def _export_spec(layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
+    """``(codes, scale, spec)`` of a QAT conv/linear: its exported weight and the shared spec fields."""
+    with torch.no_grad():
+        codes, scale, zero = layer.w_q.export(layer.weight)
+    a_bits, _, qmin, qmax, shift = _act_params(getattr(layer, "act_q", None))
+    scale = torch.as_tensor(scale, dtype=torch.float32).reshape(-1)
+    spec = {
+        "shape": list(layer.weight.shape), "w_bits": _weight_bits(layer, codes), "w_zero": float(zero),
+        "per_channel": scale.numel() > 1, "bias": layer.bias is not None, "a_bits": a_bits,
+        "a_qmin": qmin, "a_qmax": qmax, "shift": 0 if shift is None else shift.numel(),
+    }
+    return codes, scale, spec
+
+
 class _PackedBase(nn.Module):
     """Shared buffers, activation quantization and caches of packed modules."""
 
@@ -275,18 +289,9 @@ class PackedConv2d(_PackedWeight):
         """Build from a QAT ``QConv2d`` through ``w_q.export`` / ``act_q.export`` (exact same forward)."""
         if layer.padding_mode != "zeros":
             raise ValueError(f"padding_mode={layer.padding_mode!r} is not supported by packed convs")
-        with torch.no_grad():
-            codes, scale, zero = layer.w_q.export(layer.weight)
-        bits = _weight_bits(layer, codes)
-        a_bits, _, qmin, qmax, shift = _act_params(getattr(layer, "act_q", None))
-        scale = torch.as_tensor(scale, dtype=torch.float32).reshape(-1)
-        spec = {
-            "shape": list(layer.weight.shape), "w_bits": bits, "w_zero": float(zero),
-            "per_channel": scale.numel() > 1, "bias": layer.bias is not None, "a_bits": a_bits,
-            "a_qmin": qmin, "a_qmax": qmax, "shift": 0 if shift is None else shift.numel(),
-            "stride": list(layer.stride), "dilation": list(layer.dilation), "groups": layer.groups,
-            "padding": layer.padding if isinstance(layer.padding, str) else list(layer.padding),
-        }
+        codes, scale, spec = _export_spec(layer)
+        spec.update({"stride": list(layer.stride), "dilation": list(layer.dilation), "groups": layer.groups,
+                     "padding": layer.padding if isinstance(layer.padding, str) else list(layer.padding)})
         module = cls(spec).to(layer.weight.device)
         module._load_export(layer, conv_weight_to_rows(codes), scale, layer.bias)
         return module
@@ -319,16 +324,7 @@ class PackedLinear(_PackedWeight):
     @classmethod
     def from_qat(cls, layer: nn.Linear) -> PackedLinear:
         """Build from a QAT ``QLinear`` through ``w_q.export`` / ``act_q.export``."""
-        with torch.no_grad():
-            codes, scale, zero = layer.w_q.export(layer.weight)
-        bits = _weight_bits(layer, codes)
-        a_bits, _, qmin, qmax, shift = _act_params(getattr(layer, "act_q", None))
-        scale = torch.as_tensor(scale, dtype=torch.float32).reshape(-1)
-        spec = {
-            "shape": list(layer.weight.shape), "w_bits": bits, "w_zero": float(zero),
-            "per_channel": scale.numel() > 1, "bias": layer.bias is not None, "a_bits": a_bits,
-            "a_qmin": qmin, "a_qmax": qmax, "shift": 0 if shift is None else shift.numel(),
-        }
+        codes, scale, spec = _export_spec(layer)
         module = cls(spec).to(layer.weight.device)
         module._load_export(layer, codes.contiguous(), scale, layer.bias)
         return module
