@@ -5,8 +5,9 @@ rlq, lsq, dorefa, pams) and each bit-width (W2A2, W4A4) at x4, this script train
 ``quantsr quantize``'s engine, packs, and evaluates PSNR/SSIM on Set5 and Set14; it adds FP and
 bicubic rows and a QuantSR DQA experiment (one ``--dqa`` model at three depths vs separately trained
 models of those depths). Every run lives in ``--work-dir`` and resumes, so the script can be stopped
-and restarted; finished runs are not retrained. Results: ``bench/results/methods_x4.json`` and
-``bench/results/methods_x4.md``.
+and restarted; finished runs are not retrained, and each finished row is kept in ``--rows-dir``
+(committed) so the comparison also continues in a later session on a fresh machine. Results:
+``bench/results/methods_x4.json`` and ``bench/results/methods_x4.md``.
 
     python bench/compare_methods.py                 # the full CPU-sized comparison (hours)
     python bench/compare_methods.py --iters 4 --imdn-iters 2 --blocks 1 --work-dir /tmp/cmp   # smoke
@@ -20,6 +21,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -113,10 +115,55 @@ def markdown(rows: list[dict[str, Any]], dqa_rows: list[dict[str, Any]], args: a
     return text
 
 
+def measured(args: argparse.Namespace, name: str, settings: dict[str, Any], compute: Callable[[], Any]) -> Any:
+    """``compute()``, or the value this script measured before under the same ``settings``.
+
+    Each finished row is kept as ``<rows-dir>/<name>.json`` (settings, value, machine, seconds), written
+    atomically, so the comparison resumes across sessions and machines that keep only the repository:
+    commit ``bench/results/methods_rows/``. Two processes may fill disjoint rows (``--archs imdn`` and
+    ``--archs quantsr-c``); a last run with every arch reuses them all and writes the full table.
+    """
+    path = args.rows_dir / f"{name}.json"
+    if path.is_file():
+        saved = json.loads(path.read_text())
+        if saved.get("settings") == settings:
+            log(f"{name}: measured before ({path}), reusing")
+            return saved["value"]
+        log(f"{name}: {path} was measured with other settings; measuring again")
+    start = time.time()
+    value = compute()
+    record = {"settings": settings, "value": value, "seconds": round(time.time() - start, 1),
+              "machine": f"{os.cpu_count()} CPU cores, {args.threads or torch.get_num_threads()} threads, "
+                         f"torch {torch.__version__}"}
+    args.rows_dir.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(record, indent=2) + "\n")
+    os.replace(tmp, path)
+    return value
+
+
+def dqa_experiment(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """QuantSR DQA: one ``--dqa`` RBD W4A4 model at its three depths vs separately trained models."""
+    quant = QuantConfig("rbd", 4, 4)
+    dqa = train(args, "quantsr-c_dqa_w4a4", "quantsr-c", quant, args.iters, blocks=args.blocks, init=None,
+                patch=args.patch, batch=args.batch, dqa=True)
+    keep = json.loads(json.dumps(load_model(str(dqa)).meta["extra"]["dqa"]))
+    rows: list[dict[str, Any]] = []
+    for depth in DQA_DEPTHS:
+        n = len(keep[depth])
+        rows.append({"label": f"DQA model at {depth} depth", "blocks": n, **evaluate(str(dqa), keep[depth])})
+        sep = train(args, f"quantsr-c_b{n}_w4a4", "quantsr-c", quant, args.iters, blocks=n, init=None,
+                    patch=args.patch, batch=args.batch)
+        rows.append({"label": f"separate {n}-block model", "blocks": n, **evaluate(str(sep))})
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--work-dir", type=Path, default=HERE / "runs" / "methods")
     parser.add_argument("--out", type=Path, default=HERE / "results" / "methods_x4.json")
+    parser.add_argument("--rows-dir", type=Path, default=HERE / "results" / "methods_rows",
+                        help="finished rows, reused across sessions (commit it)")
     parser.add_argument("--methods", nargs="+", default=list(METHODS))
     parser.add_argument("--bits", nargs="+", type=int, default=[2, 4])
     parser.add_argument("--archs", nargs="+", default=["quantsr-c", "imdn"])
@@ -137,41 +184,46 @@ def main() -> None:
     if data is None:
         sys.exit("no shared data: set QUANTSR_DATA")
     imdn_weights = str(data / "weights" / "IMDN_x4.pth")
-    rows: list[dict[str, Any]] = [bicubic_row()]
+    rows: list[dict[str, Any]] = [measured(args, "bicubic", {}, bicubic_row)]
     for arch in args.archs:
+        budget = ({"iters": args.imdn_iters, "batch": args.imdn_batch, "patch": args.imdn_patch, "seed": args.seed}
+                  if arch == "imdn" else
+                  {"iters": args.iters, "batch": args.batch, "patch": args.patch, "seed": args.seed,
+                   "blocks": args.blocks})
         if arch == "imdn":
-            rows.append(row("IMDN FP32", "imdn", "-", "32/32", imdn_weights, evaluate(imdn_weights)))
+            rows.append(measured(args, "imdn_fp32", {}, lambda: row("IMDN FP32", "imdn", "-", "32/32", imdn_weights,
+                                                                   evaluate(imdn_weights))))
         else:
-            fp = train(args, f"{arch}_fp32", arch, QuantConfig("rbd", 32, 32), args.iters, blocks=args.blocks,
-                       init=None, patch=args.patch, batch=args.batch)
-            rows.append(row(f"{arch} FP32", arch, "-", "32/32", str(fp), evaluate(str(fp))))
+            def fp_row(arch: str = arch) -> dict[str, Any]:
+                fp = train(args, f"{arch}_fp32", arch, QuantConfig("rbd", 32, 32), args.iters, blocks=args.blocks,
+                           init=None, patch=args.patch, batch=args.batch)
+                return row(f"{arch} FP32", arch, "-", "32/32", str(fp), evaluate(str(fp)))
+
+            rows.append(measured(args, f"{arch}_fp32", budget, fp_row))
         for bits in args.bits:
             for method in args.methods:
-                quant = QuantConfig(method, bits, bits)
                 name = f"{arch}_{method}_w{bits}a{bits}"
-                if arch == "imdn":
-                    out = train(args, name, arch, quant, args.imdn_iters, blocks=None, init=imdn_weights,
-                                patch=args.imdn_patch, batch=args.imdn_batch)
-                else:
-                    out = train(args, name, arch, quant, args.iters, blocks=args.blocks, init=None,
-                                patch=args.patch, batch=args.batch)
-                rows.append(row(name, arch, method, f"{bits}/{bits}", str(out), evaluate(str(out))))
+
+                def quant_row(arch: str = arch, method: str = method, bits: int = bits, name: str = name) -> dict[str, Any]:
+                    quant = QuantConfig(method, bits, bits)
+                    if arch == "imdn":
+                        out = train(args, name, arch, quant, args.imdn_iters, blocks=None, init=imdn_weights,
+                                    patch=args.imdn_patch, batch=args.imdn_batch)
+                    else:
+                        out = train(args, name, arch, quant, args.iters, blocks=args.blocks, init=None,
+                                    patch=args.patch, batch=args.batch)
+                    return row(name, arch, method, f"{bits}/{bits}", str(out), evaluate(str(out)))
+
+                rows.append(measured(args, name, budget, quant_row))
                 args.out.parent.mkdir(parents=True, exist_ok=True)
                 args.out.write_text(json.dumps({"rows": rows}, indent=2))  # partial results survive a stop
     dqa_rows: list[dict[str, Any]] = []
     if not args.no_dqa and "quantsr-c" in args.archs:
-        quant = QuantConfig("rbd", 4, 4)
-        dqa = train(args, "quantsr-c_dqa_w4a4", "quantsr-c", quant, args.iters, blocks=args.blocks, init=None,
-                    patch=args.patch, batch=args.batch, dqa=True)
-        keep = json.loads(json.dumps(load_model(str(dqa)).meta["extra"]["dqa"]))
-        for depth in DQA_DEPTHS:
-            n = len(keep[depth])
-            dqa_rows.append({"label": f"DQA model at {depth} depth", "blocks": n, **evaluate(str(dqa), keep[depth])})
-            sep = train(args, f"quantsr-c_b{n}_w4a4", "quantsr-c", quant, args.iters, blocks=n, init=None,
-                        patch=args.patch, batch=args.batch)
-            dqa_rows.append({"label": f"separate {n}-block model", "blocks": n, **evaluate(str(sep))})
+        budget = {"iters": args.iters, "batch": args.batch, "patch": args.patch, "seed": args.seed,
+                  "blocks": args.blocks}
+        dqa_rows = measured(args, "quantsr-c_dqa_w4a4", budget, lambda: dqa_experiment(args))
     result = {"rows": rows, "dqa": dqa_rows, "settings": vars(args) | {"work_dir": str(args.work_dir),
-              "out": str(args.out)}, "machine": f"{os.cpu_count()} CPU cores, torch {torch.__version__}"}
+              "out": str(args.out), "rows_dir": str(args.rows_dir)}, "machine": f"{os.cpu_count()} CPU cores, torch {torch.__version__}"}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))
     md = markdown(rows, dqa_rows, args)

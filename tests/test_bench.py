@@ -32,6 +32,7 @@ def test_gpu_bench_says_unavailable_without_gpu() -> None:
 @pytest.mark.slow
 def test_compare_methods_smoke_and_resume(tmp_path: Path, shared_data: Path) -> None:
     args = ["bench/compare_methods.py", "--work-dir", str(tmp_path / "w"), "--out", str(tmp_path / "m.json"),
+            "--rows-dir", str(tmp_path / "rows"),
             "--methods", "rbd", "lsq", "--bits", "2", "--blocks", "1", "--iters", "2", "--batch", "2",
             "--patch", "32", "--imdn-iters", "1", "--imdn-batch", "2", "--imdn-patch", "32", "--threads", "1"]
     first = _run(args)
@@ -43,6 +44,13 @@ def test_compare_methods_smoke_and_resume(tmp_path: Path, shared_data: Path) -> 
     assert (tmp_path / "m.md").read_text().startswith("| model |")
     again = _run(args)  # every run is finished: nothing is retrained
     assert again.returncode == 0 and "training" not in again.stderr
+    # a later session on a fresh machine keeps only the committed rows: still nothing is retrained
+    fresh = [a if a != str(tmp_path / "w") else str(tmp_path / "fresh") for a in args]
+    later = _run(fresh)
+    assert later.returncode == 0 and "training" not in later.stderr and "reusing" in later.stderr
+    assert json.loads((tmp_path / "m.json").read_text())["rows"] == result["rows"]
+    changed = _run(fresh[:fresh.index("--iters") + 1] + ["3"] + fresh[fresh.index("--iters") + 2:])
+    assert changed.returncode == 0 and "other settings" in changed.stderr and "training" in changed.stderr
 
 
 @pytest.mark.slow
