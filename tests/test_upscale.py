@@ -129,3 +129,18 @@ def test_cpu_backend_gives_reference_psnr_on_set5(name: str, shared_data: Path) 
     a = json.loads(ref.stdout)["datasets"]["Set5"]["psnr"]
     b = json.loads(cpu.stdout)["datasets"]["Set5"]["psnr"]
     assert abs(a - b) <= 0.01
+
+
+BUNDLED_SET5_FLOORS = {"default": 31.57, "default-w2": 30.66}
+"""Set5 x4 PSNR (dB) floors of the bundled models: each file's measured value rounded down to 0.01
+(quantsr_cli/weights/README.md); a replaced file must not be worse than the one it replaces."""
+
+
+@pytest.mark.parametrize("name", sorted(BUNDLED_SET5_FLOORS))
+def test_bundled_models_keep_their_set5_psnr(name: str, shared_data: Path) -> None:
+    from quantsr_cli.engine.evaluate import evaluate_model
+
+    loaded = load_model(name)
+    assert loaded.kind == "packed" and loaded.scale == 4
+    psnr = evaluate_model(loaded, "Set5", bicubic=False).psnr
+    assert psnr >= BUNDLED_SET5_FLOORS[name]
