@@ -36,6 +36,7 @@ sys.path.insert(0, str(HERE))
 from compare_methods import evaluate, row  # noqa: E402  (sibling bench script)
 from compare_methods import train as train_run  # noqa: E402
 
+DEFAULT_FEATURE_WEIGHT = 1e-4
 VARIANTS = (("RBD", False, False), ("RBD+SFD", True, False), ("RBD+QSA", False, True), ("RBD+QSA+SFD", True, True))
 
 
@@ -44,6 +45,7 @@ def train(args: argparse.Namespace, name: str, quant: QuantConfig, iters: int, *
     """One ablation run through :func:`compare_methods.train` (QSA runs validate on Set5 to pace removals)."""
     return train_run(args, name, "quantsr-c", quant, iters, blocks=args.blocks, init=init, patch=args.patch,
                      batch=args.batch, script="bench/ablation_quantsr_plus.py", distill=distill, slim_to=slim_to,
+                     feature_weight=args.feature_weight,
                      val_every=args.val_every if slim_to else 0, val_max_images=0,
                      val_dataset="Set5" if slim_to else "")
 
@@ -59,7 +61,7 @@ def markdown(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
     text += (f"\nquantsr-c x4, W{args.bits}A{args.bits}, students start from the FP teacher ({args.blocks} blocks, "
              f"{args.teacher_iters} iterations from scratch) and train {args.iters} iterations each; QSA slims "
              f"{args.blocks} → {args.slim_to} blocks (first removal at 20 %, validation every {args.val_every}); "
-             f"SFD weight 1e-4; batch {args.batch}, HR patch {args.patch}, Adam 2e-4 cosine, seed {args.seed}, "
+             f"SFD weight {args.feature_weight:g}; batch {args.batch}, HR patch {args.patch}, Adam 2e-4 cosine, seed {args.seed}, "
              "T91+BSD200.\n")
     return text
 
@@ -76,6 +78,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--patch", type=int, default=96)
     parser.add_argument("--val-every", type=int, default=50)
+    parser.add_argument("--feature-weight", type=float, default=1e-4,
+                        help="SFD weight (released: 1e-4); other values get their own run names and labels")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=0)
     args = parser.parse_args()
@@ -88,6 +92,8 @@ def main() -> None:
     quant = QuantConfig("rbd", args.bits, args.bits)
     for label, sfd, qsa in VARIANTS:
         name = label.lower().replace("+", "_")
+        if sfd and args.feature_weight != DEFAULT_FEATURE_WEIGHT:
+            name, label = f"{name}_w{args.feature_weight:g}", f"{label} (w={args.feature_weight:g})"
         out = train(args, name, quant, args.iters, init=str(teacher), distill=str(teacher) if sfd else "",
                     slim_to=args.slim_to if qsa else 0)
         blocks = args.slim_to if qsa else args.blocks
