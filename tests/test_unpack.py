@@ -100,3 +100,8 @@ def test_quantize_model_fine_tunes_a_packed_file(tmp_path: Path, tiny_train_dir:
     assert json.loads(meta["extra"])["start_model"] == "start.safetensors"
     bad = run_cli("quantize", "--model", str(src), "--arch", "imdn", "--run-dir", str(tmp_path / "r2"))
     assert bad.returncode == 1 and "cannot be combined" in bad.stderr
+    dorefa = tmp_path / "dorefa.safetensors"
+    save_model(_trained_qat("quantsr-c", "dorefa", 2), dorefa, QuantConfig("dorefa", 2, 2), {}, pack=True)
+    refused = run_cli("quantize", "--model", str(dorefa), "--iters", "1", "--run-dir", str(tmp_path / "r3"))
+    assert refused.returncode == 1 and str(dorefa) in refused.stderr and "cannot be fine-tuned" in refused.stderr
+    assert len(refused.stderr.strip().splitlines()) == 1 and not (tmp_path / "r3" / "checkpoints").exists()

@@ -34,7 +34,7 @@ from quantsr_cli.models import build_model
 from quantsr_cli.models.loading import detect_arch, read_state_dict
 from quantsr_cli.packing import PackedModule
 from quantsr_cli.packing import io as packing_io
-from quantsr_cli.packing.unpack import to_qat
+from quantsr_cli.packing.unpack import REBUILDABLE_METHODS, to_qat  # noqa: F401 (REBUILDABLE_METHODS: for the CLI)
 from quantsr_cli.quant import calibrate_, quantize_
 from quantsr_cli.slim import SlimHook, compact_state_dict, dqa_keep_lists, dqa_variants
 

@@ -94,7 +94,7 @@ def test_bad_safetensors_refused_by_upscale(cli, bad_files, tmp_path: Path, case
     assert list(out.iterdir()) == []
 
 
-@pytest.mark.parametrize("command", ["eval", "info", "pack", "slim", "distill"])
+@pytest.mark.parametrize("command", ["eval", "info", "pack", "slim", "distill", "quantize"])
 def test_bad_safetensors_refused_by_every_command(cli, bad_files, tiny_models, small_train_dir, tmp_path: Path,
                                                  command: str) -> None:
     path, words = bad_files["truncated_header"]
@@ -103,6 +103,7 @@ def test_bad_safetensors_refused_by_every_command(cli, bad_files, tiny_models, s
         "info": ["info", str(path)],
         "pack": ["pack", str(path), "-o", str(tmp_path / "p.safetensors")],
         "slim": ["slim", "--model", str(path), "--target-blocks", "1", "--run-dir", str(tmp_path / "run")],
+        "quantize": ["quantize", "--model", str(path), "--run-dir", str(tmp_path / "run")],
         "distill": ["distill", "--model", str(tiny_models["student"]), "--teacher", str(path), "--iters", "1",
                     *TRAIN_ARGS, "--train-data", str(small_train_dir), "--run-dir", str(tmp_path / "run")],
     }[command]
