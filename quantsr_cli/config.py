@@ -93,6 +93,7 @@ class TrainConfig:
     distill: str = ""
     feature_weight: float = 1e-4
     bias_correction: bool = True
+    ema_decay: float = 0.0
 
     def __post_init__(self) -> None:
         if self.iters < 1:
@@ -115,6 +116,10 @@ class TrainConfig:
                 raise ConfigError(f"{name}={getattr(self, name)} must not be negative (0 = off/default)")
         if self.feature_weight < 0:
             raise ConfigError(f"feature_weight={self.feature_weight} must not be negative")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ConfigError(f"ema_decay={self.ema_decay} must be in [0, 1) (0 = off; BasicSR uses 0.999)")
+        if self.ema_decay and self.slim_to:
+            raise ConfigError("ema_decay cannot be combined with slim_to: QSA changes the model while it trains")
 
 
 @dataclass(frozen=True)

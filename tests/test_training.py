@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -215,3 +216,67 @@ def test_every_bundled_preset_builds_a_valid_job() -> None:
     assert w2.quant.act_sign == "mse" and w2.quant.method == "rbd" and w2.train.bias_correction
     flag = resolve_options({"act_sign": "min"}, None, "imdn_x4_w2a2")[0]  # a flag beats the preset
     assert build_job(flag, run_dir=None, out=None, resume=False, device="cpu").quant.act_sign == "min"
+
+
+def test_ema_follows_the_update_rule_and_resumes_exactly(tmp_path: Path, tiny_train_dir: Path) -> None:
+    from quantsr_cli.engine.quantize import build_initial_model, prepare_training
+
+    decay = 0.75
+
+    def job(run_dir: Path, iters: int, resume: bool = False) -> QuantizeJob:
+        return QuantizeJob(arch="quantsr-c", scale=4, quant=QuantConfig("rbd", 2, 2), blocks=1, run_dir=run_dir,
+                           resume=resume, train=tiny_train(tmp_path, tiny_train_dir, iters=iters, save_every=2,
+                                                           ema_decay=decay))
+
+    # one step by hand: θ_ema = d·θ_0 + (1 − d)·θ_1 for every parameter, buffers copied
+    torch.manual_seed(0)
+    j = job(tmp_path / "one", 1)
+    trainer = prepare_training(j, build_initial_model(j), None)
+    before = {k: v.clone() for k, v in trainer.model.named_parameters()}
+    trainer.train()
+    after = dict(trainer.model.named_parameters())
+    ema = dict(trainer.ema.named_parameters())
+    moved = 0
+    for name, p0 in before.items():
+        expected = decay * p0 + (1 - decay) * after[name].detach()
+        assert torch.allclose(ema[name], expected, atol=1e-7), name
+        moved += int(not torch.equal(p0, after[name]))
+    assert moved > 0 and not ema["conv_first.weight"].requires_grad
+    for (name, b_ema), (_, b) in zip(trainer.ema.named_buffers(), trainer.model.named_buffers()):
+        assert torch.equal(b_ema, b), name
+
+    # the written models are the EMA ones, and a run resumed from iteration 2 ends with the same EMA weights
+    torch.manual_seed(0)
+    full = run_quantize(job(tmp_path / "full", 4))
+    (tmp_path / "part" / "checkpoints").mkdir(parents=True)
+    shutil.copy(tmp_path / "full" / "checkpoints" / "state_0000002.safetensors", tmp_path / "part" / "checkpoints")
+    torch.manual_seed(1)
+    part = run_quantize(job(tmp_path / "part", 4, resume=True))
+    a, b = load_file(full["qat_last"]), load_file(part["qat_last"])
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    state = load_file(sorted((tmp_path / "full" / "checkpoints").glob("state_*.safetensors"))[-1])
+    assert torch.equal(state["ema.conv_first.weight"], a["conv_first.weight"])
+    assert not torch.equal(state["model.conv_first.weight"], a["conv_first.weight"])
+
+
+def test_ema_decay_validation() -> None:
+    from quantsr_cli.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="ema_decay"):
+        TrainConfig(ema_decay=1.0)
+    with pytest.raises(ConfigError, match="slim_to"):
+        TrainConfig(ema_decay=0.999, slim_to=2)
+
+
+def test_ema_decay_flag_validates_both_models(tmp_path: Path, tiny_train_dir: Path, shared_data: Path) -> None:
+    run_dir = tmp_path / "run"
+    args = _quantize_args(run_dir, tiny_train_dir, 2)
+    args[args.index("--val-every") + 1] = "2"
+    result = run_cli(*args, "--ema-decay", "0.9")
+    assert result.returncode == 0, result.stderr
+    vals = [json.loads(line) for line in (run_dir / "train_log.jsonl").read_text().splitlines()
+            if '"val"' in line]
+    assert len(vals) == 1 and vals[0]["psnr"] != vals[0]["psnr_raw"] and vals[0]["psnr"] > 0
+    meta = read_metadata(Path(result.stdout.strip()))
+    assert json.loads(meta["extra"])["ema_decay"] == 0.9

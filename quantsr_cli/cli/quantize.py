@@ -97,6 +97,7 @@ def quantize(
     feature_weight: Annotated[float | None, typer.Option("--feature-weight", help="SFD feature loss weight [default: 1e-4].")] = None,
     act_sign: Annotated[str | None, typer.Option("--act-sign", help="Activation grid choice on the first batch: min (released code: signed if any value < 0) or mse [default: min].")] = None,
     bias_correction: Annotated[bool | None, typer.Option("--bias-correction/--no-bias-correction", help="Correct FP biases for the quantization error on the calibration batch [default: on].")] = None,
+    ema_decay: Annotated[float | None, typer.Option("--ema-decay", help="Validate and write an EMA of the weights (BasicSR: 0.999) [default: 0 = off].")] = None,
     preset: Annotated[str | None, typer.Option("--preset", help="Bundled preset name (auto: <arch>_x<scale>_w<b>a<b>).")] = None,
     config: Annotated[Path | None, typer.Option("--config", help="YAML file of options (overridden by flags).")] = None,
     model: StartModel = None,
@@ -118,7 +119,7 @@ def quantize(
                blocks=blocks, train_data=train_data or None, val_dataset=val_dataset, iters=iters,
                batch_size=batch_size, patch_size=patch_size, lr=lr, val_every=val_every, save_every=save_every,
                seed=seed, threads=threads, dqa=dqa, slim_to=slim_to, distill=distill, feature_weight=feature_weight,
-               act_sign=act_sign, bias_correction=bias_correction)
+               act_sign=act_sign, bias_correction=bias_correction, ema_decay=ema_decay)
     run_training_command(cli, config=config, preset=preset, run_dir=run_dir, resume=resume, out=out,
                          device=device, json_out=json_out, start_model=model)
 

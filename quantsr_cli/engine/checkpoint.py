@@ -29,11 +29,14 @@ def save_state(
     trainer_state: dict[str, Any],
     model_meta: dict[str, str],
     keep: int = 2,
+    ema: nn.Module | None = None,
 ) -> Path:
-    """Write the resumable state after ``iteration`` completed steps; prune older files."""
+    """Write the resumable state after ``iteration`` completed steps (and the EMA model); prune older files."""
     folder = run_dir / "checkpoints"
     folder.mkdir(parents=True, exist_ok=True)
     tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    if ema is not None:
+        tensors.update({f"ema.{k}": v.detach().cpu().contiguous() for k, v in ema.state_dict().items()})
     opt_tensors, opt_info = flatten_optimizer(optimizer.state_dict())
     tensors.update(opt_tensors)
     tensors["rng.torch"] = torch.get_rng_state()
@@ -88,11 +91,18 @@ def restore_state(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
     path: Path,
+    ema: nn.Module | None = None,
 ) -> tuple[int, dict[str, Any]]:
-    """Load model/optimizer/RNG from a state file; return (iteration, trainer_state)."""
+    """Load model/optimizer/RNG (and the EMA model) from a state file; return (iteration, trainer_state).
+
+    A state written without EMA weights starts the EMA model from the restored model.
+    """
     model_sd = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
+    ema_sd = {k[len("ema."):]: v for k, v in tensors.items() if k.startswith("ema.")}
     try:
         model.load_state_dict(model_sd, strict=True)
+        if ema is not None:
+            ema.load_state_dict(ema_sd or model_sd, strict=True)
         optimizer.load_state_dict(unflatten_optimizer(tensors, json.loads(meta["optimizer"])))
         torch.set_rng_state(tensors["rng.torch"])
         return int(meta["iteration"]), json.loads(meta["trainer"])

@@ -229,6 +229,7 @@ def prepare_training(job: QuantizeJob, model: nn.Module, on_event: EventFn | Non
     extra: dict[str, Any] = {"command": job.command, "iters": cfg.iters, "act_sign": job.quant.act_sign,
                              **({"start_model": os.path.basename(job.start_model)} if job.start_model else {}),
                              "bias_correction": cfg.bias_correction,
+                             **({"ema_decay": cfg.ema_decay} if cfg.ema_decay else {}),
                              "train_data": [os.path.basename(d) for d in train_dirs]}
     hooks: list[Any] = []
     variants = []
@@ -265,7 +266,7 @@ def finish_training(job: QuantizeJob, trainer: Trainer) -> dict[str, Any]:
     extra = dict(json.loads(trainer.model_meta["extra"]))
     extra.update({"best_psnr": trainer.best_psnr if math.isfinite(trainer.best_psnr) else None,
                   "best_iter": trainer.best_iter, "val_dataset": job.train.val_dataset})
-    model = trainer.model
+    model = trainer.eval_model
     slim = next((h for h in trainer.hooks if isinstance(h, SlimHook)), None)
     if slim is not None:
         extra["slim"] = {"from_blocks": len(slim.names), "to_blocks": slim.target, "removed": slim.removed}
@@ -298,7 +299,7 @@ def run_quantize(job: QuantizeJob, on_event: EventFn | None = None) -> dict[str,
     def on_best(t: Trainer) -> None:
         if any(isinstance(h, SlimHook) for h in t.hooks):
             return  # the best slimmed model is only known once every removal is done
-        write_model_file(t.model, t.run_dir / "qat_best.safetensors", job.quant,
+        write_model_file(t.eval_model, t.run_dir / "qat_best.safetensors", job.quant,
                          {**extra, "best_psnr": t.best_psnr, "best_iter": t.best_iter})
 
     trainer.train(on_best=on_best)

@@ -4,12 +4,16 @@ Per iteration: a deterministic batch ``(lr, hr)`` for that iteration (so resumin
 data), the L1 loss (mean over DQA depth variants when enabled) plus hook losses (SFD), one Adam step
 with the learning rate of that iteration. Every ``save_every`` iterations the full state is written
 atomically; every ``val_every`` iterations the model is validated (Y-PSNR) and the best kept.
+With ``ema_decay > 0`` an exponential moving average of the weights (BasicSR's ``net_g_ema``:
+``θ_ema ← d·θ_ema + (1 − d)·θ`` after every step, buffers copied) is what is validated and written;
+the trained model's own PSNR is logged beside it (``psnr_raw``).
 Under ``torchrun`` the model is wrapped in DistributedDataParallel (gloo on CPU, NCCL on GPU), every
 rank draws its own batches and only rank 0 validates and writes files.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -91,7 +95,26 @@ class Trainer:
         self.optimizer = torch.optim.Adam(
             [p for p in self.model.parameters() if p.requires_grad], lr=self.cfg.lr, betas=self.cfg.betas
         )
+        self.ema: nn.Module | None = None
+        if self.cfg.ema_decay > 0:
+            self.ema = copy.deepcopy(self.model).eval()
+            self.ema.requires_grad_(False)
         self.run_dir.mkdir(parents=True, exist_ok=True)
+
+    @property
+    def eval_model(self) -> nn.Module:
+        """The model that is validated and written: the EMA model when enabled, else the trained one."""
+        return self.ema if self.ema is not None else self.model
+
+    @torch.no_grad()
+    def _update_ema(self) -> None:
+        if self.ema is None:
+            return
+        decay = self.cfg.ema_decay
+        for p_ema, p in zip(self.ema.parameters(), self.model.parameters()):
+            p_ema.mul_(decay).add_(p.detach(), alpha=1 - decay)
+        for b_ema, b in zip(self.ema.buffers(), self.model.buffers()):
+            b_ema.copy_(b)
 
     # -- events -------------------------------------------------------------------------------
     def emit(self, event: dict[str, Any]) -> None:
@@ -122,7 +145,7 @@ class Trainer:
         state = json.loads(meta["trainer"])
         for hook, hstate in zip(self.hooks, state.get("hooks", [])):
             hook.load_state_dict(hstate)
-        self.iteration, state = ckpt.restore_state(tensors, meta, self.model, self.optimizer, path)
+        self.iteration, state = ckpt.restore_state(tensors, meta, self.model, self.optimizer, path, ema=self.ema)
         self.best_psnr = state["best_psnr"] if state.get("best_psnr") is not None else -math.inf
         self.best_iter = state.get("best_iter", -1)
         self.history = state.get("history", [])
@@ -132,7 +155,8 @@ class Trainer:
     def save(self) -> None:
         if self.rank == 0:
             path = ckpt.save_state(
-                self.run_dir, self.iteration, self.model, self.optimizer, self.trainer_state(), self.model_meta
+                self.run_dir, self.iteration, self.model, self.optimizer, self.trainer_state(), self.model_meta,
+                ema=self.ema,
             )
             self.emit({"event": "save", "iter": self.iteration, "path": str(path)})
         self._barrier()
@@ -164,13 +188,17 @@ class Trainer:
             return None
         self.model.eval()
         with torch.no_grad():
-            psnr = float(self.validate(self.model))
+            psnr = float(self.validate(self.eval_model))
+            raw = float(self.validate(self.model)) if self.ema is not None else None
         self.model.train()
         improved = psnr > self.best_psnr
         if improved:
             self.best_psnr, self.best_iter = psnr, self.iteration
-        self.history.append({"iter": self.iteration, "psnr": psnr})
-        self.emit({"event": "val", "iter": self.iteration, "psnr": psnr, "best": self.best_psnr, "improved": improved})
+        self.history.append({"iter": self.iteration, "psnr": psnr, **({"psnr_raw": raw} if raw is not None else {})})
+        event = {"event": "val", "iter": self.iteration, "psnr": psnr, "best": self.best_psnr, "improved": improved}
+        if raw is not None:
+            event["psnr_raw"] = raw
+        self.emit(event)
         return psnr
 
     def train(self, on_best: Callable[[Trainer], None] | None = None) -> None:
@@ -195,6 +223,7 @@ class Trainer:
                 raise FloatingPointError(f"loss became {loss.item()} at iteration {it}; lower --lr")
             loss.backward()
             self.optimizer.step()
+            self._update_ema()
             self.iteration = it + 1
             if self.iteration % cfg.log_every == 0 or self.iteration == cfg.iters:
                 elapsed = time.perf_counter() - start_time

@@ -63,6 +63,7 @@ PRESET_KEYS: dict[str, type | tuple[type, ...]] = {
     "distill": str,
     "feature_weight": float,
     "bias_correction": bool,
+    "ema_decay": float,
     "description": str,
 }
 
