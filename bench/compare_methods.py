@@ -109,6 +109,8 @@ def markdown(rows: list[dict[str, Any]], dqa_rows: list[dict[str, Any]], args: a
         text += ("\n| DQA (quantsr-c, RBD W4A4) | blocks | Set5 PSNR | Set14 PSNR |\n|---|---|---|---|\n")
         for r in dqa_rows:
             text += f"| {r['label']} | {r['blocks']} | {r['Set5']['psnr']:.2f} | {r['Set14']['psnr']:.2f} |\n"
+    if args.missing:
+        text += f"\nNot measured yet: {', '.join(args.missing)}.\n"
     text += (f"\nquantsr-c: {args.blocks} blocks from scratch, {args.iters} iterations, batch {args.batch}, "
              f"HR patch {args.patch}; imdn: from the published FP weights, {args.imdn_iters} iterations, batch "
              f"{args.imdn_batch}, HR patch {args.imdn_patch}; Adam 2e-4 cosine, seed {args.seed}, T91+BSD200.\n")
@@ -130,6 +132,9 @@ def measured(args: argparse.Namespace, name: str, settings: dict[str, Any], comp
             log(f"{name}: measured before ({path}), reusing")
             return saved["value"]
         log(f"{name}: {path} was measured with other settings; measuring again")
+    if args.report_only:
+        args.missing.append(name)
+        return None
     start = time.time()
     value = compute()
     record = {"settings": settings, "value": value, "seconds": round(time.time() - start, 1),
@@ -177,7 +182,10 @@ def main() -> None:
     parser.add_argument("--no-dqa", action="store_true")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=0)
+    parser.add_argument("--report-only", action="store_true",
+                        help="train nothing: tabulate the rows measured so far and list the missing ones")
     args = parser.parse_args()
+    args.missing = []
     if args.threads:
         torch.set_num_threads(args.threads)
     data = shared_data_dir()
@@ -222,7 +230,11 @@ def main() -> None:
         budget = {"iters": args.iters, "batch": args.batch, "patch": args.patch, "seed": args.seed,
                   "blocks": args.blocks}
         dqa_rows = measured(args, "quantsr-c_dqa_w4a4", budget, lambda: dqa_experiment(args))
-    result = {"rows": rows, "dqa": dqa_rows, "settings": vars(args) | {"work_dir": str(args.work_dir),
+    rows = [r for r in rows if r is not None]
+    dqa_rows = dqa_rows or []
+    if args.missing:
+        log(f"not measured yet: {', '.join(args.missing)}")
+    result = {"rows": rows, "dqa": dqa_rows, "missing": args.missing, "settings": vars(args) | {"work_dir": str(args.work_dir),
               "out": str(args.out), "rows_dir": str(args.rows_dir)}, "machine": f"{os.cpu_count()} CPU cores, torch {torch.__version__}"}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))

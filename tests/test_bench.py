@@ -49,6 +49,10 @@ def test_compare_methods_smoke_and_resume(tmp_path: Path, shared_data: Path) -> 
     later = _run(fresh)
     assert later.returncode == 0 and "training" not in later.stderr and "reusing" in later.stderr
     assert json.loads((tmp_path / "m.json").read_text())["rows"] == result["rows"]
+    report = _run(fresh + ["--report-only", "--bits", "2", "4"])  # trains nothing, lists what is missing
+    assert report.returncode == 0 and "training" not in report.stderr
+    missing = json.loads((tmp_path / "m.json").read_text())["missing"]
+    assert "imdn_rbd_w4a4" in missing and "imdn_rbd_w2a2" not in missing
     changed = _run(fresh[:fresh.index("--iters") + 1] + ["3"] + fresh[fresh.index("--iters") + 2:])
     assert changed.returncode == 0 and "other settings" in changed.stderr and "training" in changed.stderr
 
