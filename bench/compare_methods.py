@@ -1,7 +1,7 @@
 """Side-by-side comparison of quantization methods on equal terms (same arch, data, seed, budget).
 
-For each arch (``quantsr-c`` from scratch, ``imdn`` from the published FP weights), each method (rbd,
-rlq, lsq, dorefa, pams) and each bit-width (W2A2, W4A4) at x4, this script trains with
+For each arch (``quantsr-c`` from an FP32 model this script trains first, ``imdn`` from the published
+FP weights), each method (rbd, rlq, lsq, dorefa, pams) and each bit-width (W2A2, W4A4) at x4, this script trains with
 ``quantsr quantize``'s engine, packs, and evaluates PSNR/SSIM on Set5 and Set14; it adds FP and
 bicubic rows and a QuantSR DQA experiment (one ``--dqa`` model at three depths vs separately trained
 models of those depths). Every run lives in ``--work-dir`` and resumes, so the script can be stopped
@@ -111,8 +111,9 @@ def markdown(rows: list[dict[str, Any]], dqa_rows: list[dict[str, Any]], args: a
             text += f"| {r['label']} | {r['blocks']} | {r['Set5']['psnr']:.2f} | {r['Set14']['psnr']:.2f} |\n"
     if args.missing:
         text += f"\nNot measured yet: {', '.join(args.missing)}.\n"
-    text += (f"\nquantsr-c: {args.blocks} blocks from scratch, {args.iters} iterations, batch {args.batch}, "
-             f"HR patch {args.patch}; imdn: from the published FP weights, {args.imdn_iters} iterations, batch "
+    text += (f"\nquantsr-c: {args.blocks} blocks; the FP32 model is trained from scratch for {args.fp_iters} "
+             f"iterations and every method starts from it and trains {args.iters} iterations (DQA rows: from "
+             f"scratch, {args.iters} iterations), batch {args.batch}, HR patch {args.patch}; imdn: from the published FP weights, {args.imdn_iters} iterations, batch "
              f"{args.imdn_batch}, HR patch {args.imdn_patch}; Adam 2e-4 cosine, seed {args.seed}, T91+BSD200.\n")
     return text
 
@@ -174,6 +175,8 @@ def main() -> None:
     parser.add_argument("--archs", nargs="+", default=["quantsr-c", "imdn"])
     parser.add_argument("--blocks", type=int, default=4)
     parser.add_argument("--iters", type=int, default=1500)
+    parser.add_argument("--fp-iters", type=int, default=6000,
+                        help="iterations of the quantsr-c FP32 model that every quantsr-c method starts from")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--patch", type=int, default=96)
     parser.add_argument("--imdn-iters", type=int, default=300)
@@ -202,11 +205,14 @@ def main() -> None:
             rows.append(measured(args, "imdn_fp32", {}, lambda: row("IMDN FP32", "imdn", "-", "32/32", imdn_weights,
                                                                    evaluate(imdn_weights))))
         else:
-            def fp_row(arch: str = arch) -> dict[str, Any]:
-                fp = train(args, f"{arch}_fp32", arch, QuantConfig("rbd", 32, 32), args.iters, blocks=args.blocks,
-                           init=None, patch=args.patch, batch=args.batch)
-                return row(f"{arch} FP32", arch, "-", "32/32", str(fp), evaluate(str(fp)))
+            def fp_model(arch: str = arch) -> str:
+                return str(train(args, f"{arch}_fp32", arch, QuantConfig("rbd", 32, 32), args.fp_iters,
+                                 blocks=args.blocks, init=None, patch=args.patch, batch=args.batch))
 
+            def fp_row(arch: str = arch) -> dict[str, Any]:
+                return row(f"{arch} FP32", arch, "-", "32/32", fp_model(), evaluate(fp_model()))
+
+            budget |= {"fp_iters": args.fp_iters, "start": "fp32"}
             rows.append(measured(args, f"{arch}_fp32", budget, fp_row))
         for bits in args.bits:
             for method in args.methods:
@@ -218,7 +224,7 @@ def main() -> None:
                         out = train(args, name, arch, quant, args.imdn_iters, blocks=None, init=imdn_weights,
                                     patch=args.imdn_patch, batch=args.imdn_batch)
                     else:
-                        out = train(args, name, arch, quant, args.iters, blocks=args.blocks, init=None,
+                        out = train(args, name, arch, quant, args.iters, blocks=args.blocks, init=fp_model(arch),
                                     patch=args.patch, batch=args.batch)
                     return row(name, arch, method, f"{bits}/{bits}", str(out), evaluate(str(out)))
 

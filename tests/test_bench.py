@@ -33,7 +33,7 @@ def test_gpu_bench_says_unavailable_without_gpu() -> None:
 def test_compare_methods_smoke_and_resume(tmp_path: Path, shared_data: Path) -> None:
     args = ["bench/compare_methods.py", "--work-dir", str(tmp_path / "w"), "--out", str(tmp_path / "m.json"),
             "--rows-dir", str(tmp_path / "rows"),
-            "--methods", "rbd", "lsq", "--bits", "2", "--blocks", "1", "--iters", "2", "--batch", "2",
+            "--methods", "rbd", "lsq", "--bits", "2", "--blocks", "1", "--iters", "2", "--fp-iters", "2", "--batch", "2",
             "--patch", "32", "--imdn-iters", "1", "--imdn-batch", "2", "--imdn-patch", "32", "--threads", "1"]
     first = _run(args)
     assert first.returncode == 0, first.stderr[-3000:]
