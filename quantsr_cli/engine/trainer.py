@@ -194,11 +194,11 @@ class Trainer:
         improved = psnr > self.best_psnr
         if improved:
             self.best_psnr, self.best_iter = psnr, self.iteration
-        self.history.append({"iter": self.iteration, "psnr": psnr, **({"psnr_raw": raw} if raw is not None else {})})
-        event = {"event": "val", "iter": self.iteration, "psnr": psnr, "best": self.best_psnr, "improved": improved}
+        record: dict[str, Any] = {"iter": self.iteration, "psnr": psnr}
         if raw is not None:
-            event["psnr_raw"] = raw
-        self.emit(event)
+            record["psnr_raw"] = raw
+        self.history.append(record)
+        self.emit({"event": "val", **record, "best": self.best_psnr, "improved": improved})
         return psnr
 
     def train(self, on_best: Callable[[Trainer], None] | None = None) -> None:

@@ -26,6 +26,7 @@ from torch import nn
 
 from quantsr_cli.errors import CheckpointError, ConfigError
 from quantsr_cli.models import build_model
+from quantsr_cli.packing.layout import rows_to_conv_weight
 from quantsr_cli.packing.modules import PackedActQuant, PackedModule
 from quantsr_cli.quant import quantize_
 
@@ -81,16 +82,13 @@ def _copy_weight(packed: PackedModule, qat: nn.Module, name: str, path: Path | s
         if hasattr(w_q, pname):
             getattr(w_q, pname).fill_(init)
     w_q.initialized.fill_(True)
-    if not torch.equal(w_q.export(qat.weight).codes.reshape(-1), _codes_in_weight_order(packed, qat).reshape(-1)):
+    if not torch.equal(w_q.export(qat.weight).codes.reshape(-1), _codes_in_weight_order(packed, qat.weight.shape).reshape(-1)):
         raise CheckpointError(f"layer {name}: the rebuilt quantizer does not reproduce the stored codes", path)
 
 
-def _codes_in_weight_order(packed: PackedModule, qat: nn.Module) -> torch.Tensor:
+def _codes_in_weight_order(packed: PackedModule, shape: torch.Size) -> torch.Tensor:
     rows = packed.codes()
-    if qat.weight.dim() == 4:
-        o, i, kh, kw = qat.weight.shape
-        return rows.reshape(o, kh, kw, i).permute(0, 3, 1, 2)
-    return rows
+    return rows_to_conv_weight(rows, shape) if len(shape) == 4 else rows
 
 
 def to_qat(packed_model: nn.Module, config: Any, path: Path | str | None = None) -> nn.Module:
