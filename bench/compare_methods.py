@@ -183,6 +183,8 @@ def main() -> None:
     parser.add_argument("--imdn-batch", type=int, default=16)
     parser.add_argument("--imdn-patch", type=int, default=128)
     parser.add_argument("--no-dqa", action="store_true")
+    parser.add_argument("--dqa-only", action="store_true",
+                        help="only the DQA experiment (it trains from scratch, so it can run beside the method rows)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--report-only", action="store_true",
@@ -196,7 +198,7 @@ def main() -> None:
         sys.exit("no shared data: set QUANTSR_DATA")
     imdn_weights = str(data / "weights" / "IMDN_x4.pth")
     rows: list[dict[str, Any]] = [measured(args, "bicubic", {}, bicubic_row)]
-    for arch in args.archs:
+    for arch in ([] if args.dqa_only else args.archs):
         budget = ({"iters": args.imdn_iters, "batch": args.imdn_batch, "patch": args.imdn_patch, "seed": args.seed}
                   if arch == "imdn" else
                   {"iters": args.iters, "batch": args.batch, "patch": args.patch, "seed": args.seed,
@@ -232,7 +234,7 @@ def main() -> None:
                 args.out.parent.mkdir(parents=True, exist_ok=True)
                 args.out.write_text(json.dumps({"rows": rows}, indent=2))  # partial results survive a stop
     dqa_rows: list[dict[str, Any]] = []
-    if not args.no_dqa and "quantsr-c" in args.archs:
+    if args.dqa_only or (not args.no_dqa and "quantsr-c" in args.archs):
         budget = {"iters": args.iters, "batch": args.batch, "patch": args.patch, "seed": args.seed,
                   "blocks": args.blocks}
         dqa_rows = measured(args, "quantsr-c_dqa_w4a4", budget, lambda: dqa_experiment(args))

@@ -81,7 +81,8 @@ def test_to_qat_rejects_codes_of_another_grid() -> None:
 
 def test_bundled_default_rebuilds_with_identical_output() -> None:
     packed = load_model_file(Path(__file__).resolve().parents[1] / "quantsr_cli/weights/default_x4_w2a2.safetensors")
-    rebuilt = to_qat(packed, QuantConfig(method="rbd", w_bits=2, a_bits=2)).eval()
+    assert packed.quant_config == QuantConfig(method="rbd", w_bits=2, a_bits=2)  # from the file's header
+    rebuilt = to_qat(packed).eval()  # the config defaults to the one the file carries
     x = torch.rand(1, 3, 24, 20)
     with torch.no_grad():
         assert (packed(x) - rebuilt(x)).abs().max() <= 1e-5

@@ -15,7 +15,7 @@ from quantsr_cli.cli.common import DeviceOpt, JsonOpt, log, print_json, progress
 from quantsr_cli.cli.trainopts import StartModel
 from quantsr_cli.config import METHODS, SCALES, QuantConfig, TrainConfig
 from quantsr_cli.engine.modelio import read_model_meta
-from quantsr_cli.engine.quantize import REBUILDABLE_METHODS, QuantizeJob, run_quantize
+from quantsr_cli.engine.quantize import QuantizeJob, check_rebuildable, run_quantize
 from quantsr_cli.errors import CheckpointError, ConfigError
 from quantsr_cli.models import ARCHS
 from quantsr_cli.presets import list_presets, load_config_file, load_preset
@@ -147,10 +147,8 @@ def run_training_command(
             k in meta for k in ("method", "w_bits", "a_bits")
         ):
             raise CheckpointError("metadata has no valid arch/scale/method/bits; not a quantsr qat file", start_model)
-        if meta["kind"] == "packed" and meta["method"] not in REBUILDABLE_METHODS:
-            raise ConfigError(f"--model {start_model}: a packed {meta['method']} model cannot be fine-tuned (its weight "
-                              "grid comes from the float weights, which a packed file does not keep); use its "
-                              "qat_last/qat_best file")
+        if meta["kind"] == "packed":
+            check_rebuildable(meta["method"], f"--model {start_model}")
         for key in ("arch", "scale", "method", "w_bits", "a_bits"):
             cli[key] = meta[key]
     opts, used_preset = resolve_options(cli, config, preset)

@@ -34,7 +34,7 @@ from quantsr_cli.models import build_model
 from quantsr_cli.models.loading import detect_arch, read_state_dict
 from quantsr_cli.packing import PackedModule
 from quantsr_cli.packing import io as packing_io
-from quantsr_cli.packing.unpack import REBUILDABLE_METHODS, to_qat  # noqa: F401 (REBUILDABLE_METHODS: for the CLI)
+from quantsr_cli.packing.unpack import check_rebuildable, to_qat  # noqa: F401 (check_rebuildable: for the CLI)
 from quantsr_cli.quant import calibrate_, quantize_
 from quantsr_cli.slim import SlimHook, compact_state_dict, dqa_keep_lists, dqa_variants
 
@@ -69,9 +69,7 @@ def load_start_model(source: str) -> nn.Module:
     path = resolve_model_path(source)
     model = packing_io.load_model_file(path)
     if any(isinstance(m, PackedModule) for m in model.modules()):
-        meta = packing_io.read_metadata(path)
-        model = to_qat(model, QuantConfig(method=meta.get("method", ""), w_bits=int(meta.get("w_bits", "0")),
-                                          a_bits=int(meta.get("a_bits", "0"))), path)
+        model = to_qat(model, path=path)
     return model
 
 

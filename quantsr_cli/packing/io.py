@@ -280,20 +280,30 @@ def load_model_file(path: str | Path) -> nn.Module:
         raise CheckpointError(f"holds {kind!r} data, not a model (kind must be one of {', '.join(KINDS)})", path)
     model = _build_base(meta, path)
     if kind == "packed":
-        return build_packed_model(model, tensors, meta, path)
+        model = build_packed_model(model, tensors, meta, path)
+        try:  # what to_qat and a re-export read; a packed file's forward does not depend on it
+            model.quant_config = _quant_config(meta, path)
+        except CheckpointError:
+            model.quant_config = None
+        return model
     if kind == "qat":
-        from quantsr_cli.config import QuantConfig
         from quantsr_cli.quant import quantize_
 
-        try:
-            config = QuantConfig(method=meta.get("method", ""), w_bits=int(meta.get("w_bits", "")),
-                                 a_bits=int(meta.get("a_bits", "")))
-        except (QuantSRError, ValueError) as exc:
-            raise CheckpointError(f"bad quantization metadata ({exc})", path) from None
-        model = quantize_(model, config)
+        model = quantize_(model, _quant_config(meta, path))
     load_tensors_strict(model, tensors, path)
     restore_skips(model, meta, path)
     return model.eval()
+
+
+def _quant_config(meta: dict[str, str], path: Path | None) -> Any:
+    """The ``QuantConfig`` of a qat/packed file's metadata (CheckpointError when it is not valid)."""
+    from quantsr_cli.config import QuantConfig
+
+    try:
+        return QuantConfig(method=meta.get("method", ""), w_bits=int(meta.get("w_bits", "")),
+                           a_bits=int(meta.get("a_bits", "")))
+    except (QuantSRError, ValueError) as exc:
+        raise CheckpointError(f"bad quantization metadata ({exc})", path) from None
 
 
 def _count(tensors: dict[str, torch.Tensor], meta: dict[str, str], path: Path | None) -> tuple[int, int, int]:

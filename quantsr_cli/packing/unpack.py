@@ -34,6 +34,13 @@ REBUILDABLE_METHODS = ("lsq", "rlq", "rbd")
 """Methods whose QAT state a packed file determines (see the module docstring)."""
 
 
+def check_rebuildable(method: str, source: Path | str | None) -> None:
+    """Raise ``ConfigError`` naming ``source`` unless a packed ``method`` file can be fine-tuned."""
+    if method not in REBUILDABLE_METHODS:
+        raise ConfigError(f"{source}: a packed {method} model cannot be fine-tuned (its weight grid comes from "
+                          f"the float weights, which a packed file does not keep); use its qat_last/qat_best file")
+
+
 def _qat_act_quantizer(module: nn.Module) -> nn.Module | None:
     """The learned-step activation quantizer inside a QAT layer or activation point (None if A32)."""
     act = getattr(module, "act_q", None)
@@ -91,21 +98,23 @@ def _codes_in_weight_order(packed: PackedModule, shape: torch.Size) -> torch.Ten
     return rows_to_conv_weight(rows, shape) if len(shape) == 4 else rows
 
 
-def to_qat(packed_model: nn.Module, config: Any, path: Path | str | None = None) -> nn.Module:
+def to_qat(packed_model: nn.Module, config: Any = None, path: Path | str | None = None) -> nn.Module:
     """A trainable QAT model (train mode) with the same forward as ``packed_model``.
 
     Args:
         packed_model: from :func:`quantsr_cli.packing.io.load_model_file` on a ``packed`` file.
-        config: the file's ``QuantConfig`` (method in :data:`REBUILDABLE_METHODS`).
+        config: the file's ``QuantConfig`` (method in :data:`REBUILDABLE_METHODS`); default: the
+            ``quant_config`` that ``load_model_file`` attaches from the file's metadata.
         path: the file, for error messages.
 
     Raises:
         ConfigError: a method whose QAT state a packed file does not determine.
         CheckpointError: a layer that does not fit the rebuilt quantizers.
     """
-    if config.method not in REBUILDABLE_METHODS:
-        raise ConfigError(f"{path}: a packed {config.method} model cannot be fine-tuned (its weight grid comes from "
-                          f"the float weights, which a packed file does not keep); use its qat_last/qat_best file")
+    config = config if config is not None else getattr(packed_model, "quant_config", None)
+    if config is None:
+        raise CheckpointError("packed model has no quantization config (method/bits metadata)", path)
+    check_rebuildable(config.method, path)
     model = build_model(packed_model.arch, **packed_model.hparams)
     quantize_(model, config)
     packed_modules = {n: m for n, m in packed_model.named_modules() if isinstance(m, PackedModule)}
