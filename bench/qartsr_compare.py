@@ -8,19 +8,24 @@ Y-channel PSNR/SSIM on Set5/Set14 (BasicSR conventions) for W4A4 and W2A2.
 
 Resumable at every level: the FP model's training (``train_osd_tiny`` checkpoints), TRQ-retrained models
 (``--state-dir``) and each finished (method, bits) row of ``--out`` are reused when the settings match.
-Writes ``bench/results/qartsr_x4.json`` and ``bench/results/qartsr_x4.md``.
+Writes ``bench/results/qartsr_x4.json`` and ``bench/results/qartsr_x4.md``. Several processes may share one
+``--out`` (e.g. ``--bits 4`` and ``--bits 2`` on two cores once the FP model exists): each row is merged into
+the file under a lock, and each TRQ model is retrained by whichever process gets there first.
 
 Examples::
 
     python bench/qartsr_compare.py --threads 2 --train-only           # train osd-sr-tiny (resumable)
     python bench/qartsr_compare.py --threads 2                        # train if needed, then compare
+    python bench/qartsr_compare.py --threads 1 --bits 4 & python bench/qartsr_compare.py --threads 1 --bits 2
     python bench/qartsr_compare.py --smoke --out /tmp/q.json          # minutes: tiny budgets, 2 images
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
+import fcntl
 import json
 import os
 import time
@@ -74,6 +79,36 @@ def _args() -> argparse.Namespace:
     return a
 
 
+@contextlib.contextmanager
+def _locked(path: Path):
+    """Hold an exclusive ``flock`` on ``path`` (created if missing) for the ``with`` body."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _read(out: Path, settings: dict) -> dict:
+    """The results in ``out`` when they were measured with ``settings``, else an empty table."""
+    results = json.loads(out.read_text()) if out.is_file() else {}
+    return results if results.get("settings") == settings else {"settings": settings, "rows": {}}
+
+
+def _commit(out: Path, results: dict, rows: dict | None = None, trq: dict | None = None) -> dict:
+    """Merge new ``rows``/``trq`` entries into ``out`` (re-read under its lock) and write it; return the merge."""
+    with _locked(out.with_suffix(".lock")):
+        merged = _read(out, results["settings"])
+        merged["rows"].update(rows or {})
+        merged.setdefault("trq", {}).update(trq or {})
+        _write(out, merged)
+    results.clear()
+    results.update(merged)
+    return merged
+
+
 def _write(out: Path, results: dict) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(out.suffix + ".tmp")
@@ -91,12 +126,13 @@ def _log(rec: dict) -> None:
 
 def _fp_model(a: argparse.Namespace) -> torch.nn.Module:
     path = Path(a.model)
-    if not path.is_file():
-        print(f"training osd-sr-tiny into {path.parent} (resumable)", flush=True)
-        data = Path(a.data) / "train"
-        opts = TinyTrainOptions(iters=a.train_iters, ae_iters=a.ae_iters, threads=a.threads, seed=a.seed,
-                                batch_size=4 if a.smoke else 16)
-        path = train_osd_tiny(path.parent, [data / "T91", data / "BSD200"], opts, log=_log)
+    with _locked(path.parent / "train.lock"):  # a second process waits for the first one's training
+        if not path.is_file():
+            print(f"training osd-sr-tiny into {path.parent} (resumable)", flush=True)
+            data = Path(a.data) / "train"
+            opts = TinyTrainOptions(iters=a.train_iters, ae_iters=a.ae_iters, threads=a.threads, seed=a.seed,
+                                    batch_size=4 if a.smoke else 16)
+            path = train_osd_tiny(path.parent, [data / "T91", data / "BSD200"], opts, log=_log)
     return load_model(path).eval()
 
 
@@ -111,23 +147,24 @@ def _eval(model, a: argparse.Namespace) -> dict:
     return evaluate_sr(model, Path(a.data) / "benchmarks", ("Set5", "Set14"), 4, a.max_images)
 
 
-def _trq_models(fp, a, data, perceptual, results) -> dict[int, torch.nn.Module]:
-    """Retrain (or reload) the FP model at each candidate timestep."""
+def _trq_models(fp, a, data, perceptual) -> dict[int, torch.nn.Module]:
+    """Retrain (or reload) the FP model at each candidate timestep; one process retrains each, the rest wait."""
     state = Path(a.state_dir)
     models = {}
     for t in a.trq_timesteps:
         path = state / f"trq_T{t}_it{a.trq_iters}_s{a.seed}.safetensors"
-        if path.is_file():
-            models[t] = load_model(path)
-            continue
-        t0 = time.time()
-        models[t] = retrain_timestep(fp, t, data, iters=a.trq_iters, perceptual=perceptual, log=_log)
-        save_model(models[t], path, extra={"trq_seconds": f"{time.time() - t0:.1f}"})
-    results.setdefault("trq", {})["retrain_iters"] = a.trq_iters
+        with _locked(path.with_suffix(".lock")):
+            if path.is_file():
+                models[t] = load_model(path)
+                continue
+            t0 = time.time()
+            torch.manual_seed(a.seed + t)
+            models[t] = retrain_timestep(fp, t, data, iters=a.trq_iters, perceptual=perceptual, log=_log)
+            save_model(models[t], path, extra={"trq_seconds": f"{time.time() - t0:.1f}"})
     return models
 
 
-def _run_method(method, bits, fp, data, a, cfg, trq_models, results):
+def _run_method(method, bits, fp, data, a, cfg, trq_models, trq):
     if method == "ptq-minmax":
         return run_ptq_minmax(fp, bits, bits, data, calib_batches=cfg.calib_batches).model, {}
     if method == "qartsr-init":
@@ -151,7 +188,7 @@ def _run_method(method, bits, fp, data, a, cfg, trq_models, results):
     # trq+rpq+et: pick T by the smallest HQ-latent error of the PTQ-initialised denoiser at these bits
     rows = [measure_latent_error(m, QuantSpec(w_bits=bits, a_bits=bits, lowrank=a.lowrank, lora=a.lora), data)
             for m in [fp] + [trq_models[t] for t in a.trq_timesteps]]
-    results.setdefault("trq", {})[f"sweep_w{bits}a{bits}"] = rows
+    trq[f"sweep_w{bits}a{bits}"] = rows
     best = min(rows[1:], key=lambda r: r["zh_rmse"])["timestep"]
     res = run_qartsr(trq_models[best], c, data, log=_log)
     res.report["trq_selected_timestep"] = best
@@ -164,41 +201,40 @@ def main() -> None:
     torch.set_num_threads(a.threads)
     torch.manual_seed(a.seed)
     out = Path(a.out)
-    results = json.loads(out.read_text()) if out.is_file() else {}
     perceptual = make_perceptual("auto")
     settings = {"budget": a.budget, "et_frac": a.et_frac, "batch": a.batch, "calib_patches": a.calib_patches,
                 "patch": a.patch, "trq_timesteps": a.trq_timesteps, "trq_iters": a.trq_iters, "lowrank": a.lowrank,
                 "lora": a.lora, "seed": a.seed, "max_images": a.max_images, "model": str(a.model),
                 "perceptual": perceptual.name}
-    if results.get("settings") != settings:
-        results = {"settings": settings, "rows": {}}
+    results = _read(out, settings)
     fp = _fp_model(a)
     if a.train_only:
         return
     data = _calib(a)
-    rows = results["rows"]
     for name, model in (("bicubic", bicubic_baseline), ("fp", fp)):
-        if name not in rows:
-            rows[name] = {"metrics": _eval(model, a)}
-            _write(out, results)
-    trq_models = _trq_models(fp, a, data, perceptual, results) if "trq+rpq+et" in a.methods else {}
+        if name not in results["rows"]:
+            _commit(out, results, rows={name: {"metrics": _eval(model, a)}})
+    trq_models: dict[int, torch.nn.Module] = {}
     for bits in a.bits:
         et = int(round(a.budget * a.et_frac))
         cfg = QArtSRConfig(w_bits=bits, a_bits=bits, lowrank=a.lowrank, lora=a.lora, calib_batches=8,
                            rpq_iters=a.budget - et, et_iters=et, perceptual="auto")
         for method in a.methods:
             key = f"{method}@w{bits}a{bits}"
-            if key in rows:
+            if key in _read(out, settings)["rows"]:  # also rows another process finished meanwhile
                 continue
             print(f"== {key}", flush=True)
+            if method == "trq+rpq+et" and not trq_models:
+                trq_models = _trq_models(fp, a, data, perceptual)
             torch.manual_seed(a.seed)
             t0 = time.time()
-            model, report = _run_method(method, bits, fp, data, a, cfg, trq_models, results)
+            trq: dict = {"retrain_iters": a.trq_iters} if method == "trq+rpq+et" else {}
+            model, report = _run_method(method, bits, fp, data, a, cfg, trq_models, trq)
             train_s = round(time.time() - t0, 1)
-            rows[key] = {"metrics": _eval(model, a), "train_seconds": train_s,
-                         "report": json.loads(json.dumps(report, default=str))}
-            _write(out, results)
-    _write(out, results)
+            row = {"metrics": _eval(model, a), "train_seconds": train_s,
+                   "report": json.loads(json.dumps(report, default=str))}
+            _commit(out, results, rows={key: row}, trq=trq)
+    results = _commit(out, results)
     print(_markdown(results))
 
 

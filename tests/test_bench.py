@@ -71,3 +71,32 @@ def test_quantsr_plus_ablation_smoke(tmp_path: Path, shared_data: Path) -> None:
     assert rows["RBD+QSA"]["macs_g"] < rows["RBD"]["macs_g"]
     again = _run(args)
     assert again.returncode == 0 and "training" not in again.stderr
+
+
+@pytest.mark.slow
+def test_qartsr_compare_smoke_two_processes_share_one_table(tmp_path: Path, shared_data: Path) -> None:
+    out = tmp_path / "q.json"
+    base = ["bench/qartsr_compare.py", "--smoke", "--out", str(out), "--model", str(tmp_path / "osd" / "m.safetensors"),
+            "--state-dir", str(tmp_path / "state"), "--methods", "ptq-minmax", "rpq", "trq+rpq+et", "--threads", "1"]
+    train = _run(base + ["--train-only"])
+    assert train.returncode == 0, train.stderr[-3000:]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "QUANTSR_DATA": str(shared_data)}
+    procs = [subprocess.Popen([sys.executable, *base, "--bits", b], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for b in ("4", "2")]
+    for p in procs:
+        _, err = p.communicate(timeout=1800)
+        assert p.returncode == 0, err[-3000:]
+    results = json.loads(out.read_text())
+    rows = results["rows"]
+    assert {"bicubic", "fp"} <= set(rows)
+    for b in ("4", "2"):  # both processes' rows survived each other's writes
+        for m in ("ptq-minmax", "rpq", "trq+rpq+et"):
+            assert f"{m}@w{b}a{b}" in rows, m
+        assert f"sweep_w{b}a{b}" in results["trq"]
+    for r in rows.values():  # a 6-step smoke model is poor: only check the numbers are real measurements
+        assert 5 < r["metrics"]["Set5"]["psnr"] < 60 and 0 < r["metrics"]["Set14"]["ssim"] <= 1
+    assert len(list((tmp_path / "state").glob("trq_T*.safetensors"))) == 1  # retrained once, not per process
+    md = out.with_suffix(".md").read_text()
+    assert "| rpq | W4A4 |" in md and "| rpq | W2A2 |" in md
+    again = _run(base + ["--bits", "4", "2"])  # everything measured: nothing is redone
+    assert again.returncode == 0 and "==" not in again.stdout
