@@ -4,7 +4,7 @@ For each arch (``quantsr-c`` from an FP32 model this script trains first, ``imdn
 FP weights), each method (rbd, rlq, lsq, dorefa, pams) and each bit-width (W2A2, W4A4) at x4, this script trains with
 ``quantsr quantize``'s engine, packs, and evaluates PSNR/SSIM on Set5 and Set14; it adds FP and
 bicubic rows and a QuantSR DQA experiment (one ``--dqa`` model at three depths vs separately trained
-models of those depths). Every run lives in ``--work-dir`` and resumes, so the script can be stopped
+models of those depths, all from the FP32 model). Every run lives in ``--work-dir`` and resumes, so the script can be stopped
 and restarted; finished runs are not retrained, and each finished row is kept in ``--rows-dir``
 (committed) so the comparison also continues in a later session on a fresh machine. Results:
 ``bench/results/methods_x4.json`` and ``bench/results/methods_x4.md``.
@@ -30,7 +30,7 @@ from quantsr_cli.config import METHODS, QuantConfig, TrainConfig
 from quantsr_cli.data import shared_data_dir
 from quantsr_cli.engine.evaluate import evaluate_model
 from quantsr_cli.engine.modelio import load_model
-from quantsr_cli.engine.quantize import QuantizeJob, run_quantize
+from quantsr_cli.engine.quantize import QuantizeJob, compact_model, run_quantize, write_model_file
 from quantsr_cli.engine.report import model_info
 from quantsr_cli.slim.dqa import DQA_DEPTHS, apply_depth
 
@@ -148,18 +148,37 @@ def measured(args: argparse.Namespace, name: str, settings: dict[str, Any], comp
     return value
 
 
-def dqa_experiment(args: argparse.Namespace) -> list[dict[str, Any]]:
-    """QuantSR DQA: one ``--dqa`` RBD W4A4 model at its three depths vs separately trained models."""
+def train_fp(args: argparse.Namespace, arch: str) -> str:
+    """The FP32 model every quantized ``arch`` run starts from (trained from scratch for ``--fp-iters``)."""
+    return str(train(args, f"{arch}_fp32", arch, QuantConfig("rbd", 32, 32), args.fp_iters,
+                     blocks=args.blocks, init=None, patch=args.patch, batch=args.batch))
+
+
+def dqa_experiment(args: argparse.Namespace, fp_path: str) -> list[dict[str, Any]]:
+    """QuantSR DQA: one ``--dqa`` RBD W4A4 model at its three depths vs separately trained models.
+
+    Everything starts from the FP32 model ``fp_path``: the DQA model and the full-depth model (the
+    ``rbd_w4a4`` method row) from all of it, each shallower separate model from the FP blocks that
+    depth keeps, so the comparison isolates "one model for three depths" against "one model per depth".
+    """
     quant = QuantConfig("rbd", 4, 4)
-    dqa = train(args, "quantsr-c_dqa_w4a4", "quantsr-c", quant, args.iters, blocks=args.blocks, init=None,
+    dqa = train(args, "quantsr-c_dqa_w4a4", "quantsr-c", quant, args.iters, blocks=args.blocks, init=fp_path,
                 patch=args.patch, batch=args.batch, dqa=True)
     keep = json.loads(json.dumps(load_model(str(dqa)).meta["extra"]["dqa"]))
     rows: list[dict[str, Any]] = []
     for depth in DQA_DEPTHS:
         n = len(keep[depth])
         rows.append({"label": f"DQA model at {depth} depth", "blocks": n, **evaluate(str(dqa), keep[depth])})
-        sep = train(args, f"quantsr-c_b{n}_w4a4", "quantsr-c", quant, args.iters, blocks=n, init=None,
-                    patch=args.patch, batch=args.batch)
+        if n == args.blocks:
+            name, init = "quantsr-c_rbd_w4a4", fp_path
+        else:
+            name, init = f"quantsr-c_rbd_w4a4_b{n}", str(args.work_dir / f"quantsr-c_fp32_keep{n}.safetensors")
+            if not Path(init).is_file():
+                fp32 = QuantConfig("rbd", 32, 32)
+                write_model_file(compact_model(load_model(fp_path).model, fp32, keep[depth]), Path(init), fp32,
+                                 {"source": Path(fp_path).name, "kept_blocks": keep[depth]})
+        sep = train(args, name, "quantsr-c", quant, args.iters, blocks=n, init=init, patch=args.patch,
+                    batch=args.batch)
         rows.append({"label": f"separate {n}-block model", "blocks": n, **evaluate(str(sep))})
     return rows
 
@@ -208,8 +227,7 @@ def main() -> None:
                                                                    evaluate(imdn_weights))))
         else:
             def fp_model(arch: str = arch) -> str:
-                return str(train(args, f"{arch}_fp32", arch, QuantConfig("rbd", 32, 32), args.fp_iters,
-                                 blocks=args.blocks, init=None, patch=args.patch, batch=args.batch))
+                return train_fp(args, arch)
 
             def fp_row(arch: str = arch) -> dict[str, Any]:
                 return row(f"{arch} FP32", arch, "-", "32/32", fp_model(), evaluate(fp_model()))
@@ -236,8 +254,8 @@ def main() -> None:
     dqa_rows: list[dict[str, Any]] = []
     if args.dqa_only or (not args.no_dqa and "quantsr-c" in args.archs):
         budget = {"iters": args.iters, "batch": args.batch, "patch": args.patch, "seed": args.seed,
-                  "blocks": args.blocks}
-        dqa_rows = measured(args, "quantsr-c_dqa_w4a4", budget, lambda: dqa_experiment(args))
+                  "blocks": args.blocks, "fp_iters": args.fp_iters, "start": "fp32"}
+        dqa_rows = measured(args, "quantsr-c_dqa_w4a4", budget, lambda: dqa_experiment(args, train_fp(args, "quantsr-c")))
     rows = [r for r in rows if r is not None]
     dqa_rows = dqa_rows or []
     if args.missing:
