@@ -112,8 +112,9 @@ def markdown(rows: list[dict[str, Any]], dqa_rows: list[dict[str, Any]], args: a
     if args.missing:
         text += f"\nNot measured yet: {', '.join(args.missing)}.\n"
     text += (f"\nquantsr-c: {args.blocks} blocks; the FP32 model is trained from scratch for {args.fp_iters} "
-             f"iterations and every method starts from it and trains {args.iters} iterations (DQA rows: from "
-             f"scratch, {args.iters} iterations), batch {args.batch}, HR patch {args.patch}; imdn: from the published FP weights, {args.imdn_iters} iterations, batch "
+             f"iterations and every method (and each DQA row: the DQA model, and separate models from the FP blocks "
+             f"their depth keeps) starts from it and trains {args.iters} iterations, batch {args.batch}, HR patch "
+             f"{args.patch}; imdn: from the published FP weights, {args.imdn_iters} iterations, batch "
              f"{args.imdn_batch}, HR patch {args.imdn_patch}; Adam 2e-4 cosine, seed {args.seed}, T91+BSD200.\n")
     return text
 
