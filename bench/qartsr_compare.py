@@ -26,6 +26,7 @@ import argparse
 import contextlib
 import copy
 import fcntl
+import hashlib
 import json
 import os
 import time
@@ -124,7 +125,7 @@ def _log(rec: dict) -> None:
     print(json.dumps(rec), flush=True)
 
 
-def _fp_model(a: argparse.Namespace) -> torch.nn.Module:
+def _fp_model(a: argparse.Namespace) -> tuple[torch.nn.Module, Path]:
     path = Path(a.model)
     with _locked(path.parent / "train.lock"):  # a second process waits for the first one's training
         if not path.is_file():
@@ -132,8 +133,10 @@ def _fp_model(a: argparse.Namespace) -> torch.nn.Module:
             data = Path(a.data) / "train"
             opts = TinyTrainOptions(iters=a.train_iters, ae_iters=a.ae_iters, threads=a.threads, seed=a.seed,
                                     batch_size=4 if a.smoke else 16)
-            path = train_osd_tiny(path.parent, [data / "T91", data / "BSD200"], opts, log=_log)
-    return load_model(path).eval()
+            trained = train_osd_tiny(path.parent, [data / "T91", data / "BSD200"], opts, log=_log)
+            if trained != path:  # the next run must find the model where --model says
+                raise SystemExit(f"--model {path}: the trainer writes {trained.name}; name --model so")
+    return load_model(path).eval(), Path(path)
 
 
 def _calib(a: argparse.Namespace) -> CalibData:
@@ -147,12 +150,12 @@ def _eval(model, a: argparse.Namespace) -> dict:
     return evaluate_sr(model, Path(a.data) / "benchmarks", ("Set5", "Set14"), 4, a.max_images)
 
 
-def _trq_models(fp, a, data, perceptual) -> dict[int, torch.nn.Module]:
+def _trq_models(fp, a, data, perceptual, model_sha: str) -> dict[int, torch.nn.Module]:
     """Retrain (or reload) the FP model at each candidate timestep; one process retrains each, the rest wait."""
     state = Path(a.state_dir)
     models = {}
     for t in a.trq_timesteps:
-        path = state / f"trq_T{t}_it{a.trq_iters}_s{a.seed}.safetensors"
+        path = state / f"trq_{model_sha}_T{t}_it{a.trq_iters}_s{a.seed}.safetensors"
         with _locked(path.with_suffix(".lock")):
             if path.is_file():
                 models[t] = load_model(path)
@@ -202,14 +205,16 @@ def main() -> None:
     torch.manual_seed(a.seed)
     out = Path(a.out)
     perceptual = make_perceptual("auto")
-    settings = {"budget": a.budget, "et_frac": a.et_frac, "batch": a.batch, "calib_patches": a.calib_patches,
-                "patch": a.patch, "trq_timesteps": a.trq_timesteps, "trq_iters": a.trq_iters, "lowrank": a.lowrank,
-                "lora": a.lora, "seed": a.seed, "max_images": a.max_images, "model": str(a.model),
-                "perceptual": perceptual.name}
-    results = _read(out, settings)
-    fp = _fp_model(a)
+    fp, fp_path = _fp_model(a)
     if a.train_only:
         return
+    # the model's content, not only its path: a model retrained on another machine starts a new table
+    model_sha = hashlib.sha256(fp_path.read_bytes()).hexdigest()[:16]
+    settings = {"budget": a.budget, "et_frac": a.et_frac, "batch": a.batch, "calib_patches": a.calib_patches,
+                "patch": a.patch, "trq_timesteps": a.trq_timesteps, "trq_iters": a.trq_iters, "lowrank": a.lowrank,
+                "lora": a.lora, "seed": a.seed, "max_images": a.max_images, "model": fp_path.name,
+                "model_sha256": model_sha, "perceptual": perceptual.name}
+    results = _read(out, settings)
     data = _calib(a)
     for name, model in (("bicubic", bicubic_baseline), ("fp", fp)):
         if name not in results["rows"]:
@@ -225,7 +230,7 @@ def main() -> None:
                 continue
             print(f"== {key}", flush=True)
             if method == "trq+rpq+et" and not trq_models:
-                trq_models = _trq_models(fp, a, data, perceptual)
+                trq_models = _trq_models(fp, a, data, perceptual, model_sha)
             torch.manual_seed(a.seed)
             t0 = time.time()
             trq: dict = {"retrain_iters": a.trq_iters} if method == "trq+rpq+et" else {}
