@@ -204,7 +204,8 @@ def main() -> None:
     parser.add_argument("--imdn-patch", type=int, default=128)
     parser.add_argument("--no-dqa", action="store_true")
     parser.add_argument("--dqa-only", action="store_true",
-                        help="only the DQA experiment (it trains from scratch, so it can run beside the method rows)")
+                        help="only the DQA experiment (trains the FP32 model if missing); "
+                             "it can run beside a method-rows run once that model exists")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--report-only", action="store_true",
@@ -227,11 +228,9 @@ def main() -> None:
             rows.append(measured(args, "imdn_fp32", {}, lambda: row("IMDN FP32", "imdn", "-", "32/32", imdn_weights,
                                                                    evaluate(imdn_weights))))
         else:
-            def fp_model(arch: str = arch) -> str:
-                return train_fp(args, arch)
-
             def fp_row(arch: str = arch) -> dict[str, Any]:
-                return row(f"{arch} FP32", arch, "-", "32/32", fp_model(), evaluate(fp_model()))
+                fp = train_fp(args, arch)
+                return row(f"{arch} FP32", arch, "-", "32/32", fp, evaluate(fp))
 
             budget |= {"fp_iters": args.fp_iters, "start": "fp32"}
             rows.append(measured(args, f"{arch}_fp32", budget, fp_row))
@@ -245,7 +244,7 @@ def main() -> None:
                         out = train(args, name, arch, quant, args.imdn_iters, blocks=None, init=imdn_weights,
                                     patch=args.imdn_patch, batch=args.imdn_batch)
                     else:
-                        out = train(args, name, arch, quant, args.iters, blocks=args.blocks, init=fp_model(arch),
+                        out = train(args, name, arch, quant, args.iters, blocks=args.blocks, init=train_fp(args, arch),
                                     patch=args.patch, batch=args.batch)
                     return row(name, arch, method, f"{bits}/{bits}", str(out), evaluate(str(out)))
 
