@@ -3,11 +3,15 @@
 One script, one run, one budget: every trained method gets ``--budget`` optimizer steps on the same
 calibration patches (T91 + BSD200, fixed seed), distilling the FP model's output; RPQ alone spends the
 whole budget on RPQ, the "+ET" variants split it ``--et-frac`` (ET) / rest (RPQ). TRQ's FP retraining
-(``--trq-iters`` LoRA steps per candidate timestep) is extra FP work, reported separately. Results are
-Y-channel PSNR/SSIM on Set5/Set14 (BasicSR conventions) for W4A4 and W2A2.
+(``--trq-iters`` LoRA steps per candidate timestep, distilling the original model by default) is extra FP
+work, reported separately; its timestep is chosen per bit-width by
+:func:`quantsr_cli.diffusion.trq.select_timestep` (end-to-end error of the PTQ-initialised retrained
+model against the original FP output on the calibration patches; the original T=999 is a candidate).
+Results are Y-channel PSNR/SSIM on Set5/Set14 (BasicSR conventions) for W4A4 and W2A2.
 
 Resumable at every level: the FP model's training (``train_osd_tiny`` checkpoints), TRQ-retrained models
-(``--state-dir``) and each finished (method, bits) row of ``--out`` are reused when the settings match.
+(``--state-dir``) and each finished (method, bits) row of ``--out`` are reused when the settings match
+(the TRQ settings only gate the ``trq+rpq+et`` rows and the sweeps).
 Writes ``bench/results/qartsr_x4.json`` and ``bench/results/qartsr_x4.md``. Several processes may share one
 ``--out`` (e.g. ``--bits 4`` and ``--bits 2`` on two cores once the FP model exists): each row is merged into
 the file under a lock, and each TRQ model is retrained by whichever process gets there first.
@@ -43,7 +47,7 @@ from quantsr_cli.diffusion.pipeline import QArtSRConfig, run_lsq, run_ptq_minmax
 from quantsr_cli.diffusion.qmodel import QuantSpec, calibrate, quantize_model, set_quant_enabled
 from quantsr_cli.diffusion.stages import CalibData
 from quantsr_cli.diffusion.train_tiny import TinyTrainOptions, train_osd_tiny
-from quantsr_cli.diffusion.trq import measure_latent_error, retrain_timestep
+from quantsr_cli.diffusion.trq import measure_latent_error, retrain_timestep, select_timestep
 
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = ("ptq-minmax", "qartsr-init", "lsq", "rpq-forward", "rpq", "rpq+et", "trq+rpq+et")
@@ -62,8 +66,11 @@ def _args() -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--calib-patches", type=int, default=256)
     p.add_argument("--patch", type=int, default=64, help="HR patch side")
-    p.add_argument("--trq-timesteps", type=int, nargs="+", default=[499, 249, 1])
-    p.add_argument("--trq-iters", type=int, default=200)
+    p.add_argument("--trq-timesteps", type=int, nargs="+", default=[999, 899, 749, 499, 249, 1],
+                   help="TRQ candidates (the model's own T is used without retraining)")
+    p.add_argument("--trq-iters", type=int, default=1000, help="LoRA steps per retrained candidate")
+    p.add_argument("--trq-target", choices=("fp", "gt"), default="fp",
+                   help="TRQ retraining target: the original model's output (fp) or the HR patches (gt)")
     p.add_argument("--lowrank", type=int, default=4)
     p.add_argument("--lora", type=int, default=4)
     p.add_argument("--max-images", type=int, default=0, help="per benchmark (0 = all)")
@@ -76,7 +83,7 @@ def _args() -> argparse.Namespace:
     a = p.parse_args()
     if a.smoke:
         a.budget, a.trq_iters, a.calib_patches, a.max_images = 22, 4, 32, 2
-        a.train_iters, a.ae_iters, a.trq_timesteps = min(a.train_iters, 6), min(a.ae_iters, 2), [249]
+        a.train_iters, a.ae_iters, a.trq_timesteps = min(a.train_iters, 6), min(a.ae_iters, 2), [999, 249]
     return a
 
 
@@ -92,22 +99,37 @@ def _locked(path: Path):
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
-def _read(out: Path, settings: dict) -> dict:
-    """The results in ``out`` when they were measured with ``settings``, else an empty table."""
+TRQ_KEYS = ("trq_timesteps", "trq_iters", "trq_target")
+
+
+def _read(out: Path, settings: dict, trq_settings: dict) -> dict:
+    """The results in ``out`` when they were measured with ``settings``, else an empty table.
+
+    Rows of ``trq+rpq+et`` and the TRQ sweeps are kept only when ``trq_settings`` match too (a table
+    written before the TRQ settings were separate keeps its other rows).
+    """
     results = json.loads(out.read_text()) if out.is_file() else {}
-    return results if results.get("settings") == settings else {"settings": settings, "rows": {}}
+    old = dict(results.get("settings") or {})
+    old_trq = results.get("trq_settings") or {k: old.pop(k, None) for k in TRQ_KEYS}
+    if {k: v for k, v in old.items() if k not in TRQ_KEYS} != settings:
+        return {"settings": settings, "trq_settings": trq_settings, "rows": {}, "trq": {}}
+    if old_trq != trq_settings:
+        results["rows"] = {k: v for k, v in results.get("rows", {}).items() if not k.startswith("trq+")}
+        results["trq"] = {}
+    results.update(settings=settings, trq_settings=trq_settings)
+    return results
 
 
-def _commit(out: Path, results: dict, rows: dict | None = None, trq: dict | None = None) -> dict:
-    """Merge new ``rows``/``trq`` entries into ``out`` (re-read under its lock) and write it; return the merge."""
+def _commit(out: Path, results: dict, rows: dict | None = None, trq: dict | None = None) -> None:
+    """Merge new ``rows``/``trq`` entries into ``out`` (re-read under its lock), write it, and make
+    ``results`` the merged table."""
     with _locked(out.with_suffix(".lock")):
-        merged = _read(out, results["settings"])
+        merged = _read(out, results["settings"], results["trq_settings"])
         merged["rows"].update(rows or {})
         merged.setdefault("trq", {}).update(trq or {})
         _write(out, merged)
     results.clear()
     results.update(merged)
-    return merged
 
 
 def _write(out: Path, results: dict) -> None:
@@ -151,18 +173,24 @@ def _eval(model, a: argparse.Namespace) -> dict:
 
 
 def _trq_models(fp, a, data, perceptual, model_sha: str) -> dict[int, torch.nn.Module]:
-    """Retrain (or reload) the FP model at each candidate timestep; one process retrains each, the rest wait."""
+    """Retrain (or reload) the FP model at each candidate timestep; one process retrains each, the rest wait.
+
+    The model's own timestep maps to the model itself (no retraining)."""
     state = Path(a.state_dir)
     models = {}
     for t in a.trq_timesteps:
-        path = state / f"trq_{model_sha}_T{t}_it{a.trq_iters}_s{a.seed}.safetensors"
+        if t == fp.timestep:
+            models[t] = fp
+            continue
+        path = state / f"trq_{model_sha}_T{t}_it{a.trq_iters}_{a.trq_target}_s{a.seed}.safetensors"
         with _locked(path.with_suffix(".lock")):
             if path.is_file():
-                models[t] = load_model(path)
+                models[t] = load_model(path).eval()
                 continue
             t0 = time.time()
             torch.manual_seed(a.seed + t)
-            models[t] = retrain_timestep(fp, t, data, iters=a.trq_iters, perceptual=perceptual, log=_log)
+            models[t] = retrain_timestep(fp, t, data, iters=a.trq_iters, target=a.trq_target, perceptual=perceptual,
+                                         log=_log)
             save_model(models[t], path, extra={"trq_seconds": f"{time.time() - t0:.1f}"})
     return models
 
@@ -188,11 +216,11 @@ def _run_method(method, bits, fp, data, a, cfg, trq_models, trq):
     if method == "rpq+et":
         res = run_qartsr(fp, c, data, log=_log)
         return res.model, res.report
-    # trq+rpq+et: pick T by the smallest HQ-latent error of the PTQ-initialised denoiser at these bits
-    rows = [measure_latent_error(m, QuantSpec(w_bits=bits, a_bits=bits, lowrank=a.lowrank, lora=a.lora), data)
-            for m in [fp] + [trq_models[t] for t in a.trq_timesteps]]
+    # trq+rpq+et: pick T by the end-to-end error (vs the original FP output) of the PTQ-initialised model
+    spec = QuantSpec(w_bits=bits, a_bits=bits, lowrank=a.lowrank, lora=a.lora)
+    rows = [measure_latent_error(trq_models[t], spec, data, reference=fp) for t in a.trq_timesteps]
     trq[f"sweep_w{bits}a{bits}"] = rows
-    best = min(rows[1:], key=lambda r: r["zh_rmse"])["timestep"]
+    best = select_timestep(rows)
     res = run_qartsr(trq_models[best], c, data, log=_log)
     res.report["trq_selected_timestep"] = best
     res.report["trq_fp"] = _eval(trq_models[best], a)
@@ -211,10 +239,10 @@ def main() -> None:
     # the model's content, not only its path: a model retrained on another machine starts a new table
     model_sha = hashlib.sha256(fp_path.read_bytes()).hexdigest()[:16]
     settings = {"budget": a.budget, "et_frac": a.et_frac, "batch": a.batch, "calib_patches": a.calib_patches,
-                "patch": a.patch, "trq_timesteps": a.trq_timesteps, "trq_iters": a.trq_iters, "lowrank": a.lowrank,
-                "lora": a.lora, "seed": a.seed, "max_images": a.max_images, "model": fp_path.name,
-                "model_sha256": model_sha, "perceptual": perceptual.name}
-    results = _read(out, settings)
+                "patch": a.patch, "lowrank": a.lowrank, "lora": a.lora, "seed": a.seed, "max_images": a.max_images,
+                "model": fp_path.name, "model_sha256": model_sha, "perceptual": perceptual.name}
+    trq_settings = {"trq_timesteps": a.trq_timesteps, "trq_iters": a.trq_iters, "trq_target": a.trq_target}
+    results = _read(out, settings, trq_settings)
     data = _calib(a)
     for name, model in (("bicubic", bicubic_baseline), ("fp", fp)):
         if name not in results["rows"]:
@@ -226,20 +254,24 @@ def main() -> None:
                            rpq_iters=a.budget - et, et_iters=et, perceptual="auto")
         for method in a.methods:
             key = f"{method}@w{bits}a{bits}"
-            if key in _read(out, settings)["rows"]:  # also rows another process finished meanwhile
+            if key in _read(out, settings, trq_settings)["rows"]:  # also rows another process finished meanwhile
                 continue
             print(f"== {key}", flush=True)
             if method == "trq+rpq+et" and not trq_models:
                 trq_models = _trq_models(fp, a, data, perceptual, model_sha)
+                fp_evals = {str(t): _eval(m, a) for t, m in trq_models.items()
+                            if str(t) not in results.get("trq", {}).get("fp_eval", {})}
+                if fp_evals:
+                    _commit(out, results, trq={"fp_eval": {**results.get("trq", {}).get("fp_eval", {}), **fp_evals}})
             torch.manual_seed(a.seed)
             t0 = time.time()
-            trq: dict = {"retrain_iters": a.trq_iters} if method == "trq+rpq+et" else {}
+            trq: dict = {}
             model, report = _run_method(method, bits, fp, data, a, cfg, trq_models, trq)
             train_s = round(time.time() - t0, 1)
             row = {"metrics": _eval(model, a), "train_seconds": train_s,
                    "report": json.loads(json.dumps(report, default=str))}
             _commit(out, results, rows={key: row}, trq=trq)
-    results = _commit(out, results)
+    _commit(out, results)
     print(_markdown(results))
 
 
@@ -257,11 +289,14 @@ def _psnr(rows: dict, key: str) -> float | None:
 
 def _markdown(results: dict) -> str:
     s, rows = results.get("settings", {}), results.get("rows", {})
+    ts = results.get("trq_settings", {})
     bits = sorted({k.split("@w")[1].split("a")[0] for k in rows if "@w" in k}, reverse=True)
     lines = ["# QArtSR on osd-sr-tiny (x4), Y-channel PSNR (dB) / SSIM", "",
              f"Budget {s.get('budget')} optimizer steps per trained method (batch {s.get('batch')}, "
              f"{s.get('calib_patches')} calibration patches of {s.get('patch')} px); ET share {s.get('et_frac')}; "
-             f"TRQ retrains {s.get('trq_iters')} LoRA steps per candidate T in {s.get('trq_timesteps')}. "
+             f"TRQ retrains {ts.get('trq_iters')} LoRA steps (target: {ts.get('trq_target')}) per candidate T in "
+             f"{ts.get('trq_timesteps')} and keeps the T whose PTQ-initialised model is closest to the original FP "
+             f"output on the calibration patches. "
              f"Perceptual term: {s.get('perceptual')}. Eval images per set: {s.get('max_images') or 'all'}.", "",
              "| method | bits | Set5 | Set14 | train s |", "|---|---|---|---|---|"]
     for name in ("bicubic", "fp"):
@@ -285,15 +320,22 @@ def _markdown(results: dict) -> str:
                 verdict = "yes" if y > x else "**no**"
                 lines.append(f"- W{b}A{b}: {hi} > {lo}? {verdict} ({y:.2f} vs {x:.2f} dB)")
     sweeps = results.get("trq", {})
+    fp_eval = sweeps.get("fp_eval", {})
     for key, srows in sorted(sweeps.items()):
         if not key.startswith("sweep_"):
             continue
         lines += ["", f"## TRQ sweep {key[6:]} (denoiser quantized with PTQ init; T=999 is the original model)", "",
-                  "| T | sqrt(1-abar)/sqrt(abar) | eps RMSE | z_H RMSE | z_H rel | image PSNR vs FP |",
-                  "|---|---|---|---|---|---|"]
+                  "Image PSNRs are on the calibration patches: against the same retrained model in FP (quantization "
+                  "error alone) and against the original FP model (retraining drift + quantization error: the "
+                  "selection criterion). Retrained FP: that model's Set5 PSNR against HR.", "",
+                  "| T | sqrt(1-abar)/sqrt(abar) | eps RMSE | z_H RMSE | z_H rel | image PSNR vs own FP | "
+                  "image PSNR vs original FP | retrained FP, Set5 |", "|---|---|---|---|---|---|---|---|"]
         for r in srows:
+            ev = fp_eval.get(str(r["timestep"]))
+            fp_cell = f"{ev['Set5']['psnr']:.2f}" if ev else "—"
+            ref = f"{r['image_psnr_vs_ref']:.2f}" if "image_psnr_vs_ref" in r else "—"
             lines.append(f"| {r['timestep']} | {r['amplification']:.3f} | {r['eps_rmse']:.4f} | {r['zh_rmse']:.4f} | "
-                         f"{r['zh_rel']:.4f} | {r['image_psnr_vs_fp']:.2f} |")
+                         f"{r['zh_rel']:.4f} | {r['image_psnr_vs_fp']:.2f} | {ref} | {fp_cell} |")
     return "\n".join(lines) + "\n"
 
 

@@ -92,7 +92,12 @@ def test_qartsr_compare_smoke_two_processes_share_one_table(tmp_path: Path, shar
     for b in ("4", "2"):  # both processes' rows survived each other's writes
         for m in ("ptq-minmax", "rpq", "trq+rpq+et"):
             assert f"{m}@w{b}a{b}" in rows, m
-        assert f"sweep_w{b}a{b}" in results["trq"]
+        sweep = results["trq"][f"sweep_w{b}a{b}"]
+        assert [r["timestep"] for r in sweep] == [999, 249] and all("image_psnr_vs_ref" in r for r in sweep)
+        assert rows[f"trq+rpq+et@w{b}a{b}"]["report"]["trq_selected_timestep"] in (999, 249)
+    assert set(results["trq"]["fp_eval"]) == {"999", "249"}
+    for ds in ("Set5", "Set14"):  # T=999 is the original model
+        assert results["trq"]["fp_eval"]["999"][ds]["psnr"] == rows["fp"]["metrics"][ds]["psnr"]
     for r in rows.values():  # a 6-step smoke model is poor: only check the numbers are real measurements
         assert 5 < r["metrics"]["Set5"]["psnr"] < 60 and 0 < r["metrics"]["Set14"]["ssim"] <= 1
     assert len(list((tmp_path / "state").glob("trq_*_T*.safetensors"))) == 1  # retrained once, not per process
@@ -100,3 +105,8 @@ def test_qartsr_compare_smoke_two_processes_share_one_table(tmp_path: Path, shar
     assert "| rpq | W4A4 |" in md and "| rpq | W2A2 |" in md
     again = _run(base + ["--bits", "4", "2"])  # everything measured: nothing is redone
     assert again.returncode == 0 and "==" not in again.stdout
+    trq_changed = _run(base + ["--bits", "4", "--trq-target", "gt"])  # only the TRQ rows depend on TRQ settings
+    assert trq_changed.returncode == 0, trq_changed.stderr[-3000:]
+    assert "== trq+rpq+et@w4a4" in trq_changed.stdout and "== rpq@" not in trq_changed.stdout
+    rows = json.loads(out.read_text())["rows"]
+    assert "rpq@w2a2" in rows and "trq+rpq+et@w2a2" not in rows  # measured with the old TRQ settings: dropped

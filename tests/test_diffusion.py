@@ -20,7 +20,7 @@ from quantsr_cli.diffusion.qmodel import (QuantSpec, assign_modules, calibrate, 
 from quantsr_cli.diffusion.quantizers import LBQuantizer, LSQQuantizer
 from quantsr_cli.diffusion.schedule import alpha_bar, amplification_factor, x0_from_eps
 from quantsr_cli.diffusion.stages import CalibData, rpq_schedule, run_rpq
-from quantsr_cli.diffusion.trq import measure_latent_error, retrain_timestep
+from quantsr_cli.diffusion.trq import measure_latent_error, retrain_timestep, select_timestep, timestep_sweep
 from quantsr_cli.errors import CheckpointError, ConfigError
 
 DATA = Path(os.environ.get("QUANTSR_DATA", Path(__file__).resolve().parents[1] / ".." / "shared" / "data"))
@@ -190,6 +190,34 @@ def test_trq_retrain_and_latent_error():
     row = measure_latent_error(r, QuantSpec(w_bits=2, a_bits=2), data, calib_batches=1, eval_batches=1)
     assert row["eps_rmse"] > 0
     assert row["zh_rmse"] == pytest.approx(row["amplification"] * row["eps_rmse"], rel=1e-3)
+    assert "image_psnr_vs_ref" not in row
+    # against itself as the reference, the end-to-end PSNR is the quantization-only PSNR
+    own = measure_latent_error(r, QuantSpec(w_bits=2, a_bits=2), data, calib_batches=1, eval_batches=1, reference=r)
+    assert own["image_psnr_vs_ref"] == pytest.approx(own["image_psnr_vs_fp"], abs=1e-3)
+
+
+def test_timestep_sweep_keeps_the_original_timestep_unretrained():
+    m, data = _tiny(), _data()
+    rows, models = timestep_sweep(m, [999, 249], QuantSpec(w_bits=4, a_bits=4), data, retrain_iters=1)
+    assert [r["timestep"] for r in rows] == [999, 249] and models[999].timestep == 999
+    x = torch.rand(1, 3, 4, 4)
+    with torch.no_grad():
+        assert torch.equal(models[999](x), m(x))  # T=999 is the model itself, not a retrained copy
+    assert all("image_psnr_vs_ref" in r for r in rows)
+    assert select_timestep(rows) in (999, 249)
+
+
+def test_select_timestep_scores_end_to_end_not_latent_error():
+    rows = [{"timestep": 999, "zh_rmse": 0.47, "image_psnr_vs_ref": 43.3},
+            {"timestep": 1, "zh_rmse": 0.02, "image_psnr_vs_ref": 14.2},  # smallest latent error, ruined model
+            {"timestep": 899, "zh_rmse": 0.36, "image_psnr_vs_ref": 42.0}]
+    assert select_timestep(rows) == 999
+    assert select_timestep([{"timestep": 499, "image_psnr_vs_ref": 30.0},
+                            {"timestep": 749, "image_psnr_vs_ref": 30.0}]) == 749  # tie: the larger T
+    with pytest.raises(ValueError, match="reference"):
+        select_timestep([{"timestep": 1, "zh_rmse": 0.1}])
+    with pytest.raises(ValueError):
+        select_timestep([])
 
 
 def test_checkpoint_round_trip(tmp_path):

@@ -5,7 +5,16 @@ update, whose factor ``sqrt(1 - abar_T) / sqrt(abar_T)`` multiplies any UNet-out
 (:func:`quantsr_cli.diffusion.schedule.amplification_factor`). TRQ retrains the FP one-step model at a
 smaller ``T`` — LoRA on the denoiser's layers only, then merged — and quantizes the retrained model.
 :func:`measure_latent_error` quantizes only the denoiser (encoder/decoder FP) and reports the latent
-error; :func:`timestep_sweep` does that per candidate ``T``.
+error; :func:`timestep_sweep` does that per candidate ``T`` and :func:`select_timestep` picks one.
+
+Choosing ``T``: the paper selects the ``T`` that minimizes the HQ-latent quantization error; its
+candidates are retrained from SD-2.1, whose UNet is a denoiser at every ``T``. A one-step model trained
+only at ``T=999`` (``osd-sr-tiny``) is not: after retraining at a smaller ``T`` its FP output drifts, and
+the smallest latent error (at ``T=1``, amplification 0.04) came with a retrained FP model at 14 dB. So the
+selection here scores each candidate end to end — the PTQ-quantized retrained model's decoded image
+against the *original* FP model's output on the calibration patches (``image_psnr_vs_ref``), which
+counts both the retraining drift and the quantization error — and the original ``T`` (not retrained)
+is always a candidate, so TRQ can only pick a timestep that measurably helps.
 
 Models follow the one-step contract: ``set_timestep(t)``, ``timestep``, ``latents(lr) -> (z_L, eps, z_H)``,
 ``decode(z_H)``, ``lora_patterns`` and ``denoiser_prefix``.
@@ -85,20 +94,31 @@ def retrain_timestep(model: nn.Module, timestep: int, data: CalibData, *, iters:
     return dequantize_model(student, merge_lora=True).eval()
 
 
+def _psnr(se: float, count: int) -> float:
+    mse = se / max(count, 1)
+    return float("inf") if mse == 0 else 10 * math.log10(1.0 / mse)
+
+
 @torch.no_grad()
 def measure_latent_error(model: nn.Module, spec: QuantSpec, data: CalibData, *, calib_batches: int = 4,
-                         eval_batches: int = 4) -> dict[str, float]:
+                         eval_batches: int = 4, reference: nn.Module | None = None) -> dict[str, float]:
     """Quantize only the denoiser (min-max/PTQ init of ``spec``, no training) and measure errors.
+
+    Args:
+        reference: optional FP model (e.g. the original one before TRQ retraining); its output on the
+            same patches is the target of ``image_psnr_vs_ref``.
 
     Returns:
         ``timestep``, ``amplification``, ``eps_rmse`` (UNet output), ``zh_rmse`` (HQ latent),
-        ``zh_rel`` (``zh_rmse / rms(z_H)``) and ``image_psnr_vs_fp`` (dB, decoded with the FP decoder).
+        ``zh_rel`` (``zh_rmse / rms(z_H)``), ``image_psnr_vs_fp`` (dB, decoded with the FP decoder,
+        against ``model``'s own FP output) and, with ``reference``, ``image_psnr_vs_ref`` (dB, the same
+        quantized output against ``reference``'s output; images clamped to [0, 1]).
     """
     qm = copy.deepcopy(model).eval()
     quantize_model(qm, spec)
     calibrate(qm, data.calibration_batches(calib_batches))
     prefix = getattr(qm, "denoiser_prefix", "unet") + "."
-    se_eps = se_zh = energy = se_img = 0.0
+    se_eps = se_zh = energy = se_img = se_ref = 0.0
     count = count_img = 0
     for b in range(eval_batches):
         x, _ = data.batch(b)
@@ -114,21 +134,38 @@ def measure_latent_error(model: nn.Module, spec: QuantSpec, data: CalibData, *, 
         energy += float(zh_fp.pow(2).sum())
         count += zh_fp.numel()
         se_img += float((img_q.clamp(0, 1) - img_fp.clamp(0, 1)).pow(2).sum())
+        if reference is not None:
+            se_ref += float((img_q.clamp(0, 1) - reference(x).clamp(0, 1)).pow(2).sum())
         count_img += img_fp.numel()
-    mse_img = se_img / max(count_img, 1)
-    return {"timestep": int(model.timestep), "amplification": amplification_factor(int(model.timestep)),
-            "eps_rmse": math.sqrt(se_eps / count), "zh_rmse": math.sqrt(se_zh / count),
-            "zh_rel": math.sqrt(se_zh / max(energy, 1e-12)),
-            "image_psnr_vs_fp": float("inf") if mse_img == 0 else 10 * math.log10(1.0 / mse_img)}
+    row = {"timestep": int(model.timestep), "amplification": amplification_factor(int(model.timestep)),
+           "eps_rmse": math.sqrt(se_eps / count), "zh_rmse": math.sqrt(se_zh / count),
+           "zh_rel": math.sqrt(se_zh / max(energy, 1e-12)), "image_psnr_vs_fp": _psnr(se_img, count_img)}
+    if reference is not None:
+        row["image_psnr_vs_ref"] = _psnr(se_ref, count_img)
+    return row
+
+
+def select_timestep(rows: Sequence[dict[str, float]]) -> int:
+    """The timestep of the sweep row with the highest ``image_psnr_vs_ref`` (ties: the larger ``T``).
+
+    ``rows`` come from :func:`timestep_sweep` (or :func:`measure_latent_error` with ``reference``).
+    """
+    if not rows:
+        raise ValueError("select_timestep needs at least one sweep row")
+    if any("image_psnr_vs_ref" not in r for r in rows):
+        raise ValueError("select_timestep needs rows measured with reference= (image_psnr_vs_ref)")
+    return int(max(rows, key=lambda r: (r["image_psnr_vs_ref"], r["timestep"]))["timestep"])
 
 
 def timestep_sweep(model: nn.Module, timesteps: Sequence[int], spec: QuantSpec, data: CalibData, *,
-                   retrain_iters: int = 0, rank: int = 4, lr: float = 1e-3, perceptual: nn.Module | None = None,
-                   log: LogFn | None = None) -> tuple[list[dict[str, float]], dict[int, nn.Module]]:
+                   retrain_iters: int = 0, rank: int = 4, lr: float = 1e-3, target: str = "auto",
+                   perceptual: nn.Module | None = None, log: LogFn | None = None) -> tuple[list[dict[str, float]], dict[int, nn.Module]]:
     """Latent quantization error per candidate timestep.
 
     For each ``T``: retrain the FP model at ``T`` (``retrain_iters`` LoRA steps; 0 = just switch ``T``,
-    which measures the pure amplification effect on the same network), then :func:`measure_latent_error`.
+    which measures the pure amplification effect on the same network; the model's own ``T`` is used
+    as it is), then :func:`measure_latent_error` with the original model as the reference, so
+    :func:`select_timestep` can pick from the rows.
 
     Returns:
         ``(rows, models)``: one dict per ``T`` (see :func:`measure_latent_error`) and the FP model used
@@ -136,9 +173,12 @@ def timestep_sweep(model: nn.Module, timesteps: Sequence[int], spec: QuantSpec, 
     """
     rows, models = [], {}
     for t in timesteps:
-        fp_t = retrain_timestep(model, int(t), data, iters=retrain_iters, rank=rank, lr=lr,
-                                perceptual=perceptual, log=log)
-        row = measure_latent_error(fp_t, spec, data)
+        if int(t) == int(model.timestep):
+            fp_t = copy.deepcopy(model).eval()
+        else:
+            fp_t = retrain_timestep(model, int(t), data, iters=retrain_iters, rank=rank, lr=lr, target=target,
+                                    perceptual=perceptual, log=log)
+        row = measure_latent_error(fp_t, spec, data, reference=model)
         if log:
             log({"stage": "trq-sweep", **{k: (round(v, 5) if isinstance(v, float) else v) for k, v in row.items()}})
         rows.append(row)
