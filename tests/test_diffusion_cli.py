@@ -26,3 +26,23 @@ def test_train_quantize_and_eval_tiny_diffusion_model(tmp_path: Path, tiny_train
     bad = run_cli("diffusion", "quantize", "--model", fp, "--stages", "trq", "-o", str(tmp_path / "x.safetensors"),
                   "--train-data", str(tiny_train_dir))
     assert bad.returncode == 1 and "--trq-timestep" in bad.stderr
+
+
+def test_sweep_scores_each_timestep_and_selects_one(tmp_path: Path, tiny_train_dir: Path) -> None:
+    train = run_cli("diffusion", "train", "--run-dir", str(tmp_path / "run"), "--iters", "1", "--ae-iters", "1",
+                    "--batch-size", "2", "--train-data", str(tiny_train_dir))
+    assert train.returncode == 0, train.stderr
+    fp = train.stdout.strip().splitlines()[-1]
+    common = ["diffusion", "sweep", "--model", fp, "-t", "999", "-t", "249", "--retrain-iters", "1",
+              "--calib-patches", "4", "--batch-size", "2", "--train-data", str(tiny_train_dir)]
+    res = run_cli(*common, "--json")
+    assert res.returncode == 0, res.stderr
+    report = json.loads(res.stdout)
+    assert [r["timestep"] for r in report["rows"]] == [999, 249]
+    best = max(report["rows"], key=lambda r: r["image_psnr_vs_ref"])
+    assert report["selected"] == best["timestep"]
+    assert report["rows"][0]["amplification"] > 14 > report["rows"][1]["amplification"]
+    text = run_cli(*common)
+    assert text.returncode == 0 and text.stdout.strip().splitlines()[-1] == f"selected_timestep={report['selected']}"
+    bad = run_cli(*common, "--retrain-target", "hr")
+    assert bad.returncode == 1 and "--retrain-target" in bad.stderr

@@ -42,6 +42,8 @@ def quantize(
     bits: Annotated[int, typer.Option("--bits", help="W/A bits: 2 or 4.")] = 4,
     stages: Annotated[str, typer.Option("--stages", help="Comma list of trq, rpq, et.")] = "rpq,et",
     trq_timestep: Annotated[int | None, typer.Option("--trq-timestep", help="TRQ retraining timestep T.")] = None,
+    trq_target: Annotated[str, typer.Option("--trq-target", help="TRQ retraining target: fp (distil the FP "
+                                                                  "model) or gt (HR patches).")] = "fp",
     order: Annotated[str, typer.Option("--order", help="RPQ order: reverse (QArtSR) or forward (ablation).")] = "reverse",
     iters: Annotated[int, typer.Option("--iters", help="Optimizer steps per stage.", min=1)] = 300,
     patches: Annotated[int, typer.Option("--calib-patches", min=1)] = 256,
@@ -55,7 +57,7 @@ def quantize(
         raise typer.BadParameter(f"--bits {bits}: choose 2, 4 or 8")
     result = engine.run_quantize(model, out, bits=bits, stages=tuple(s.strip() for s in stages.split(",") if s.strip()),
                                  trq_timestep=trq_timestep, order=order, iters=iters, patches=patches,
-                                 batch=batch_size, seed=seed, dirs=train_data, log=_log)
+                                 batch=batch_size, seed=seed, dirs=train_data, trq_target=trq_target, log=_log)
     if json_out:
         print_json(result)
     else:
@@ -68,17 +70,24 @@ def sweep(
     timesteps: Annotated[list[int] | None, typer.Option("--timestep", "-t", help="Candidate T; repeatable.")] = None,
     bits: Annotated[int, typer.Option("--bits")] = 4,
     retrain_iters: Annotated[int, typer.Option("--retrain-iters", help="LoRA steps at each T (0 = switch only).", min=0)] = 0,
+    retrain_target: Annotated[str, typer.Option("--retrain-target", help="fp (distil the model) or gt (HR).")] = "fp",
     patches: Annotated[int, typer.Option("--calib-patches", min=1)] = 64,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1)] = 8,
     seed: Annotated[int, typer.Option("--seed")] = 0,
     train_data: TrainData = None,
     json_out: JsonOpt = False,
 ) -> None:
-    """TRQ sweep: HQ-latent quantization error and error amplification per timestep."""
-    rows = engine.run_sweep(model, timesteps or [999, 499, 249, 1], bits=bits, retrain_iters=retrain_iters,
-                            patches=patches, batch=batch_size, seed=seed, dirs=train_data, log=_log)
+    """TRQ sweep: HQ-latent quantization error and error amplification per timestep.
+
+    Each candidate is quantized (PTQ init) and scored against the original model's output
+    (``image_psnr_vs_ref``); the last line (``selected`` in ``--json``) is the timestep with the best score,
+    the one to pass to ``quantize --stages trq --trq-timestep``."""
+    rows, selected = engine.run_sweep(model, timesteps or [999, 899, 749, 499, 249, 1], bits=bits,
+                                      retrain_iters=retrain_iters, patches=patches, batch=batch_size, seed=seed,
+                                      dirs=train_data, target=retrain_target, log=_log)
     if json_out:
-        print_json(rows)
+        print_json({"rows": rows, "selected": selected})
         return
     for row in rows:
         typer.echo(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
+    typer.echo(f"selected_timestep={selected}")

@@ -23,7 +23,7 @@ from quantsr_cli.diffusion.qmodel import QuantSpec
 from quantsr_cli.diffusion.schedule import amplification_factor
 from quantsr_cli.diffusion.stages import CalibData
 from quantsr_cli.diffusion.train_tiny import TinyTrainOptions, train_osd_tiny
-from quantsr_cli.diffusion.trq import retrain_timestep, timestep_sweep
+from quantsr_cli.diffusion.trq import retrain_timestep, select_timestep, timestep_sweep
 from quantsr_cli.errors import ConfigError
 
 LogFn = Callable[[dict[str, Any]], None]
@@ -55,20 +55,23 @@ def run_train(run_dir: Path, iters: int, ae_iters: int, batch: int, threads: int
 
 def run_quantize(model_path: str, out: Path, *, bits: int, stages: tuple[str, ...], trq_timestep: int | None,
                  order: str, iters: int, patches: int, batch: int, seed: int, dirs: list[str] | None,
-                 log: LogFn | None = None) -> dict[str, Any]:
-    """QArtSR: optional TRQ retraining at ``trq_timestep``, then RPQ (``order``) and/or ET; writes ``out``."""
+                 trq_target: str = "fp", log: LogFn | None = None) -> dict[str, Any]:
+    """QArtSR: optional TRQ retraining at ``trq_timestep`` (distilling the FP model, or to HR with
+    ``trq_target="gt"``), then RPQ (``order``) and/or ET; writes ``out``."""
     unknown = set(stages) - set(STAGES)
     if unknown or not stages:
         raise ConfigError(f"--stages {','.join(stages)}; choose from {','.join(STAGES)}")
     if order not in ("reverse", "forward"):
         raise ConfigError(f"--order {order!r}; choose reverse or forward")
+    if trq_target not in ("fp", "gt"):
+        raise ConfigError(f"--trq-target {trq_target!r}; choose fp or gt")
     torch.manual_seed(seed)
     fp = load_diffusion_model(model_path).eval()
     data = calibration_data(dirs, patches, 64, batch, seed)
     if "trq" in stages:
         if trq_timestep is None:
             raise ConfigError("--stages trq needs --trq-timestep T (see `quantsr diffusion sweep`)")
-        fp = retrain_timestep(fp, trq_timestep, data, iters=iters, log=log)
+        fp = retrain_timestep(fp, trq_timestep, data, iters=iters, target=trq_target, log=log)
     rpq_iters = iters if "rpq" in stages else 0
     et_iters = iters if "et" in stages else 0
     cfg = QArtSRConfig(w_bits=bits, a_bits=bits, rpq_iters=rpq_iters, et_iters=et_iters, order=order)
@@ -80,12 +83,20 @@ def run_quantize(model_path: str, out: Path, *, bits: int, stages: tuple[str, ..
 
 
 def run_sweep(model_path: str, timesteps: list[int], *, bits: int, retrain_iters: int, patches: int, batch: int,
-              seed: int, dirs: list[str] | None, log: LogFn | None = None) -> list[dict[str, Any]]:
-    """Latent quantization error (and the amplification factor) per candidate timestep."""
+              seed: int, dirs: list[str] | None, target: str = "fp",
+              log: LogFn | None = None) -> tuple[list[dict[str, Any]], int]:
+    """Latent quantization error (and the amplification factor) per candidate timestep.
+
+    Returns:
+        ``(rows, selected)``: one row per ``T`` (:func:`~quantsr_cli.diffusion.trq.measure_latent_error`
+        against the original model) and the ``T`` :func:`~quantsr_cli.diffusion.trq.select_timestep` picks.
+    """
+    if target not in ("fp", "gt"):
+        raise ConfigError(f"--retrain-target {target!r}; choose fp or gt")
     fp = load_diffusion_model(model_path).eval()
     data = calibration_data(dirs, patches, 64, batch, seed)
     rows, _ = timestep_sweep(fp, timesteps, QuantSpec(w_bits=bits, a_bits=bits), data,
-                             retrain_iters=retrain_iters, log=log)
+                             retrain_iters=retrain_iters, target=target, log=log)
     for row in rows:
         row["amplification"] = amplification_factor(int(row["timestep"]))
-    return rows
+    return rows, select_timestep(rows)
