@@ -66,7 +66,7 @@ def _args() -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--calib-patches", type=int, default=256)
     p.add_argument("--patch", type=int, default=64, help="HR patch side")
-    p.add_argument("--trq-timesteps", type=int, nargs="+", default=[999, 899, 749, 499, 249, 1],
+    p.add_argument("--trq-timesteps", type=int, nargs="+", default=[999, 899, 499, 1],
                    help="TRQ candidates (the model's own T is used without retraining)")
     p.add_argument("--trq-iters", type=int, default=1000, help="LoRA steps per retrained candidate")
     p.add_argument("--trq-target", choices=("fp", "gt"), default="fp",

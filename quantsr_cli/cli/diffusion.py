@@ -82,7 +82,7 @@ def sweep(
     Each candidate is quantized (PTQ init) and scored against the original model's output
     (``image_psnr_vs_ref``); the last line (``selected`` in ``--json``) is the timestep with the best score,
     the one to pass to ``quantize --stages trq --trq-timestep``."""
-    rows, selected = engine.run_sweep(model, timesteps or [999, 899, 749, 499, 249, 1], bits=bits,
+    rows, selected = engine.run_sweep(model, timesteps or [999, 899, 499, 1], bits=bits,
                                       retrain_iters=retrain_iters, patches=patches, batch=batch_size, seed=seed,
                                       dirs=train_data, target=retrain_target, log=_log)
     if json_out:
