@@ -195,7 +195,7 @@ def _trq_models(fp, a, data, perceptual, model_sha: str) -> dict[int, torch.nn.M
     return models
 
 
-def _run_method(method, bits, fp, data, a, cfg, trq_models, trq):
+def _run_method(method, bits, fp, data, a, cfg, trq_models, trq, fp_eval):
     if method == "ptq-minmax":
         return run_ptq_minmax(fp, bits, bits, data, calib_batches=cfg.calib_batches).model, {}
     if method == "qartsr-init":
@@ -223,7 +223,7 @@ def _run_method(method, bits, fp, data, a, cfg, trq_models, trq):
     best = select_timestep(rows)
     res = run_qartsr(trq_models[best], c, data, log=_log)
     res.report["trq_selected_timestep"] = best
-    res.report["trq_fp"] = _eval(trq_models[best], a)
+    res.report["trq_fp"] = fp_eval[str(best)]  # measured once per T in main()
     return res.model, res.report
 
 
@@ -259,14 +259,15 @@ def main() -> None:
             print(f"== {key}", flush=True)
             if method == "trq+rpq+et" and not trq_models:
                 trq_models = _trq_models(fp, a, data, perceptual, model_sha)
-                fp_evals = {str(t): _eval(m, a) for t, m in trq_models.items()
-                            if str(t) not in results.get("trq", {}).get("fp_eval", {})}
-                if fp_evals:
-                    _commit(out, results, trq={"fp_eval": {**results.get("trq", {}).get("fp_eval", {}), **fp_evals}})
+                known = results.get("trq", {}).get("fp_eval", {})
+                new = {str(t): _eval(m, a) for t, m in trq_models.items() if str(t) not in known}
+                if new:
+                    _commit(out, results, trq={"fp_eval": {**known, **new}})
             torch.manual_seed(a.seed)
             t0 = time.time()
             trq: dict = {}
-            model, report = _run_method(method, bits, fp, data, a, cfg, trq_models, trq)
+            model, report = _run_method(method, bits, fp, data, a, cfg, trq_models, trq,
+                                        results.get("trq", {}).get("fp_eval", {}))
             train_s = round(time.time() - t0, 1)
             row = {"metrics": _eval(model, a), "train_seconds": train_s,
                    "report": json.loads(json.dumps(report, default=str))}

@@ -20,7 +20,6 @@ from quantsr_cli.diffusion.ckpt import save_model as save_diffusion_model
 from quantsr_cli.diffusion.data_local import PairedImages
 from quantsr_cli.diffusion.pipeline import QArtSRConfig, run_qartsr
 from quantsr_cli.diffusion.qmodel import QuantSpec
-from quantsr_cli.diffusion.schedule import amplification_factor
 from quantsr_cli.diffusion.stages import CalibData
 from quantsr_cli.diffusion.train_tiny import TinyTrainOptions, train_osd_tiny
 from quantsr_cli.diffusion.trq import retrain_timestep, select_timestep, timestep_sweep
@@ -28,6 +27,12 @@ from quantsr_cli.errors import ConfigError
 
 LogFn = Callable[[dict[str, Any]], None]
 STAGES = ("trq", "rpq", "et")
+TRQ_TARGETS = ("fp", "gt")
+
+
+def _check_trq_target(flag: str, target: str) -> None:
+    if target not in TRQ_TARGETS:
+        raise ConfigError(f"{flag} {target!r}; choose {' or '.join(TRQ_TARGETS)}")
 
 
 def train_dirs(dirs: list[str] | None) -> list[Path]:
@@ -63,8 +68,7 @@ def run_quantize(model_path: str, out: Path, *, bits: int, stages: tuple[str, ..
         raise ConfigError(f"--stages {','.join(stages)}; choose from {','.join(STAGES)}")
     if order not in ("reverse", "forward"):
         raise ConfigError(f"--order {order!r}; choose reverse or forward")
-    if trq_target not in ("fp", "gt"):
-        raise ConfigError(f"--trq-target {trq_target!r}; choose fp or gt")
+    _check_trq_target("--trq-target", trq_target)
     torch.manual_seed(seed)
     fp = load_diffusion_model(model_path).eval()
     data = calibration_data(dirs, patches, 64, batch, seed)
@@ -91,12 +95,9 @@ def run_sweep(model_path: str, timesteps: list[int], *, bits: int, retrain_iters
         ``(rows, selected)``: one row per ``T`` (:func:`~quantsr_cli.diffusion.trq.measure_latent_error`
         against the original model) and the ``T`` :func:`~quantsr_cli.diffusion.trq.select_timestep` picks.
     """
-    if target not in ("fp", "gt"):
-        raise ConfigError(f"--retrain-target {target!r}; choose fp or gt")
+    _check_trq_target("--retrain-target", target)
     fp = load_diffusion_model(model_path).eval()
     data = calibration_data(dirs, patches, 64, batch, seed)
     rows, _ = timestep_sweep(fp, timesteps, QuantSpec(w_bits=bits, a_bits=bits), data,
                              retrain_iters=retrain_iters, target=target, log=log)
-    for row in rows:
-        row["amplification"] = amplification_factor(int(row["timestep"]))
-    return rows, select_timestep(rows)
+    return rows, select_timestep(rows)  # each row has its amplification factor already
