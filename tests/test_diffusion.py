@@ -196,6 +196,26 @@ def test_trq_retrain_and_latent_error():
     assert own["image_psnr_vs_ref"] == pytest.approx(own["image_psnr_vs_fp"], abs=1e-3)
 
 
+def test_trq_default_target_distils_the_fp_model():
+    """The library default is ``fp`` like the CLI: at the model's own T the student starts equal to its
+    teacher (LoRA B = 0), so distillation has zero loss and changes nothing, while ``gt`` moves it."""
+    m, data = _tiny(), _data()
+    x = torch.rand(2, 3, 4, 4)
+    fp_model, gt_model = retrain_timestep(m, 999, data, iters=3), retrain_timestep(m, 999, data, iters=3, target="gt")
+    with torch.no_grad():
+        ref, fp, gt = m(x), fp_model(x), gt_model(x)
+    assert torch.allclose(fp, ref, atol=1e-6)
+    assert (gt - ref).abs().max() > 1e-4
+    no_hr = CalibData(data.lr, None, batch_size=4)
+    retrain_timestep(m, 499, no_hr, iters=1)  # the default needs no HR
+    with pytest.raises(ValueError, match="needs HR"):
+        retrain_timestep(m, 499, no_hr, iters=1, target="gt")
+    with pytest.raises(ValueError, match="target="):
+        retrain_timestep(m, 499, data, iters=1, target="hr")
+    with pytest.raises(ConfigError, match="trq_target"):
+        QArtSRConfig(trq_target="auto")
+
+
 def test_timestep_sweep_keeps_the_original_timestep_unretrained():
     m, data = _tiny(), _data()
     rows, models = timestep_sweep(m, [999, 249], QuantSpec(w_bits=4, a_bits=4), data, retrain_iters=1)

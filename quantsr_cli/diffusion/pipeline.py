@@ -39,6 +39,7 @@ class QArtSRConfig:
             ``"lpips"``, ``"standin"`` or ``"none"``.
         trq_timestep: retrain the FP model at this timestep first (``None`` = no TRQ).
         trq_iters, trq_rank, trq_lr: the TRQ LoRA retraining.
+        trq_target: what TRQ retrains towards: ``"fp"`` (the original model's output) or ``"gt"`` (HR).
     """
 
     w_bits: int = 4
@@ -64,6 +65,7 @@ class QArtSRConfig:
     trq_iters: int = 300
     trq_rank: int = 4
     trq_lr: float = 1e-3
+    trq_target: str = "fp"
 
     def __post_init__(self) -> None:
         if self.order not in ("reverse", "forward"):
@@ -72,6 +74,8 @@ class QArtSRConfig:
             raise ConfigError(f"perceptual={self.perceptual!r}; choose auto, lpips, standin or none")
         if min(self.rpq_iters, self.et_iters, self.trq_iters, self.calib_batches) < 0:
             raise ConfigError("iteration counts must be >= 0")
+        if self.trq_target not in ("fp", "gt"):
+            raise ConfigError(f"trq_target={self.trq_target!r}; choose fp or gt")
         if self.trq_timestep is not None:
             amplification_factor(self.trq_timestep)  # validates the range
         self.quant_spec()  # validates bits/quantizer
@@ -124,8 +128,8 @@ def run_qartsr(model: nn.Module, config: QArtSRConfig, data: CalibData, *, log: 
     fp = copy.deepcopy(model).eval()
     if config.trq_timestep is not None:
         fp = retrain_timestep(fp, config.trq_timestep, data, iters=config.trq_iters, rank=config.trq_rank,
-                              lr=config.trq_lr, perceptual=perceptual, log=log)
-        report["trq"] = {"timestep": config.trq_timestep, "iters": config.trq_iters,
+                              lr=config.trq_lr, target=config.trq_target, perceptual=perceptual, log=log)
+        report["trq"] = {"timestep": config.trq_timestep, "iters": config.trq_iters, "target": config.trq_target,
                          "amplification": amplification_factor(config.trq_timestep),
                          "seconds": round(time.time() - t0, 1)}
     fp.requires_grad_(False)

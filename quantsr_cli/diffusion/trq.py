@@ -41,7 +41,7 @@ LogFn = Callable[[dict[str, object]], None]
 
 
 def retrain_timestep(model: nn.Module, timestep: int, data: CalibData, *, iters: int = 300, rank: int = 4,
-                     lr: float = 1e-3, target: str = "auto", perceptual: nn.Module | None = None,
+                     lr: float = 1e-3, target: str = "fp", perceptual: nn.Module | None = None,
                      a1: float = 0.05, log: LogFn | None = None, log_every: int = 25) -> nn.Module:
     """Return a copy of the FP one-step ``model`` retrained (LoRA only, merged) at ``timestep``.
 
@@ -51,12 +51,15 @@ def retrain_timestep(model: nn.Module, timestep: int, data: CalibData, *, iters:
         data: training patches; ``target="gt"`` needs ``data.hr``.
         iters: optimizer steps (0 = only change the timestep, no retraining).
         rank: LoRA rank on every layer matched by ``model.lora_patterns`` (original weights frozen).
-        target: ``"gt"`` (L1 + ``a1`` * perceptual to HR), ``"fp"`` (distil the original model at its
-            own timestep), or ``"auto"`` (gt when HR is given).
+        target: ``"fp"`` (default: distil the original model at its own timestep — what the CLI, the
+            engine and ``bench/qartsr_compare.py`` use), ``"gt"`` (L1 + ``a1`` * perceptual to HR) or
+            ``"auto"`` (gt when HR is given).
 
     Returns:
         a plain FP model (no wrappers) with ``timestep`` set and the LoRA merged into its weights.
     """
+    if target not in ("fp", "gt", "auto"):
+        raise ValueError(f"target={target!r}; choose fp, gt or auto")
     use_gt = target == "gt" or (target == "auto" and data.hr is not None)
     if use_gt and data.hr is None:
         raise ValueError("target='gt' needs HR patches in the calibration data")
@@ -158,7 +161,7 @@ def select_timestep(rows: Sequence[dict[str, float]]) -> int:
 
 
 def timestep_sweep(model: nn.Module, timesteps: Sequence[int], spec: QuantSpec, data: CalibData, *,
-                   retrain_iters: int = 0, rank: int = 4, lr: float = 1e-3, target: str = "auto",
+                   retrain_iters: int = 0, rank: int = 4, lr: float = 1e-3, target: str = "fp",
                    perceptual: nn.Module | None = None, log: LogFn | None = None) -> tuple[list[dict[str, float]], dict[int, nn.Module]]:
     """Latent quantization error per candidate timestep.
 
