@@ -131,7 +131,7 @@ def test_cpu_backend_gives_reference_psnr_on_set5(name: str, shared_data: Path) 
     assert abs(a - b) <= 0.01
 
 
-BUNDLED_SET5_FLOORS = {"default": 31.70, "default-w2": 30.66}
+BUNDLED_SET5_FLOORS = {"default": 31.70, "default-w2": 31.00}
 """Set5 x4 PSNR (dB) floors of the bundled models: each file's measured value rounded down to 0.01
 (quantsr_cli/weights/README.md); a replaced file must not be worse than the one it replaces."""
 
