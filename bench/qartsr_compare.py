@@ -47,7 +47,7 @@ from quantsr_cli.diffusion.pipeline import QArtSRConfig, run_lsq, run_ptq_minmax
 from quantsr_cli.diffusion.qmodel import QuantSpec, calibrate, quantize_model, set_quant_enabled
 from quantsr_cli.diffusion.stages import CalibData
 from quantsr_cli.diffusion.train_tiny import TinyTrainOptions, train_osd_tiny
-from quantsr_cli.diffusion.trq import measure_latent_error, retrain_timestep, select_timestep
+from quantsr_cli.diffusion.trq import TRQ_TARGETS, measure_latent_error, retrain_timestep, select_timestep
 
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = ("ptq-minmax", "qartsr-init", "lsq", "rpq-forward", "rpq", "rpq+et", "trq+rpq+et")
@@ -69,7 +69,7 @@ def _args() -> argparse.Namespace:
     p.add_argument("--trq-timesteps", type=int, nargs="+", default=[999, 899, 499, 1],
                    help="TRQ candidates (the model's own T is used without retraining)")
     p.add_argument("--trq-iters", type=int, default=1000, help="LoRA steps per retrained candidate")
-    p.add_argument("--trq-target", choices=("fp", "gt"), default="fp",
+    p.add_argument("--trq-target", choices=TRQ_TARGETS, default="fp",
                    help="TRQ retraining target: the original model's output (fp) or the HR patches (gt)")
     p.add_argument("--lowrank", type=int, default=4)
     p.add_argument("--lora", type=int, default=4)

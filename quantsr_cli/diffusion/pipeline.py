@@ -17,7 +17,7 @@ from quantsr_cli.diffusion.losses import make_perceptual
 from quantsr_cli.diffusion.qmodel import QuantSpec, calibrate, quantize_model, set_quant_enabled
 from quantsr_cli.diffusion.schedule import amplification_factor
 from quantsr_cli.diffusion.stages import CalibData, LogFn, run_e2e, run_rpq
-from quantsr_cli.diffusion.trq import retrain_timestep
+from quantsr_cli.diffusion.trq import TRQ_TARGETS, retrain_timestep
 from quantsr_cli.errors import ConfigError
 
 
@@ -74,8 +74,8 @@ class QArtSRConfig:
             raise ConfigError(f"perceptual={self.perceptual!r}; choose auto, lpips, standin or none")
         if min(self.rpq_iters, self.et_iters, self.trq_iters, self.calib_batches) < 0:
             raise ConfigError("iteration counts must be >= 0")
-        if self.trq_target not in ("fp", "gt"):
-            raise ConfigError(f"trq_target={self.trq_target!r}; choose fp or gt")
+        if self.trq_target not in TRQ_TARGETS:
+            raise ConfigError(f"trq_target={self.trq_target!r}; choose {' or '.join(TRQ_TARGETS)}")
         if self.trq_timestep is not None:
             amplification_factor(self.trq_timestep)  # validates the range
         self.quant_spec()  # validates bits/quantizer

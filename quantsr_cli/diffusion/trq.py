@@ -38,6 +38,8 @@ from quantsr_cli.diffusion.schedule import amplification_factor
 from quantsr_cli.diffusion.stages import CalibData
 
 LogFn = Callable[[dict[str, object]], None]
+TRQ_TARGETS = ("fp", "gt")
+"""What TRQ retrains towards: the original model's output (``fp``) or the HR patches (``gt``)."""
 
 
 def retrain_timestep(model: nn.Module, timestep: int, data: CalibData, *, iters: int = 300, rank: int = 4,
@@ -58,7 +60,7 @@ def retrain_timestep(model: nn.Module, timestep: int, data: CalibData, *, iters:
     Returns:
         a plain FP model (no wrappers) with ``timestep`` set and the LoRA merged into its weights.
     """
-    if target not in ("fp", "gt", "auto"):
+    if target not in (*TRQ_TARGETS, "auto"):
         raise ValueError(f"target={target!r}; choose fp, gt or auto")
     use_gt = target == "gt" or (target == "auto" and data.hr is not None)
     if use_gt and data.hr is None:

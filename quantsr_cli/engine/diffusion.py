@@ -22,12 +22,11 @@ from quantsr_cli.diffusion.pipeline import QArtSRConfig, run_qartsr
 from quantsr_cli.diffusion.qmodel import QuantSpec
 from quantsr_cli.diffusion.stages import CalibData
 from quantsr_cli.diffusion.train_tiny import TinyTrainOptions, train_osd_tiny
-from quantsr_cli.diffusion.trq import retrain_timestep, select_timestep, timestep_sweep
+from quantsr_cli.diffusion.trq import TRQ_TARGETS, retrain_timestep, select_timestep, timestep_sweep
 from quantsr_cli.errors import ConfigError
 
 LogFn = Callable[[dict[str, Any]], None]
 STAGES = ("trq", "rpq", "et")
-TRQ_TARGETS = ("fp", "gt")
 
 
 def _check_trq_target(flag: str, target: str) -> None:
