@@ -2,7 +2,7 @@
 
 Modules: :mod:`.io` (``read_image``, ``write_image``, ``tensor_to_uint8``), :mod:`.imresize`
 (``imresize``, ``imresize_uint8``, ``matlab_lr``), :mod:`.datasets` (``resolve_dataset``,
-``BenchmarkDataset``), :mod:`.training` (``TrainDataset``). The names are re-exported here.
+``BenchmarkDataset``), :mod:`.training` (``TrainDataset``, ``check_patch_size``). The names are re-exported here.
 """
 
 from quantsr_cli.data.datasets import (
@@ -15,10 +15,10 @@ from quantsr_cli.data.datasets import (
 )
 from quantsr_cli.data.imresize import imresize, imresize_uint8, matlab_lr
 from quantsr_cli.data.io import MAX_PIXELS, Image, list_images, read_image, tensor_to_uint8, write_image
-from quantsr_cli.data.training import TrainDataset
+from quantsr_cli.data.training import TrainDataset, check_patch_size
 
 __all__ = [
     "BENCHMARKS", "BenchmarkDataset", "TrainDataset", "cache_dir", "data_root_default", "resolve_dataset",
     "shared_data_dir", "imresize", "imresize_uint8", "matlab_lr", "MAX_PIXELS", "Image", "list_images",
-    "read_image", "tensor_to_uint8", "write_image",
+    "read_image", "tensor_to_uint8", "write_image", "check_patch_size",
 ]

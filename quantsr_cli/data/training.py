@@ -28,6 +28,12 @@ def _mix(*values: int) -> int:
     return x >> 1
 
 
+def check_patch_size(patch_size: int, scale: int) -> None:
+    """ConfigError unless the HR ``patch_size`` (pixels) is a whole number of LR pixels at ``scale``."""
+    if patch_size % scale:
+        raise ConfigError(f"patch_size={patch_size} must be a multiple of scale={scale}")
+
+
 class TrainDataset(torch.utils.data.Dataset):
     """Random HR/LR training patches from folders of HR images, reproducible from ``(seed, iteration)``.
 
@@ -66,8 +72,7 @@ class TrainDataset(torch.utils.data.Dataset):
         augment: bool = True,
         small: str = "skip",
     ) -> None:
-        if patch_size % scale:
-            raise ConfigError(f"patch_size={patch_size} must be a multiple of scale={scale}")
+        check_patch_size(patch_size, scale)
         if small not in ("skip", "pad"):
             raise ConfigError(f"small={small!r}; choose 'skip' or 'pad'")
         self.scale, self.patch_size, self.seed, self.augment = int(scale), int(patch_size), int(seed), augment

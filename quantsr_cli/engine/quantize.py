@@ -25,7 +25,7 @@ from torch import nn
 
 from quantsr_cli.config import QuantConfig, TrainConfig
 from quantsr_cli.distill import FeatureDistillHook
-from quantsr_cli.data import TrainDataset, shared_data_dir
+from quantsr_cli.data import TrainDataset, check_patch_size, shared_data_dir
 from quantsr_cli.engine.evaluate import evaluate_model
 from quantsr_cli.engine.modelio import LoadedModel, load_model, resolve_model_path
 from quantsr_cli.engine.trainer import Trainer
@@ -209,6 +209,7 @@ def init_distributed() -> None:
 def prepare_training(job: QuantizeJob, model: nn.Module, on_event: EventFn | None) -> Trainer:
     """Quantize ``model``, set up data, validation and the trainer (resuming when asked)."""
     cfg = job.train
+    check_patch_size(cfg.patch_size, job.scale)  # before the data is looked for: a bad flag is the error to report
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
