@@ -1,153 +1,356 @@
-"""GPU inference benchmark: FP32 / FP16 torch vs packed W4A4 / W2A2 models (torch reference and cupy).
+"""GPU inference benchmark: torch fp16 channels-last (+ CUDA graph) vs packed W4A4 / W2A2 on ``cupy``.
 
-Builds ``--arch`` (default ``quantsr-c``, 16 blocks, x4) with random weights; for each of W4A4 and
-W2A2 quantizes a copy, calibrates its quantizers on one random batch (CPU, training-mode forward),
-packs it and moves it to the GPU. On the same ``--size``x``--size`` LR input, for every batch size in
-``--batches`` (default 1 and 8), it times (CUDA events, median of ``--repeat``, after ``--warmup``):
+Models (``--models``):
 
-* ``fp32``            the float model, NCHW, cuDNN;
-* ``fp16``            the float model in half precision, channels-last input, cuDNN (the baseline);
-* ``ref_W?A?``        the packed model on the ``torch`` reference backend (unpack + dequantize + cuDNN);
-* ``cupy_W?A?``       the packed model on the ``cupy`` backend (kernels/*.cu, int8 MMA on sm_80+).
+* ``imdn``       IMDN x4: the bundled packed models ``default`` (W4A4) and ``default-w2`` (W2A2); the float
+                 baselines run an IMDN x4 of the same shape (random weights: speed does not depend on them);
+* ``quantsr-c``  QuantSR-C x4 with 16 blocks, random weights, quantized with RBD at W4A4 and W2A2,
+                 quantizers calibrated on one random batch, packed.
 
-Prints ms per image, peak allocated GPU memory, the ratio ``fp16 time / time``, max |cupy - ref|, and
-last ``speedup_vs_fp16=<fp16 / cupy_W4A4 at the largest batch>``; without CUDA, cupy or the model
-packages it prints ``speedup_vs_fp16=unavailable (<reason>)`` and exits 0. Example::
+For every LR size in ``--sizes`` (``WxH``, default ``256x256,1024x768``) and batch in ``--batches``
+(default ``1,8``) the variants are timed **interleaved** (one call of each per round, ``--repeat`` rounds
+after ``--warmup``; CUDA events, synchronised), min and median ms per image:
 
-    python bench/gpu_inference.py --size 256 --batches 1,8 --repeat 10
+* ``fp32``           float model, NCHW, TF32 off;       ``tf32``  the same with cuDNN's TF32 default;
+* ``fp16``           float model in half precision, channels-last, eager;
+* ``fp16_graph``     the same captured once as a CUDA graph: **the baseline** of ``speedup``;
+* ``cupy_W?A?``      the packed model on the ``cupy`` backend (what ``quantsr upscale --backend cupy`` runs);
+* ``cupy_W?A?_graph`` the same forward captured as a CUDA graph by this script (rows absent when capture fails).
+
+``--psnr`` adds Set5/Set14 x4 PSNR of the bundled models on the ``cupy`` and ``torch`` backends (needs
+``$QUANTSR_DATA/benchmarks`` or ``--data-root``). Results go to ``--json`` (default
+``bench/results/gpu_inference.json``) with the device, driver, clocks and code version. Without CUDA or
+cupy it prints ``speedup_vs_fp16=unavailable (<reason>)`` and exits 0. Example::
+
+    python bench/gpu_inference.py --models imdn --sizes 256x256 --batches 1 --repeat 20
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import json
+import os
+import platform
 import statistics
+import subprocess
+import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
 
 
 class Unavailable(Exception):
     """The benchmark cannot run here; the message says why."""
 
 
-def _imports() -> dict[str, Any]:
+def code_version() -> str:
+    """``git describe`` of the checkout (``$QUANTSR_CODE_VERSION`` where there is no .git) + package version."""
+    env = os.environ.get("QUANTSR_CODE_VERSION")
+    if env:
+        return env
+    try:
+        out = subprocess.run(["git", "describe", "--always", "--dirty", "--tags"], cwd=REPO, capture_output=True,
+                             text=True, timeout=10)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def machine_info() -> dict[str, Any]:
+    import torch
+
+    info: dict[str, Any] = {"host": platform.node(), "python": platform.python_version(), "torch": torch.__version__,
+                            "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version()}
+    if torch.cuda.is_available():
+        info["device"] = torch.cuda.get_device_name()
+        info["sms"] = torch.cuda.get_device_properties(0).multi_processor_count
+    try:
+        import cupy
+
+        info["cupy"] = cupy.__version__
+    except ImportError:
+        pass
+    info["driver"] = _smi("driver_version")
+    return info
+
+
+def _smi(fields: str) -> str:
+    try:
+        r = subprocess.run(["nvidia-smi", f"--query-gpu={fields}", "--format=csv,noheader"], capture_output=True,
+                           text=True, timeout=20)
+        return r.stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unavailable"
+
+
+def _check() -> None:
     try:
         import torch
     except ImportError as exc:
         raise Unavailable(f"torch is not installed ({exc})") from exc
     if not torch.cuda.is_available():
         raise Unavailable("no CUDA device")
-    try:
-        from quantsr_cli.backends import cupy_backend, use_backend
-        from quantsr_cli.config import QuantConfig
-        from quantsr_cli.errors import BackendUnavailableError
-        from quantsr_cli.models import build_model
-        from quantsr_cli.packing.io import to_packed
-        from quantsr_cli.quant import quantize_
-    except ImportError as exc:
-        raise Unavailable(f"quantsr packages incomplete: {exc}") from exc
+    from quantsr_cli.backends import cupy_backend
+    from quantsr_cli.errors import BackendUnavailableError
+
     try:
         cupy_backend.check_available()
     except BackendUnavailableError as exc:
         raise Unavailable(str(exc)) from exc
-    return {"torch": torch, "use_backend": use_backend, "QuantConfig": QuantConfig, "build_model": build_model,
-            "to_packed": to_packed, "quantize_": quantize_}
 
 
-def _time(m: dict[str, Any], fn: Callable[[], Any], repeat: int, warmup: int) -> tuple[float, float, Any]:
-    """(median seconds per call, peak allocated MiB, last output)."""
-    torch = m["torch"]
-    out = None
-    for _ in range(warmup):
-        out = fn()
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    times = []
-    for _ in range(repeat):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        out = fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) / 1000.0)
-    peak = torch.cuda.max_memory_allocated() / 2**20
-    return statistics.median(times), peak, out
+# ------------------------------------------------------------------------------------------------ models
 
 
-def _packed(m: dict[str, Any], fp: Any, args: argparse.Namespace, bits: int) -> Any:
-    torch = m["torch"]
+def _calibrated_packed(fp: Any, bits: int, method: str) -> Any:
+    import torch
+
+    from quantsr_cli.config import QuantConfig
+    from quantsr_cli.packing.io import to_packed
+    from quantsr_cli.quant import quantize_
+
     qat = copy.deepcopy(fp).cpu()
-    m["quantize_"](qat, m["QuantConfig"](args.method, bits, bits))
+    quantize_(qat, QuantConfig(method, bits, bits))
     qat.train()
     with torch.no_grad():
         qat(torch.rand(2, 3, 48, 48))  # lazy quantizer initialisation = calibration on a random batch
-    return m["to_packed"](qat.eval()).cuda().eval()
+    return to_packed(qat.eval()).eval()
 
 
-def run(args: argparse.Namespace) -> float:
-    m = _imports()
-    torch = m["torch"]
+def build_models(name: str, method: str) -> tuple[Any, dict[str, Any]]:
+    """(float model, {"W4A4": packed, "W2A2": packed}) on the CPU."""
+    from quantsr_cli.engine.modelio import load_model
+    from quantsr_cli.models import build_model
+
+    if name == "imdn":
+        fp = build_model("imdn", upscale=4).eval()
+        return fp, {"W4A4": load_model("default").model, "W2A2": load_model("default-w2").model}
+    if name == "quantsr-c":
+        fp = build_model("quantsr-c", upscale=4, num_block=16).eval()
+        return fp, {f"W{b}A{b}": _calibrated_packed(fp, b, method) for b in (4, 2)}
+    raise SystemExit(f"unknown model {name!r}; choose imdn or quantsr-c")
+
+
+# ------------------------------------------------------------------------------------------------ timing
+
+
+def graphed(fn: Callable[[], Any]) -> Callable[[], Any]:
+    """``fn`` (no arguments, static inputs) captured once as a CUDA graph; returns the replay closure."""
+    import torch
+
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+
+    def replay() -> Any:
+        graph.replay()
+        return out
+
+    replay.graph = graph  # type: ignore[attr-defined]  # keep it alive with the closure
+    return replay
+
+
+def time_interleaved(fns: dict[str, Callable[[], Any]], repeat: int, warmup: int) -> dict[str, dict[str, float]]:
+    """Round-robin timing: per round one synchronised call of each variant. Seconds, min and median."""
+    import torch
+
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    torch.cuda.synchronize()
+    times: dict[str, list[float]] = {n: [] for n in fns}
+    for _ in range(repeat):
+        for name, fn in fns.items():
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            fn()
+            b.record()
+            b.synchronize()
+            times[name].append(a.elapsed_time(b) / 1e3)
+    return {n: {"min": min(t), "median": statistics.median(t)} for n, t in times.items()}
+
+
+def bench_config(fp: Any, packed: dict[str, Any], model: str, w: int, h: int, batch: int,
+                 args: argparse.Namespace) -> list[dict[str, Any]]:
+    import torch
+
+    from quantsr_cli.backends import use_backend
+
+    x = torch.rand(batch, 3, h, w, device="cuda")
+    x16 = x.half().contiguous(memory_format=torch.channels_last)
+    fp32 = fp.cuda()
+    fp16 = copy.deepcopy(fp).half().to(memory_format=torch.channels_last)
+    fns: dict[str, Callable[[], Any]] = {}
+    notes: dict[str, str] = {}
+
+    def fp32_call() -> Any:
+        torch.backends.cudnn.allow_tf32 = False
+        return fp32(x)
+
+    def tf32_call() -> Any:
+        torch.backends.cudnn.allow_tf32 = True
+        y = fp32(x)
+        torch.backends.cudnn.allow_tf32 = False
+        return y
+
+    fns["fp32"], fns["tf32"], fns["fp16"] = fp32_call, tf32_call, lambda: fp16(x16)
+    try:
+        fns["fp16_graph"] = graphed(lambda: fp16(x16))
+    except Exception as exc:  # noqa: BLE001
+        notes["fp16_graph"] = f"capture failed: {exc}"
+    for name, pm in packed.items():
+        pm = pm.cuda()
+        use_backend(pm, "cupy")
+        fns[f"cupy_{name}"] = lambda pm=pm: pm(x)
+        try:
+            fns[f"cupy_{name}_graph"] = graphed(lambda pm=pm: pm(x))
+        except Exception as exc:  # noqa: BLE001
+            notes[f"cupy_{name}_graph"] = f"capture failed: {type(exc).__name__}: {str(exc)[:200]}"
+            torch.cuda.synchronize()
+    with torch.inference_mode():
+        res = time_interleaved(fns, args.repeat, args.warmup)
+    base = res.get("fp16_graph", res["fp16"])["min"]
+    rows = []
+    for name, t in res.items():
+        rows.append({"model": model, "lr_w": w, "lr_h": h, "batch": batch, "variant": name,
+                     "ms_per_image_min": 1e3 * t["min"] / batch, "ms_per_image_median": 1e3 * t["median"] / batch,
+                     "speedup_vs_fp16_graph": base / t["min"], "note": notes.get(name, "")})
+        print(f"{model:10s} {w}x{h} b{batch} {name:16s} {1e3 * t['min'] / batch:9.3f} ms/img (median "
+              f"{1e3 * t['median'] / batch:9.3f})  x{base / t['min']:5.2f} vs fp16_graph", flush=True)
+    for name, note in notes.items():
+        if name not in res:
+            rows.append({"model": model, "lr_w": w, "lr_h": h, "batch": batch, "variant": name, "note": note})
+            print(f"{model:10s} {w}x{h} b{batch} {name:16s} {note}", flush=True)
+    del fns
+    torch.cuda.empty_cache()
+    return rows
+
+
+def check_outputs(packed: dict[str, Any]) -> dict[str, float]:
+    """max |cupy - torch reference| on one 64x48 random input (TF32 off), per packed model."""
+    import torch
+
+    from quantsr_cli.backends import use_backend
+
+    torch.backends.cudnn.allow_tf32 = False
+    x = torch.rand(1, 3, 48, 64, device="cuda")
+    out = {}
+    with torch.inference_mode():
+        for name, pm in packed.items():
+            pm = pm.cuda()
+            use_backend(pm, "torch")
+            ref = pm(x).float()
+            use_backend(pm, "cupy")
+            out[name] = float((pm(x).float() - ref).abs().max())
+    return out
+
+
+def psnr_rows(data_root: str | None) -> list[dict[str, Any]]:
+    """Set5/Set14 x4 PSNR/SSIM of the bundled models on the cupy and torch backends (GPU)."""
+    import torch
+
+    from quantsr_cli.backends import use_backend
+    from quantsr_cli.engine.evaluate import evaluate_model
+    from quantsr_cli.engine.modelio import load_model
+
+    torch.backends.cudnn.allow_tf32 = False
+    rows = []
+    for name in ("default", "default-w2"):
+        loaded = load_model(name, device="cuda")
+        for backend in ("torch", "cupy"):
+            use_backend(loaded.model, backend)
+            for ds in ("Set5", "Set14"):
+                with torch.inference_mode():
+                    r = evaluate_model(loaded, ds, data_root=data_root, bicubic=False)
+                rows.append({"model": name, "backend": backend, "dataset": ds, "psnr": r.psnr, "ssim": r.ssim})
+                print(f"psnr {name:10s} {backend:5s} {ds:6s} {r.psnr:.4f} dB  SSIM {r.ssim:.4f}", flush=True)
+    return rows
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    _check()
+    import torch
+
     torch.manual_seed(args.seed)
     torch.backends.cudnn.benchmark = True
-    hparams: dict[str, object] = {"upscale": args.scale}
-    if args.num_block:
-        hparams["num_block"] = args.num_block
-    fp = m["build_model"](args.arch, **hparams).eval()
-    packed = {f"W{b}A{b}": _packed(m, fp, args, b) for b in args.bits}
-    fp32 = fp.cuda()
-    fp16 = copy.deepcopy(fp32).half().to(memory_format=torch.channels_last)
-    device = torch.cuda.get_device_name()
-    print(f"{device}: {args.arch} x{args.scale}, LR {args.size}x{args.size}, repeat={args.repeat}")
-    print(f"{'variant':12s} {'batch':>5s} {'ms/image':>10s} {'peak MiB':>9s} {'fp16/this':>9s}  notes")
-    headline = float("nan")
-    for batch in args.batches:
-        x = torch.rand(batch, 3, args.size, args.size, device="cuda")
-        rows: list[tuple[str, float, float, str]] = []
-        with torch.inference_mode():
-            t, mem, _ = _time(m, lambda: fp32(x), args.repeat, args.warmup)
-            rows.append(("fp32", t, mem, ""))
-            x16 = x.half().contiguous(memory_format=torch.channels_last)
-            t16, mem, _ = _time(m, lambda: fp16(x16), args.repeat, args.warmup)
-            rows.append(("fp16", t16, mem, "channels-last, cuDNN"))
-            for name, model in packed.items():
-                m["use_backend"](model, "torch")
-                t, mem, y_ref = _time(m, lambda: model(x), args.repeat, args.warmup)
-                rows.append((f"ref_{name}", t, mem, "unpack + dequantize + cuDNN"))
-                m["use_backend"](model, "cupy")
-                t, mem, y = _time(m, lambda: model(x), args.repeat, args.warmup)
-                err = (y.float() - y_ref.float()).abs().max().item()
-                rows.append((f"cupy_{name}", t, mem, f"max|cupy - ref| = {err:.2e}"))
-                if name == "W4A4":
-                    headline = t16 / t
-        for name, t, mem, note in rows:
-            print(f"{name:12s} {batch:5d} {1000 * t / batch:10.3f} {mem:9.0f} {t16 / t:9.2f}  {note}")
-        del x
-    return headline
+    result: dict[str, Any] = {"benchmark": "gpu_inference", "code_version": code_version(), "machine": machine_info(),
+                              "settings": {k: v for k, v in vars(args).items() if k != "json"},
+                              "clocks_before": _smi("clocks.sm,clocks.mem,temperature.gpu,power.draw"),
+                              "rows": [], "max_abs_err_vs_torch": {}}
+    print(f"{result['machine'].get('device')} driver {result['machine']['driver']} code {result['code_version']}")
+    for model in args.models:
+        fp, packed = build_models(model, args.method)
+        result["max_abs_err_vs_torch"][model] = check_outputs(packed)
+        print(f"{model}: max |cupy - torch| = {result['max_abs_err_vs_torch'][model]}", flush=True)
+        for w, h in args.sizes:
+            for batch in args.batches:
+                try:
+                    result["rows"].extend(bench_config(fp, packed, model, w, h, batch, args))
+                except torch.cuda.OutOfMemoryError as exc:
+                    print(f"{model} {w}x{h} b{batch}: out of memory ({str(exc)[:120]})", flush=True)
+                    torch.cuda.empty_cache()
+    if args.psnr:
+        try:
+            result["psnr"] = psnr_rows(args.data_root)
+        except Exception as exc:  # noqa: BLE001 - data missing etc.: report, keep the timings
+            result["psnr_error"] = f"{type(exc).__name__}: {exc}"
+            print(f"psnr: {result['psnr_error']}", flush=True)
+    result["clocks_after"] = _smi("clocks.sm,clocks.mem,temperature.gpu,power.draw")
+    return result
+
+
+def headline(result: dict[str, Any]) -> str:
+    """``speedup_vs_fp16=<fp16_graph / best cupy W4A4>`` at the largest configuration of the first model."""
+    rows = [r for r in result["rows"] if "ms_per_image_min" in r]
+    if not rows:
+        return "speedup_vs_fp16=unavailable (no rows)"
+    last = max(rows, key=lambda r: (r["model"] == rows[0]["model"], r["lr_w"] * r["lr_h"], r["batch"]))
+    same = [r for r in rows if all(r[k] == last[k] for k in ("model", "lr_w", "lr_h", "batch"))]
+    cupy = [r for r in same if r["variant"].startswith("cupy_W4A4")]
+    if not cupy:
+        return "speedup_vs_fp16=unavailable (W4A4 not run)"
+    best = max(r["speedup_vs_fp16_graph"] for r in cupy)
+    return f"speedup_vs_fp16={best:.2f} ({last['model']} {last['lr_w']}x{last['lr_h']} batch {last['batch']})"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--arch", default="quantsr-c")
-    parser.add_argument("--num-block", type=int, default=16, help="residual blocks (0: arch default)")
-    parser.add_argument("--scale", type=int, default=4)
-    parser.add_argument("--size", type=int, default=256, help="LR side in pixels")
+    parser.add_argument("--models", default="imdn,quantsr-c", help="comma-separated: imdn, quantsr-c")
+    parser.add_argument("--sizes", default="256x256,1024x768", help="comma-separated LR sizes WxH")
     parser.add_argument("--batches", default="1,8", help="comma-separated batch sizes")
-    parser.add_argument("--bits", default="4,2", help="comma-separated W=A bit-widths to pack")
-    parser.add_argument("--method", default="rbd")
-    parser.add_argument("--repeat", type=int, default=10)
+    parser.add_argument("--method", default="rbd", help="quantizer for quantsr-c")
+    parser.add_argument("--repeat", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--psnr", action="store_true", help="also Set5/Set14 PSNR of the bundled models")
+    parser.add_argument("--data-root", default=None, help="benchmark folder (default $QUANTSR_DATA/benchmarks)")
+    parser.add_argument("--json", type=Path, default=REPO / "bench" / "results" / "gpu_inference.json")
     args = parser.parse_args()
-    args.batches = [int(b) for b in str(args.batches).split(",") if b]
-    args.bits = [int(b) for b in str(args.bits).split(",") if b]
-    if args.arch != "quantsr-c" and args.num_block == 16:
-        args.num_block = 0
+    args.models = [m for m in args.models.split(",") if m]
+    args.sizes = [tuple(int(v) for v in s.lower().split("x")) for s in args.sizes.split(",") if s]
+    args.batches = [int(b) for b in args.batches.split(",") if b]
     try:
-        speedup = run(args)
+        result = run(args)
     except Unavailable as exc:
         print(f"speedup_vs_fp16=unavailable ({exc})")
         return
-    print(f"speedup_vs_fp16={speedup:.2f}" if speedup == speedup else "speedup_vs_fp16=unavailable (W4A4 not run)")
+    line = headline(result)
+    result["headline"] = line
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    tmp = args.json.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(result, indent=1, default=str) + "\n")
+    os.replace(tmp, args.json)
+    print(line)
 
 
 if __name__ == "__main__":
