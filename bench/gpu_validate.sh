@@ -16,6 +16,7 @@
 #                                                                       -> bench.txt, gpu_inference.json
 #   5 sanitizer  compute-sanitizer memcheck on two GPU tests (skipped when absent or out of time)
 #                                                                       -> sanitizer.txt
+# BENCH_ARGS adds options to the benchmark (e.g. "--repeat 10").
 # summary.txt has one line per step (rc, seconds) and the benchmark's headline: 8 files in all.
 set -u
 cd "$(dirname "$0")/.."
@@ -67,11 +68,11 @@ step pytest 150 "$OUT/pytest_gpu.txt" "$PY" -m pytest -m gpu -q -p no:cacheprovi
 
 PSNR_OPT=""
 [ -n "${QUANTSR_DATA:-}" ] && [ -d "$QUANTSR_DATA/benchmarks" ] && PSNR_OPT="--psnr"
-step bench 300 "$OUT/bench.txt" "$PY" bench/gpu_inference.py $PSNR_OPT --json "$OUT/gpu_inference.json"
+step bench 300 "$OUT/bench.txt" "$PY" bench/gpu_inference.py $PSNR_OPT ${BENCH_ARGS:-} --json "$OUT/gpu_inference.json"
 grep -h "^speedup_vs_fp16" "$OUT/bench.txt" >>"$SUMMARY" 2>/dev/null
 
 if command -v compute-sanitizer >/dev/null 2>&1; then
-  step sanitizer 90 "$OUT/sanitizer.txt" compute-sanitizer --tool memcheck --error-exitcode 9 \
+  step sanitizer 60 "$OUT/sanitizer.txt" compute-sanitizer --tool memcheck --error-exitcode 9 \
     "$PY" -m pytest -m gpu -q -p no:cacheprovider tests/test_kernels.py -k "c64_o64_3x3_w4a4u_fused or c48_o70"
 else
   echo "sanitizer: compute-sanitizer not found" | tee -a "$SUMMARY"
