@@ -314,6 +314,19 @@ def _host_cost() -> dict[str, Any]:
         wall = (time.perf_counter() - t0) / (20 * len(layers))
         gpu = _events_time(chain, 10) / len(layers)
     out: dict[str, Any] = {"layer_wall_us_per_call": wall * 1e6, "layer_gpu_us_per_call_eager": gpu * 1e6}
+    import cProfile
+    import io
+    import pstats
+
+    prof = cProfile.Profile()
+    with torch.inference_mode():
+        prof.enable()
+        for _ in range(5):
+            chain()
+        prof.disable()
+    text = io.StringIO()
+    pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(14)
+    log("host profile (80 layer calls, sorted by own time):\n" + text.getvalue()[-3500:])
     try:
         s = torch.cuda.Stream()
         s.wait_stream(torch.cuda.current_stream())

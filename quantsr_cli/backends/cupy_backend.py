@@ -35,6 +35,7 @@ import torch
 
 from quantsr_cli.backends import cupy_plan as plan
 from quantsr_cli.errors import BackendUnavailableError
+from quantsr_cli.packing.modules import tensor_key
 
 KERNEL_FILES = ("qsr_quant_act.cu", "qsr_packed_gemm.cu")
 INSTALL_HINT = "cupy is not installed (pip install quantsr[gpu])"
@@ -164,7 +165,7 @@ def _build_state(module: Any) -> LayerState:
 
 def _state(module: Any) -> LayerState:
     bufs = [getattr(module, n, None) for n in ("qweight", "w_scale", "bias", "a_step", "a_shift")]
-    key = tuple(None if t is None else (t.data_ptr(), t._version, str(t.device)) for t in bufs)
+    key = tensor_key(*bufs)
     cached = getattr(module, "cached", None)
     if callable(cached):
         return cached("cupy", key, lambda: _build_state(module))

@@ -165,7 +165,10 @@ class _PackedBase(nn.Module):
 
 def tensor_key(*tensors: torch.Tensor | None) -> tuple[Any, ...]:
     """Cache key that changes when any tensor is replaced, moved or modified in place."""
-    return tuple(None if t is None else (t.data_ptr(), t._version, str(t.device)) for t in tensors)
+    # Inference tensors (made under torch.inference_mode, e.g. a model moved to CUDA there) have no version
+    # counter; they cannot be modified in place outside inference mode, so pointer + device identify them.
+    return tuple(None if t is None else (t.data_ptr(), -1 if t.is_inference() else t._version, str(t.device))
+                 for t in tensors)
 
 
 class _PackedWeight(_PackedBase):
