@@ -66,7 +66,10 @@ class TrainConfig:
     """Options of the one training loop (``quantize``, ``slim``, ``distill``).
 
     Units: iterations are optimizer steps; ``patch_size`` is the HR patch side in pixels;
-    ``lr`` is Adam's learning rate for every trainable parameter.
+    ``lr`` is Adam's learning rate for every trainable parameter. ``drop_path_rate`` is the stochastic
+    depth rate of models that have it (``swinir-s``: the official SwinIR rule, per-block rates rising
+    linearly from 0 to it; the released QuantSR+-T trains with 0.1), used in training forwards only;
+    0 = off.
     """
 
     iters: int = 2000
@@ -94,6 +97,7 @@ class TrainConfig:
     feature_weight: float = 1e-4
     bias_correction: bool = True
     ema_decay: float = 0.0
+    drop_path_rate: float = 0.0
 
     def __post_init__(self) -> None:
         if self.iters < 1:
@@ -118,6 +122,8 @@ class TrainConfig:
             raise ConfigError(f"feature_weight={self.feature_weight} must not be negative")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ConfigError(f"ema_decay={self.ema_decay} must be in [0, 1) (0 = off; BasicSR uses 0.999)")
+        if not 0.0 <= self.drop_path_rate < 1.0:
+            raise ConfigError(f"drop_path_rate={self.drop_path_rate} must be in [0, 1) (0 = off; SwinIR uses 0.1)")
         if self.ema_decay and self.slim_to:
             raise ConfigError("ema_decay cannot be combined with slim_to: QSA changes the model while it trains")
 

@@ -39,6 +39,8 @@ def info(
     table.add_row("equivalent params (q x bits/32)", f"{report['equivalent_params'] / 1e3:.1f} K (-{report['params_reduction']:.1%})")
     table.add_row("equivalent ops (q x bits/32)", f"{report['equivalent_ops'] / 1e9:.2f} G (-{report['ops_reduction']:.1%})")
     table.add_row("FP32 size", f"{report['fp32_bytes']:,} B")
+    if report.get("v_quantizer"):
+        table.add_row("attention v quantizer", str(report["v_quantizer"]))
     if report.get("file_bytes"):
         table.add_row("file size", f"{report['file_bytes']:,} B")
         table.add_row("compression vs FP32", f"{report['compression']:.2f}x")

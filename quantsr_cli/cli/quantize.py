@@ -69,6 +69,7 @@ def build_job(opts: dict[str, Any], *, run_dir: Path | None, out: Path | None, r
         arch=arch, scale=scale, quant=quant, train=train, init=opts.get("init"), blocks=opts.get("blocks"),
         run_dir=run_dir, out=out, resume=resume, device=device,
         command=shlex.join(["quantsr", *sys.argv[1:]]),
+        share_qv_quantizer=bool(opts.get("share_qv_quantizer", False)),
     )
 
 
@@ -98,6 +99,8 @@ def quantize(
     act_sign: Annotated[str | None, typer.Option("--act-sign", help="Activation grid choice on the first batch: min (released code: signed if any value < 0) or mse [default: min].")] = None,
     bias_correction: Annotated[bool | None, typer.Option("--bias-correction/--no-bias-correction", help="Correct FP biases for the quantization error on the calibration batch [default: on].")] = None,
     ema_decay: Annotated[float | None, typer.Option("--ema-decay", help="Validate and write an EMA of the weights (BasicSR: 0.999) [default: 0 = off].")] = None,
+    share_qv_quantizer: Annotated[bool | None, typer.Option("--share-qv-quantizer/--no-share-qv-quantizer", help="swinir-s: quantize attention v with q's quantizer, as the released QuantSR code does [default: off, v has its own].")] = None,
+    drop_path_rate: Annotated[float | None, typer.Option("--drop-path-rate", help="swinir-s stochastic depth during training (released QuantSR-T: 0.1, set by the swinir-s presets) [default: 0 = off].")] = None,
     preset: Annotated[str | None, typer.Option("--preset", help="Bundled preset name (auto: <arch>_x<scale>_w<b>a<b>).")] = None,
     config: Annotated[Path | None, typer.Option("--config", help="YAML file of options (overridden by flags).")] = None,
     model: StartModel = None,
@@ -113,13 +116,15 @@ def quantize(
     from the file; a packed lsq/rlq/rbd file or bundled name such as ``default`` is fine-tuned from its
     codes, see ``quantsr_cli.packing.unpack``).
     """
-    if model is not None and (arch is not None or init is not None or blocks is not None):
-        raise ConfigError("--model continues from a model file; it cannot be combined with --arch, --init or --blocks")
+    if model is not None and (arch is not None or init is not None or blocks is not None or share_qv_quantizer):
+        raise ConfigError("--model continues from a model file; it cannot be combined with --arch, --init, --blocks "
+                          "or --share-qv-quantizer")
     cli = dict(arch=arch, bits=bits, w_bits=w_bits, a_bits=a_bits, method=method, scale=scale, init=init,
                blocks=blocks, train_data=train_data or None, val_dataset=val_dataset, iters=iters,
                batch_size=batch_size, patch_size=patch_size, lr=lr, val_every=val_every, save_every=save_every,
                seed=seed, threads=threads, dqa=dqa, slim_to=slim_to, distill=distill, feature_weight=feature_weight,
-               act_sign=act_sign, bias_correction=bias_correction, ema_decay=ema_decay)
+               act_sign=act_sign, bias_correction=bias_correction, ema_decay=ema_decay,
+               share_qv_quantizer=share_qv_quantizer, drop_path_rate=drop_path_rate)
     run_training_command(cli, config=config, preset=preset, run_dir=run_dir, resume=resume, out=out,
                          device=device, json_out=json_out, start_model=model)
 

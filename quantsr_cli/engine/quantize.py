@@ -30,7 +30,7 @@ from quantsr_cli.engine.evaluate import evaluate_model
 from quantsr_cli.engine.modelio import LoadedModel, load_model, resolve_model_path
 from quantsr_cli.engine.trainer import Trainer
 from quantsr_cli.errors import ConfigError
-from quantsr_cli.models import build_model
+from quantsr_cli.models import ARCHS, build_model
 from quantsr_cli.models.loading import detect_arch, read_state_dict
 from quantsr_cli.packing import PackedModule
 from quantsr_cli.packing import io as packing_io
@@ -43,7 +43,11 @@ EventFn = Callable[[dict[str, Any]], None]
 
 @dataclass(frozen=True)
 class QuantizeJob:
-    """Everything ``quantsr quantize`` needs, after option precedence has been applied."""
+    """Everything ``quantsr quantize`` needs, after option precedence has been applied.
+
+    ``share_qv_quantizer`` builds the fresh model with attention v quantized by q's quantizer (the
+    released QuantSR code; ``swinir-s`` only); a ``start_model`` keeps whatever its file says.
+    """
 
     arch: str
     scale: int
@@ -57,6 +61,7 @@ class QuantizeJob:
     device: str = "cpu"
     command: str = ""
     start_model: str | None = None
+    share_qv_quantizer: bool = False
 
     @property
     def run_name(self) -> str:
@@ -86,9 +91,35 @@ def block_hparams(arch: str, blocks: int | None) -> dict[str, Any]:
     raise ConfigError(f"--blocks is not supported for arch {arch!r}")
 
 
+def share_qv_hparams(arch: str, share: bool) -> dict[str, Any]:
+    """Builder argument for ``share_qv_quantizer`` (empty when off); ConfigError for an arch without it."""
+    if not share:
+        return {}
+    spec = ARCHS.get(arch)
+    if spec is None or "share_qv_quantizer" not in spec.defaults:
+        raise ConfigError(f"share_qv_quantizer applies to window attention (swinir-s), not to arch {arch!r}")
+    return {"share_qv_quantizer": True}
+
+
+def with_shared_qv(model: nn.Module) -> nn.Module:
+    """``model`` rebuilt with ``share_qv_quantizer=True`` and the same weights (the FP state dict is the same)."""
+    if model.hparams.get("share_qv_quantizer"):
+        return model
+    with torch.random.fork_rng(devices=[]):  # the throw-away init must not move the run's random stream
+        new = build_model(model.arch, **{**model.hparams, "share_qv_quantizer": True})
+    new.load_state_dict(model.state_dict(), strict=True)
+    return new
+
+
 def build_initial_model(job: QuantizeJob) -> nn.Module:
     """The FP model the quantizers are attached to: pretrained from ``--init`` or freshly initialised."""
-    extra = block_hparams(job.arch, job.blocks)
+    shared = share_qv_hparams(job.arch, job.share_qv_quantizer)
+    model = _initial_fp_model(job, {**block_hparams(job.arch, job.blocks), **shared})
+    return with_shared_qv(model) if shared else model  # a safetensors --init keeps its file's hparams
+
+
+def _initial_fp_model(job: QuantizeJob, extra: dict[str, Any]) -> nn.Module:
+    """Pretrained from ``--init`` (into a deeper model when ``--blocks`` asks) or fresh, with ``extra`` hparams."""
     if job.init and job.blocks:
         state = read_state_dict(Path(job.init))
         try:
@@ -215,6 +246,10 @@ def prepare_training(job: QuantizeJob, model: nn.Module, on_event: EventFn | Non
     torch.manual_seed(cfg.seed)
     run_dir = job.run_dir or Path("runs") / job.run_name
     init_distributed()
+    set_drop_path = getattr(model, "set_drop_path", None)
+    if cfg.drop_path_rate and set_drop_path is None:
+        raise ConfigError(f"drop_path_rate={cfg.drop_path_rate}: arch {job.arch!r} has no stochastic depth "
+                          "(swinir-s has); use 0")
     if not job.quant.full_precision and job.start_model is None:
         quantize_(model, job.quant)
     device = torch.device(job.device)
@@ -224,11 +259,14 @@ def prepare_training(job: QuantizeJob, model: nn.Module, on_event: EventFn | Non
     if job.start_model is None:
         calibrate_(model, data.sample_batch(0, cfg.batch_size)[0].to(device),
                   bias_correction=cfg.bias_correction and not job.quant.full_precision)
+    if cfg.drop_path_rate:  # after calibration: the quantizers initialise on the whole network
+        set_drop_path(cfg.drop_path_rate)
     validate = make_validator(job.scale, cfg.val_dataset, cfg.val_max_images, job.arch) if cfg.val_dataset else None
     extra: dict[str, Any] = {"command": job.command, "iters": cfg.iters, "act_sign": job.quant.act_sign,
                              **({"start_model": os.path.basename(job.start_model)} if job.start_model else {}),
                              "bias_correction": cfg.bias_correction,
                              **({"ema_decay": cfg.ema_decay} if cfg.ema_decay else {}),
+                             **({"drop_path_rate": cfg.drop_path_rate} if cfg.drop_path_rate else {}),
                              "train_data": [os.path.basename(d) for d in train_dirs]}
     hooks: list[Any] = []
     variants = []
@@ -290,6 +328,9 @@ def run_quantize(job: QuantizeJob, on_event: EventFn | None = None) -> dict[str,
     torch.manual_seed(job.train.seed)  # fresh weights (no --init) are part of the run's determinism
     if job.start_model is not None:
         model = load_start_model(job.start_model)
+        if job.share_qv_quantizer and not model.hparams.get("share_qv_quantizer"):
+            raise ConfigError(f"--model {job.start_model} quantizes attention v with its own quantizer; "
+                              "share_qv_quantizer applies to a fresh model only")
     else:
         model = build_initial_model(job)
     trainer = prepare_training(job, model, on_event)

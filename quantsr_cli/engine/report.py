@@ -87,7 +87,18 @@ def describe(arch: str, hparams: dict[str, Any], quant: QuantConfig | None) -> d
         "equivalent_params": eq_params, "equivalent_ops": eq_ops,
         "params_reduction": 1 - eq_params / total_params, "ops_reduction": 1 - eq_ops / max(int(macs["total"]), 1),
         "layers": rows,
+        **attention_v_quantizer(fp_model.hparams, bits_a),
     }
+
+
+def attention_v_quantizer(hparams: dict[str, Any], a_bits: int) -> dict[str, str]:
+    """``{"v_quantizer": "own" | "shared with q"}`` for a quantized model with window attention, else ``{}``.
+
+    ``shared with q`` is the released QuantSR code's behaviour (hparam ``share_qv_quantizer``).
+    """
+    if a_bits >= 32 or "share_qv_quantizer" not in hparams:
+        return {}
+    return {"v_quantizer": "shared with q" if hparams["share_qv_quantizer"] else "own"}
 
 
 def model_info(

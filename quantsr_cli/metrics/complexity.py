@@ -14,6 +14,8 @@ MACs (multiply-accumulates) counted per call of a module, summed over calls:
   ``B_ * heads * N * N * head_dim = numel(q) * N``; at an ``attn`` point with input (softmax output)
   of shape ``(B_, heads, N, N)``, ``attn @ v`` costs ``numel(attn) * head_dim``, with ``head_dim``
   taken from the last ``q`` point of the same attention module (the same count as ``q @ k^T``).
+  A ``q`` point called again before its attention module's ``attn`` point is ``v`` going through q's
+  quantizer (SwinIR ``share_qv_quantizer``): that call is not a matmul and is not counted.
 
 Bias additions, activations, normalisation, softmax and pixel-shuffle are not counted (the usual
 convention of SR papers' "Multi-Adds"). Report MACs together with the input size.
@@ -104,6 +106,7 @@ def count_macs(
     layers: dict[str, int] = {}
     kinds = {"conv": 0, "linear": 0, "matmul": 0}
     head_dim: dict[str, int] = {}
+    pending_q: set[str] = set()  # attention modules whose q point ran since their last attn point
     handles = []
 
     def add(name: str, kind: str, macs: int) -> None:
@@ -113,17 +116,24 @@ def count_macs(
     def parent(name: str) -> str:
         return name.rsplit(".", 1)[0] if "." in name else ""
 
+    names = [n for n, _ in model.named_modules()]
+    with_av = {parent(n) for n in names if any(fnmatch.fnmatchcase(n, p) for p in av_points)}
     for name, m in model.named_modules():
         if any(fnmatch.fnmatchcase(name, p) for p in qk_points):
             def qk_hook(mod, inp, out, name=name):
-                q = inp[0]
-                head_dim[parent(name)] = int(q.shape[-1])
+                q, owner = inp[0], parent(name)
+                if owner in pending_q:
+                    return  # v through a shared q/v quantizer
+                if owner in with_av:
+                    pending_q.add(owner)
+                head_dim[owner] = int(q.shape[-1])
                 add(name, "matmul", q.numel() * q.shape[-2])
 
             handles.append(m.register_forward_hook(qk_hook))
         elif any(fnmatch.fnmatchcase(name, p) for p in av_points):
             def av_hook(mod, inp, out, name=name):
                 attn = inp[0]
+                pending_q.discard(parent(name))
                 d = head_dim.get(parent(name))
                 if d is None:
                     raise ValueError(f"{name}: no q activation point ({', '.join(qk_points)}) ran before it")

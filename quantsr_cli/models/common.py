@@ -71,6 +71,37 @@ def init_shortcut(block: nn.Module, learnable: bool) -> None:
     block.skip = False
 
 
+class DropPath(nn.Module):
+    """Stochastic depth on a residual branch, per sample (timm's ``drop_path``, as in SwinIR).
+
+    In training mode with ``drop_prob = p > 0`` each sample's branch output is zeroed with probability
+    ``p`` and otherwise scaled by ``1/(1 − p)`` (expectation unchanged); in eval mode, and always at
+    ``p = 0``, it is the identity. The keep mask, one value per sample along dim 0, is drawn from the
+    global CPU generator and moved to ``x``'s device, so a resumed training run (whose checkpoints hold
+    the CPU generator state) draws the same masks on any device. No parameters or buffers: a model's
+    state dict is the same with or without it.
+
+    Args:
+        drop_prob: ``p`` in ``[0, 1)``; may be changed later through the ``drop_prob`` attribute.
+    """
+
+    def __init__(self, drop_prob: float = 0.0) -> None:
+        super().__init__()
+        self.drop_prob = check_probability("drop_prob", drop_prob)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` of shape ``(N, ...)`` -> same shape."""
+        if not self.training or self.drop_prob == 0.0:
+            return x
+        keep = 1.0 - self.drop_prob
+        shape = (x.shape[0],) + (1,) * (x.dim() - 1)
+        mask = torch.floor(keep + torch.rand(shape)).to(device=x.device, dtype=x.dtype)
+        return x.div(keep) * mask
+
+    def extra_repr(self) -> str:
+        return f"drop_prob={self.drop_prob:.4g}"
+
+
 class Upsample(nn.Sequential):
     """BasicSR ``Upsample``: ``log2(s)`` x [conv ``F -> 4F``, PixelShuffle(2)] or conv ``F -> 9F`` + PixelShuffle(3).
 
@@ -108,6 +139,13 @@ def check_float(name: str, value: object, minimum: float = 0.0) -> float:
     """Validate a positive real hyperparameter (``> minimum``)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > minimum:
         raise ConfigError(f"{name}={value!r} must be a number > {minimum}")
+    return float(value)
+
+
+def check_probability(name: str, value: object) -> float:
+    """Validate a probability in ``[0, 1)`` (e.g. a stochastic-depth rate)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+        raise ConfigError(f"{name}={value!r} must be a number in [0, 1)")
     return float(value)
 
 

@@ -203,6 +203,7 @@ def _detect_swinir(sd: Mapping[str, Tensor]) -> dict[str, object]:
         "window_size": (side + 1) // 2,
         "mlp_ratio": hidden / embed_dim,
         "learnable_shortcut": "layers.0.learnable_shortcut" in sd,
+        "share_qv_quantizer": False,  # not visible in weights; a quantization option chosen by the user
     }
 
 

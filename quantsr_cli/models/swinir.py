@@ -15,6 +15,15 @@ Differences from the official module, none of which changes the outputs:
   model's own state dict has the official keys minus those 12 masks.
 * ``WindowAttention`` has four ``nn.Identity`` activation points, ``q_act``, ``k_act``, ``v_act``
   (applied to q, k, v before scaling / matmul) and ``attn_act`` (softmax output before ``@ v``).
+  Built with ``share_qv_quantizer=True`` it has no ``v_act``: v goes through ``q_act``, so once
+  quantized q and v share one quantizer (one step, initialised and signed on q, the first call). That
+  is what the released QuantSR+ ``q_swinir_arch.py`` runs (``v = self.q_actq(v)``; its ``v_actq`` is
+  created but never called). The default keeps a separate v quantizer, as the release's module list
+  intends; the two differ only once quantized (on a 2-RSTB QuantSR-T net by up to 0.26 at W2A2 and
+  0.12 at W4A4 in the output; with sharing the net is bit-exact with the release).
+* Stochastic depth: each Swin block has a ``drop_path`` (:class:`~quantsr_cli.models.common.DropPath`)
+  on its attention and MLP branches, at rate 0 (identity) unless :meth:`SwinIR.set_drop_path` sets
+  it for training; it never acts in eval mode and holds no state, so it is not a hyperparameter.
 * Each RSTB (``layers.i``) has ``learnable_shortcut`` on its identity path (QuantSR+-T): a
   non-persistent buffer fixed at 1 by default (official keys), a trainable parameter
   ``layers.i.learnable_shortcut`` when built with ``learnable_shortcut=True``. A skipped RSTB returns
@@ -30,11 +39,13 @@ from torch import Tensor, nn
 from quantsr_cli.errors import ConfigError
 from quantsr_cli.models.common import (
     DIV2K_RGB_MEAN,
+    DropPath,
     SRModel,
     check_bool,
     check_float,
     check_int,
     check_int_list,
+    check_probability,
     check_scale,
     init_shortcut,
 )
@@ -85,11 +96,13 @@ class WindowAttention(nn.Module):
     """Window multi-head self-attention with relative position bias.
 
     Input ``(B*nW, N, C)`` tokens of one window (``N = ws²``) and an optional mask ``(nW, N, N)``.
+    With ``share_qv_quantizer`` there is no ``v_act`` and v goes through ``q_act`` (module docstring).
     """
 
-    def __init__(self, dim: int, window_size: int, num_heads: int) -> None:
+    def __init__(self, dim: int, window_size: int, num_heads: int, share_qv_quantizer: bool = False) -> None:
         super().__init__()
         self.num_heads = num_heads
+        self.share_qv_quantizer = share_qv_quantizer
         self.scale = (dim // num_heads) ** -0.5
         self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * window_size - 1) ** 2, num_heads))
         self.register_buffer("relative_position_index", relative_position_index(window_size))
@@ -97,7 +110,8 @@ class WindowAttention(nn.Module):
         self.proj = nn.Linear(dim, dim)
         self.q_act = nn.Identity()
         self.k_act = nn.Identity()
-        self.v_act = nn.Identity()
+        if not share_qv_quantizer:
+            self.v_act = nn.Identity()
         self.attn_act = nn.Identity()
         self.softmax = nn.Softmax(dim=-1)
         nn.init.trunc_normal_(self.relative_position_bias_table, std=0.02)
@@ -105,7 +119,8 @@ class WindowAttention(nn.Module):
     def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
         b_, n, c = x.shape
         qkv = self.qkv(x).reshape(b_, n, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4)
-        q, k, v = self.q_act(qkv[0]), self.k_act(qkv[1]), self.v_act(qkv[2])
+        q, k = self.q_act(qkv[0]), self.k_act(qkv[1])  # q first: a shared quantizer initialises on q
+        v = self.q_act(qkv[2]) if self.share_qv_quantizer else self.v_act(qkv[2])
         attn = (q * self.scale) @ k.transpose(-2, -1)
         bias = self.relative_position_bias_table[self.relative_position_index.view(-1)]
         attn = attn + bias.view(n, n, -1).permute(2, 0, 1).unsqueeze(0)
@@ -131,14 +146,18 @@ class Mlp(nn.Module):
 
 
 class SwinBlock(nn.Module):
-    """Swin transformer block (pre-norm attention + MLP) on ``(B, H*W, C)`` tokens."""
+    """Swin transformer block (pre-norm attention + MLP, each branch through ``drop_path``) on
+    ``(B, H*W, C)`` tokens."""
 
-    def __init__(self, dim: int, num_heads: int, window_size: int, shift: int, mlp_ratio: float) -> None:
+    def __init__(
+        self, dim: int, num_heads: int, window_size: int, shift: int, mlp_ratio: float, share_qv: bool
+    ) -> None:
         super().__init__()
         self.window_size = window_size
         self.shift = shift
         self.norm1 = nn.LayerNorm(dim)
-        self.attn = WindowAttention(dim, window_size, num_heads)
+        self.attn = WindowAttention(dim, window_size, num_heads, share_qv)
+        self.drop_path = DropPath(0.0)
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
 
@@ -157,17 +176,19 @@ class SwinBlock(nn.Module):
         y = window_reverse(y.view(-1, ws, ws, c), ws, h, w)
         if self.shift:
             y = torch.roll(y, shifts=(self.shift, self.shift), dims=(1, 2))
-        x = x + y.reshape(b, h * w, c)
-        return x + self.mlp(self.norm2(x))
+        x = x + self.drop_path(y.reshape(b, h * w, c))
+        return x + self.drop_path(self.mlp(self.norm2(x)))
 
 
 class BlockGroup(nn.Module):
     """The official ``BasicLayer`` (``residual_group``): a sequence of Swin blocks, even ones unshifted."""
 
-    def __init__(self, dim: int, depth: int, num_heads: int, window_size: int, mlp_ratio: float) -> None:
+    def __init__(
+        self, dim: int, depth: int, num_heads: int, window_size: int, mlp_ratio: float, share_qv: bool
+    ) -> None:
         super().__init__()
         self.blocks = nn.ModuleList(
-            SwinBlock(dim, num_heads, window_size, 0 if j % 2 == 0 else window_size // 2, mlp_ratio)
+            SwinBlock(dim, num_heads, window_size, 0 if j % 2 == 0 else window_size // 2, mlp_ratio, share_qv)
             for j in range(depth)
         )
 
@@ -200,10 +221,11 @@ class RSTB(nn.Module):
     """Residual Swin transformer block: ``ls * x + embed(conv3x3(unembed(blocks(x))))`` on tokens."""
 
     def __init__(
-        self, dim: int, depth: int, num_heads: int, window_size: int, mlp_ratio: float, learnable_shortcut: bool
+        self, dim: int, depth: int, num_heads: int, window_size: int, mlp_ratio: float, learnable_shortcut: bool,
+        share_qv: bool,
     ) -> None:
         super().__init__()
-        self.residual_group = BlockGroup(dim, depth, num_heads, window_size, mlp_ratio)
+        self.residual_group = BlockGroup(dim, depth, num_heads, window_size, mlp_ratio, share_qv)
         self.conv = nn.Conv2d(dim, dim, 3, 1, 1)
         self.patch_embed = PatchEmbed(dim, norm=False)
         self.patch_unembed = PatchUnEmbed()
@@ -227,6 +249,9 @@ class SwinIR(SRModel):
         window_size: attention window side (8).
         mlp_ratio: MLP hidden width / ``embed_dim`` (2).
         learnable_shortcut: see the module docstring (default False: official keys).
+        share_qv_quantizer: quantize attention v with q's quantizer, as the released QuantSR code
+            does (default False: v has its own); see the module docstring. Drops the ``v_act``
+            activation point from ``quant_patterns``; the FP forward and the state dict are unchanged.
 
     Input ``(N, 3, H, W)`` RGB in ``[0, 1]``, any ``H, W >= 1``; output ``(N, 3, sH, sW)`` in ``[0, 1]``,
     unclamped.
@@ -255,6 +280,7 @@ class SwinIR(SRModel):
         window_size: int = 8,
         mlp_ratio: float = 2.0,
         learnable_shortcut: bool = False,
+        share_qv_quantizer: bool = False,
     ) -> None:
         upscale = check_scale(upscale)
         embed_dim = check_int("embed_dim", embed_dim)
@@ -263,6 +289,7 @@ class SwinIR(SRModel):
         window_size = check_int("window_size", window_size, minimum=2, multiple_of=2)
         mlp_ratio = check_float("mlp_ratio", mlp_ratio)
         learnable_shortcut = check_bool("learnable_shortcut", learnable_shortcut)
+        share_qv = check_bool("share_qv_quantizer", share_qv_quantizer)
         if len(depths_l) != len(heads_l):
             raise ConfigError(f"depths ({len(depths_l)} entries) and num_heads ({len(heads_l)}) must have equal length")
         for heads in heads_l:
@@ -277,15 +304,19 @@ class SwinIR(SRModel):
                 "window_size": window_size,
                 "mlp_ratio": mlp_ratio,
                 "learnable_shortcut": learnable_shortcut,
+                "share_qv_quantizer": share_qv,
             }
         )
+        if share_qv:
+            self.quant_patterns = tuple(p for p in SwinIR.quant_patterns if not p.endswith(".v_act"))
         self.window_size = window_size
         self.register_buffer("mean", torch.tensor(DIV2K_RGB_MEAN).view(1, 3, 1, 1), persistent=False)
         self.conv_first = nn.Conv2d(3, embed_dim, 3, 1, 1)
         self.patch_embed = PatchEmbed(embed_dim, norm=True)
         self.patch_unembed = PatchUnEmbed()
         self.layers = nn.ModuleList(
-            RSTB(embed_dim, d, h, window_size, mlp_ratio, learnable_shortcut) for d, h in zip(depths_l, heads_l)
+            RSTB(embed_dim, d, h, window_size, mlp_ratio, learnable_shortcut, share_qv)
+            for d, h in zip(depths_l, heads_l)
         )
         self.norm = nn.LayerNorm(embed_dim)
         self.conv_after_body = nn.Conv2d(embed_dim, embed_dim, 3, 1, 1)
@@ -327,6 +358,17 @@ class SwinIR(SRModel):
 
     def block_names(self) -> list[str]:
         return [f"layers.{i}" for i in range(len(self.layers))]
+
+    def set_drop_path(self, rate: float) -> None:
+        """Stochastic depth for training, with the official SwinIR rule (``drop_path_rate``; the released
+        QuantSR+-T trains with 0.1): over all ``n = sum(depths)`` Swin blocks in order, block ``j`` drops
+        its attention and MLP branches with probability ``torch.linspace(0, rate, n)[j]`` (the first
+        never, the last with ``rate``). ``rate = 0`` turns it off. Acts in training mode only.
+        """
+        rate = check_probability("drop_path_rate", rate)
+        blocks = [blk for layer in self.layers for blk in layer.residual_group.blocks]
+        for blk, p in zip(blocks, torch.linspace(0, rate, len(blocks)).tolist()):
+            blk.drop_path.drop_prob = float(p)
 
     def feature_points(self) -> list[str]:
         """``layers.i.patch_embed``: its input is RSTB ``i``'s conv output before the residual add."""

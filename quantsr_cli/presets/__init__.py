@@ -40,6 +40,7 @@ PRESET_KEYS: dict[str, type | tuple[type, ...]] = {
     "w_bits": int,
     "a_bits": int,
     "act_sign": str,
+    "share_qv_quantizer": bool,
     "blocks": int,
     "init": str,
     "iters": int,
@@ -64,6 +65,7 @@ PRESET_KEYS: dict[str, type | tuple[type, ...]] = {
     "feature_weight": float,
     "bias_correction": bool,
     "ema_decay": float,
+    "drop_path_rate": float,
     "description": str,
 }
 

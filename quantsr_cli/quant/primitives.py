@@ -79,9 +79,12 @@ def grad_scale(x: Tensor, g: float) -> Tensor:
 def sign_ste(x: Tensor) -> Tensor:
     """Binary sign with the clipped STE of BNNs (RBD bit decisions).
 
-    Forward: ``+1`` where ``x >= 0`` and ``−1`` elsewhere. **sign(0) = +1** by definition here
-    (``torch.sign(0) = 0`` would produce a non-binary bit; the released code leaves this case
-    undefined). Backward: gradient ``1`` where ``|x| <= 1``, ``0`` elsewhere (``d clamp(x, −1, 1)``).
+    Forward: ``+1`` where ``x >= 0`` and ``−1`` elsewhere: **sign(0) = +1** here. The released
+    QuantSR+ code (its compiled ``bool_pass``) uses ``torch.sign``, which defines ``sign(0) = 0``: at
+    an exact tie that bit is 0, not ±1, and the RBD level lands halfway between two grid levels
+    (see :class:`~quantsr_cli.quant.weight.RBDWeightQuantizer`). quantsr keeps every bit binary so
+    that every weight has an exact n-bit code to pack; ties round up. The two differ only at exact
+    ties. Backward: gradient ``1`` where ``|x| <= 1``, ``0`` elsewhere (``d clamp(x, −1, 1)``), as released.
 
     Args:
         x: any shape.

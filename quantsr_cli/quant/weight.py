@@ -90,9 +90,14 @@ class RBDWeightQuantizer(_StepWeightQuantizer):
         b_i     = sign(s_i·(w' − 1 − Σ_{j>i} s_j·b_j·2^j) − β_i),   i = n−2 … 0
         W_q     = α·(Σ_i b_i·2^i + 1)/2
 
-    ``sign`` is :func:`~quantsr_cli.quant.primitives.sign_ste` (``sign(0) = +1``, gradient
-    ``1_{|x|≤1}``), as in the compiled release (the ``.py`` source's ``bool_pass`` is broken,
-    defect (a)). The final sum uses plain ``2^i``, not ``s_i``. With ``s = 1, β = 0`` this is the
+    ``sign`` is :func:`~quantsr_cli.quant.primitives.sign_ste`: forward ``±1`` with ``sign(0) = +1``,
+    gradient ``1_{|x|≤1}``. The gradient is the compiled release's (the ``.py`` source's ``bool_pass``
+    is broken, defect (a)); its forward is ``torch.sign``, so **sign(0) differs**: the release has
+    ``sign(0) = 0``, which at an exact tie zeroes a bit and yields an off-grid half level (with
+    ``s = 1, β = 0``: ``W/α = k + ½`` inside the grid stays ``k + ½``, e.g. 2 bit 0.5 → 0.5, 1.5 → 1.5),
+    a value no n-bit code holds. quantsr rounds such ties up (0.5 → 1, 1.5 → 2) so that every weight
+    lies on the grid and packs exactly; everywhere else, and in every gradient, the two agree.
+    The final sum uses plain ``2^i``, not ``s_i``. With ``s = 1, β = 0`` this is the
     uniform grid ``{−2**(n−1)+1, …, 2**(n−1)}·α`` (4 bit: −7…8) with half-up rounding and saturation
     without an explicit clamp. ``α`` follows LSQ (``Qp = 2**(n−1) − 1`` for init and ``g`` only).
 
