@@ -30,8 +30,10 @@ typedef unsigned char qsr_u8;
 // Fixed-trip loops over fragments/accumulators must unroll, or the accumulators go to local memory.
 #if defined(__CUDA_ARCH__)
 #define QSR_UNROLL _Pragma("unroll")
+#define QSR_NO_UNROLL _Pragma("unroll 1")
 #else
 #define QSR_UNROLL
+#define QSR_NO_UNROLL
 #endif
 
 // ---------------------------------------------------------------------------------------------
@@ -147,3 +149,138 @@ __device__ __forceinline__ int qsr_quant_code(float v, float shift, float step, 
   q = fminf(fmaxf(q, (float)qmin), (float)qmax);
   return (int)q;
 }
+
+// ---------------------------------------------------------------------------------------------
+// Helpers of the tensor-core engine (qsr_conv_tc.cu, qsr_engine_ops.cu). sm_80+ on the device.
+// ---------------------------------------------------------------------------------------------
+typedef unsigned short qsr_f16;  // IEEE binary16 bits (header-free: no cuda_fp16.h under NVRTC)
+
+#if defined(__CUDA_ARCH__)
+// Generic -> shared-window address (what __cvta_generic_to_shared returns), without its header.
+__device__ __forceinline__ qsr_u32 qsr_smem_addr(const void* p) {
+  qsr_u32 a;
+  asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(a) : "l"(p));
+  return a;
+}
+#endif
+
+// float -> binary16 (round to nearest even) and back; the shim twins are exact software conversions.
+__device__ __forceinline__ qsr_f16 qsr_f2h(float f) {
+#if defined(__CUDA_ARCH__)
+  qsr_f16 h;
+  asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
+  return h;
+#elif defined(QSR_CPU_SHIM)
+  return qsr_emu_f2h(f);
+#else
+  return 0;
+#endif
+}
+
+__device__ __forceinline__ float qsr_h2f(qsr_f16 h) {
+#if defined(__CUDA_ARCH__)
+  float f;
+  asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
+  return f;
+#elif defined(QSR_CPU_SHIM)
+  return qsr_emu_h2f(h);
+#else
+  return 0.0f;
+#endif
+}
+
+// Warp-wide d += A(16x16) * B(16x8), int8 operands (mma.sync.aligned.m16n8k16.row.col.s32.{s8|u8}.s8.s32):
+//   A: a[0] = row g, k 4t..4t+3;  a[1] = row g+8, k 4t..4t+3.   B: b[0] = col g, k 4t..4t+3.   D as m16n8k32.
+template <bool A_UNSIGNED>
+__device__ __forceinline__ void qsr_mma_16816(int* d, const qsr_u32* a, const qsr_u32* b) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  if constexpr (A_UNSIGNED)
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.s32.u8.s8.s32 {%0,%1,%2,%3}, {%4,%5}, {%6}, {%0,%1,%2,%3};\n"
+                 : "+r"(d[0]), "+r"(d[1]), "+r"(d[2]), "+r"(d[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(b[0]));
+  else
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.s32.s8.s8.s32 {%0,%1,%2,%3}, {%4,%5}, {%6}, {%0,%1,%2,%3};\n"
+                 : "+r"(d[0]), "+r"(d[1]), "+r"(d[2]), "+r"(d[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(b[0]));
+#elif defined(__CUDA_ARCH__)
+  __trap();
+#elif defined(QSR_CPU_SHIM)
+  qsr_emu_mma_m16n8k16(d, a, b, A_UNSIGNED);
+#endif
+}
+
+// ldmatrix.sync.aligned.m8n8.x{4|2}.shared.b16: every lane passes one row address (lanes 8j..8j+7: the 8
+// rows of matrix j, 16 bytes each); lane l receives bytes 4*(l%4)..+3 of row l/4 of matrix j in r[j].
+__device__ __forceinline__ void qsr_ldsm_x4(qsr_u32* r, const void* row) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 750
+  const qsr_u32 a = qsr_smem_addr(row);
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(a));
+#elif defined(__CUDA_ARCH__)
+  __trap();
+#elif defined(QSR_CPU_SHIM)
+  qsr_emu_ldmatrix(r, row, 4);
+#endif
+}
+
+__device__ __forceinline__ void qsr_ldsm_x2(qsr_u32* r, const void* row) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 750
+  const qsr_u32 a = qsr_smem_addr(row);
+  asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0,%1}, [%2];\n" : "=r"(r[0]), "=r"(r[1]) : "r"(a));
+#elif defined(__CUDA_ARCH__)
+  __trap();
+#elif defined(QSR_CPU_SHIM)
+  qsr_emu_ldmatrix(r, row, 2);
+#endif
+}
+
+// cp.async.cg.shared.global 16 bytes; src_bytes < 16 zero-fills the rest (0 = all zeros, src not read).
+__device__ __forceinline__ void qsr_cp_async16(void* dst, const void* src, int src_bytes) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  const qsr_u32 a = qsr_smem_addr(dst);
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(a), "l"(src), "r"(src_bytes));
+#elif defined(__CUDA_ARCH__)
+  __trap();
+#elif defined(QSR_CPU_SHIM)
+  qsr_emu_cp_async16(dst, src, src_bytes);
+#endif
+}
+
+// The lanes of a warp meet (shared-memory exchange within a warp).
+__device__ __forceinline__ void qsr_syncwarp() {
+#if defined(__CUDA_ARCH__)
+  __syncwarp();
+#elif defined(QSR_CPU_SHIM)
+  qsr_emu_syncwarp();
+#endif
+}
+
+__device__ __forceinline__ void qsr_cp_async_commit() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.commit_group;\n" ::);
+#endif
+}
+
+// Wait until at most N of this thread's committed cp.async groups are still pending.
+template <int N>
+__device__ __forceinline__ void qsr_cp_async_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+#endif
+}
+
+// Dynamic shared memory of the launch and its size in bytes.
+#if defined(__CUDA_ARCH__)
+#define QSR_DYNAMIC_SMEM(name) extern __shared__ __align__(16) unsigned char name[]
+__device__ __forceinline__ qsr_u32 qsr_dynamic_smem_bytes() {
+  qsr_u32 r;
+  asm("mov.u32 %0, %%dynamic_smem_size;" : "=r"(r));
+  return r;
+}
+#elif defined(QSR_CPU_SHIM)
+#define QSR_DYNAMIC_SMEM(name) unsigned char* name = qsr_shim_dynamic_smem()
+__device__ __forceinline__ qsr_u32 qsr_dynamic_smem_bytes() { return qsr_shim_dynamic_smem_bytes(); }
+#else
+#define QSR_DYNAMIC_SMEM(name) unsigned char* name = nullptr
+__device__ __forceinline__ qsr_u32 qsr_dynamic_smem_bytes() { return 0u; }
+#endif

@@ -44,6 +44,10 @@ class Launch:
     grid: tuple[int, int, int]
     block: tuple[int, int, int]
     args: tuple[tuple[str, Any], ...]
+    smem: int = 0
+    """Dynamic shared memory in bytes."""
+    defines: tuple[str, ...] = ()
+    """Compile-time ``-D`` defines of the kernel's specialisation (``qsr_conv_tc``), empty for the others."""
 
 
 @dataclass(frozen=True)

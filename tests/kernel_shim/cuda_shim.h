@@ -63,9 +63,10 @@ struct Fiber {
   void* fake_stack = nullptr;
 };
 
-struct MmaSlot {  // one warp's fragments of one mma: a[lane][reg], b[lane][reg]
+struct MmaSlot {  // one warp's operands of one collective: mma fragments a/b, or ldmatrix row pointers p
   unsigned a[32][4];
   unsigned b[32][2];
+  const unsigned char* p[32];
 };
 
 struct Sched {
@@ -73,6 +74,7 @@ struct Sched {
   std::vector<Fiber> fibers;
   std::vector<std::unique_ptr<char[]>> stacks;
   std::vector<MmaSlot> mma;  // 2 per warp
+  std::vector<unsigned char> dyn_smem;  // the launch's dynamic shared memory (blocks run one at a time)
   ucontext_t sched;
   int cur = -1;
   std::function<void()> body;
@@ -157,10 +159,11 @@ inline void run_block(unsigned n) {
   }
 }
 
-// Run body() as every thread of every block of the grid.
-inline void launch(dim3 grid, dim3 block, std::function<void()> body) {
+// Run body() as every thread of every block of the grid, with `smem` bytes of dynamic shared memory.
+inline void launch(dim3 grid, dim3 block, std::function<void()> body, size_t smem = 0) {
   Sched st;
   g = &st;
+  st.dyn_smem.assign(smem, 0xA5);  // garbage, as on a GPU: kernels must not rely on zeroed shared memory
   const unsigned n = block.x * block.y * block.z;
   st.fibers.resize(n);
   st.stacks.resize(n);
@@ -183,6 +186,10 @@ inline void launch(dim3 grid, dim3 block, std::function<void()> body) {
 }  // namespace qsr_shim
 
 inline void __syncthreads() { qsr_shim::wait(qsr_shim::kWaitBlock); }
+inline unsigned char* qsr_shim_dynamic_smem() {
+  return qsr_shim::g->dyn_smem.empty() ? nullptr : qsr_shim::g->dyn_smem.data();
+}
+inline unsigned qsr_shim_dynamic_smem_bytes() { return (unsigned)qsr_shim::g->dyn_smem.size(); }
 [[noreturn]] inline void __trap() { qsr_shim::fail("__trap()"); }
 
 // __byte_perm(a, b, s): byte n of the result = byte ((s >> 4n) & 7) of the 64-bit value (b << 32) | a.
@@ -228,4 +235,105 @@ inline void qsr_emu_mma_m16n8k32(int* d, const unsigned* a, const unsigned* b, b
     }
     d[e] += sum;
   }
+}
+
+// mma.sync.aligned.m16n8k16.row.col.s32.{u8|s8}.s8.s32: A(r, k) in lane 4*(r % 8) + k / 4, register r / 8,
+// byte k % 4; B(k, n) in lane 4*n + k / 4, register 0, byte k % 4; D as m16n8k32.
+inline void qsr_emu_mma_m16n8k16(int* d, const unsigned* a, const unsigned* b, bool a_unsigned) {
+  using namespace qsr_shim;
+  Fiber& f = g->fibers[g->cur];
+  const unsigned warp = f.lin >> 5, lane = f.lin & 31u;
+  MmaSlot& s = g->mma[2 * warp + (f.mma_calls++ & 1u)];
+  memcpy(s.a[lane], a, 2 * sizeof(unsigned));
+  s.b[lane][0] = b[0];
+  wait(kWaitWarp);
+  const unsigned gid = lane >> 2, t = lane & 3u;
+  for (unsigned e = 0; e < 4; ++e) {
+    const unsigned r = gid + 8 * (e >> 1), n = 2 * t + (e & 1u);
+    int sum = 0;
+    for (unsigned k = 0; k < 16; ++k) {
+      const unsigned ab = (s.a[4 * (r % 8) + k / 4][r / 8] >> (8 * (k % 4))) & 0xFFu;
+      const unsigned bb = (s.b[4 * n + k / 4][0] >> (8 * (k % 4))) & 0xFFu;
+      sum += (a_unsigned ? (int)ab : (int)(signed char)ab) * (int)(signed char)bb;
+    }
+    d[e] += sum;
+  }
+}
+
+// ldmatrix.sync.aligned.m8n8.x{2|4}.shared.b16: lanes 8j..8j+7 give the row addresses of matrix j; lane l
+// gets bytes 4*(l % 4)..+3 of row l / 4 of matrix j in r[j]. Addresses must be 16-byte aligned.
+inline void qsr_emu_ldmatrix(unsigned* r, const void* row, int nmat) {
+  using namespace qsr_shim;
+  Fiber& f = g->fibers[g->cur];
+  const unsigned warp = f.lin >> 5, lane = f.lin & 31u;
+  if (((unsigned long long)row & 15ull) != 0ull) fail("ldmatrix row address not 16-byte aligned");
+  const unsigned char* lo = g->dyn_smem.data();
+  const unsigned char* p = static_cast<const unsigned char*>(row);
+  if (lane < 8u * (unsigned)nmat && (g->dyn_smem.empty() || p < lo || p + 16 > lo + g->dyn_smem.size()))
+    fail("ldmatrix row outside the dynamic shared memory");
+  MmaSlot& s = g->mma[2 * warp + (f.mma_calls++ & 1u)];
+  s.p[lane] = p;
+  wait(kWaitWarp);
+  for (int j = 0; j < nmat; ++j) memcpy(&r[j], s.p[8 * j + (lane >> 2)] + 4 * (lane & 3u), 4);
+}
+
+// cp.async 16 bytes: src_bytes (0..16) copied, the rest of the 16 zero-filled. Synchronous here.
+inline void qsr_emu_cp_async16(void* dst, const void* src, int src_bytes) {
+  if (((unsigned long long)dst & 15ull) != 0ull || (src_bytes > 0 && ((unsigned long long)src & 15ull) != 0ull))
+    qsr_shim::fail("cp.async address not 16-byte aligned");
+  if (src_bytes < 0 || src_bytes > 16) qsr_shim::fail("cp.async src size out of range");
+  if (src_bytes > 0) memcpy(dst, src, (size_t)src_bytes);
+  memset(static_cast<unsigned char*>(dst) + src_bytes, 0, (size_t)(16 - src_bytes));
+}
+
+// IEEE binary16 <-> float32, round to nearest even (cvt.rn.f16.f32 / cvt.f32.f16).
+inline unsigned short qsr_emu_f2h(float f) {
+  unsigned x;
+  memcpy(&x, &f, 4);
+  const unsigned sign = (x >> 16) & 0x8000u;
+  const unsigned ax = x & 0x7FFFFFFFu;
+  if (ax >= 0x7F800000u) return (unsigned short)(sign | (ax > 0x7F800000u ? 0x7E00u : 0x7C00u));  // NaN / inf
+  if (ax >= 0x477FF000u) return (unsigned short)(sign | 0x7C00u);  // rounds to >= 65520: overflow to inf
+  if (ax < 0x38800000u) {  // result subnormal (or zero): value / 2^-24, rounded half to even
+    const int e = (int)(ax >> 23);
+    if (e < 102) return (unsigned short)sign;  // < 2^-25: rounds to 0
+    const unsigned mant = (ax & 0x7FFFFFu) | 0x800000u;
+    const int shift = 126 - e;  // value = mant * 2^(e-150); in units of 2^-24: mant >> (126 - e)
+    unsigned q = mant >> shift;
+    const unsigned rem = mant & ((1u << shift) - 1u), halfway = 1u << (shift - 1);
+    if (rem > halfway || (rem == halfway && (q & 1u))) ++q;
+    return (unsigned short)(sign | q);
+  }
+  unsigned h = ((ax >> 13) - (112u << 10));  // rebias exponent 127 -> 15, keep 10 mantissa bits
+  const unsigned rem = ax & 0x1FFFu;
+  if (rem > 0x1000u || (rem == 0x1000u && (h & 1u))) ++h;  // may carry into the exponent: still correct
+  return (unsigned short)(sign | h);
+}
+
+inline float qsr_emu_h2f(unsigned short h) {
+  const unsigned sign = ((unsigned)h & 0x8000u) << 16;
+  const unsigned e = ((unsigned)h >> 10) & 0x1Fu, m = (unsigned)h & 0x3FFu;
+  unsigned x;
+  if (e == 0x1Fu) {
+    x = sign | 0x7F800000u | (m << 13);
+  } else if (e != 0u) {
+    x = sign | ((e + 112u) << 23) | (m << 13);
+  } else if (m == 0u) {
+    x = sign;
+  } else {  // subnormal: m * 2^-24
+    float v = (float)m * 5.9604644775390625e-08f;
+    memcpy(&x, &v, 4);
+    x |= sign;
+  }
+  float f;
+  memcpy(&f, &x, 4);
+  return f;
+}
+
+// __syncwarp(): the 32 lanes of the warp meet.
+inline void qsr_emu_syncwarp() {
+  using namespace qsr_shim;
+  Fiber& f = g->fibers[g->cur];
+  ++f.mma_calls;  // keep the collective counter in step with the other lanes
+  wait(kWaitWarp);
 }

@@ -32,11 +32,12 @@ SANITIZE = ["-fsanitize=address,undefined", "-fno-sanitize-recover=all"]
 RUN_ENV = {**os.environ, "ASAN_OPTIONS": "detect_leaks=0:abort_on_error=0", "UBSAN_OPTIONS": "print_stacktrace=1"}
 
 
-def shim_exe_path() -> Path:
-    """The shim launcher (``shim_driver.cpp`` + ``kernels/*.cu``), built once per source version.
+def shim_exe_path(defines: tuple[str, ...] = ()) -> Path:
+    """The shim launcher (``shim_driver.cpp`` + ``kernels/*.cu``), built once per source version and set of
+    ``defines`` (``("QSR_C=48", ...)``: the qsr_conv_tc specialisation this binary carries).
 
     Built with AddressSanitizer + UBSan when the toolchain has them (out-of-bounds kernel accesses then
-    fail the test), else plain; cached in the temp dir under a hash of sources and flags."""
+    fail the test), else plain; cached in the temp dir under a hash of sources, flags and defines."""
     gxx = shutil.which("g++")
     if gxx is None:
         pytest.skip("g++ not found: the CPU kernel shim cannot be built")
@@ -44,7 +45,8 @@ def shim_exe_path() -> Path:
     digest = hashlib.sha256()
     for p in sources:
         digest.update(p.name.encode() + p.read_bytes())
-    digest.update(" ".join(BASE_FLAGS + SANITIZE).encode())
+    flags = [f"-D{d}" for d in defines]
+    digest.update(" ".join(BASE_FLAGS + SANITIZE + flags).encode())
     out_dir = Path(tempfile.gettempdir()) / "quantsr-kernel-shim"
     out_dir.mkdir(exist_ok=True)
     exe = out_dir / f"qsr_shim-{digest.hexdigest()[:16]}"
@@ -53,7 +55,7 @@ def shim_exe_path() -> Path:
     errors = []
     for extra in (SANITIZE, []):  # a toolchain without libasan/libubsan still runs the plain build
         tmp = out_dir / f"{exe.name}.{os.getpid()}.tmp"
-        r = subprocess.run([gxx, *BASE_FLAGS, *extra, str(SHIM_DIR / "shim_driver.cpp"), "-o", str(tmp)],
+        r = subprocess.run([gxx, *BASE_FLAGS, *extra, *flags, str(SHIM_DIR / "shim_driver.cpp"), "-o", str(tmp)],
                            capture_output=True, text=True, timeout=600)
         works = r.returncode == 0 and subprocess.run([str(tmp), "--list"], capture_output=True,
                                                      env=RUN_ENV).returncode == 0
@@ -71,6 +73,7 @@ def shim_run(exe: Path, launch: plan.Launch, tmp: Path) -> list[np.ndarray | Non
     blob = bytearray(b"QSRL")
     name = launch.kernel.encode()
     blob += struct.pack("<I", len(name)) + name + struct.pack("<6I", *launch.grid, *launch.block)
+    blob += struct.pack("<I", int(getattr(launch, "smem", 0)))
     blob += struct.pack("<I", len(launch.args))
     for kind, value in launch.args:
         if kind == "P":

@@ -3,13 +3,16 @@
 //   qsr_shim --list                 one line per kernel: "<name> <tags>" (P pointer, i int, f float)
 //   qsr_shim IN.bin OUT.bin         run one launch described by IN.bin, write every buffer to OUT.bin
 //
-// IN.bin (little endian): "QSRL", u32 name length, name, u32 grid[3], u32 block[3], u32 nargs, then
+// IN.bin (little endian): "QSRL", u32 name length, name, u32 grid[3], u32 block[3], u32 dynamic shared
+// memory bytes, u32 nargs, then
 // per argument a tag byte and its value: 'P' u64 nbytes + bytes | 'i' i32 | 'f' f32.
 // OUT.bin: per 'P' argument, in order, u64 nbytes + bytes after the launch.
 // Each buffer gets its own exactly-sized allocation, so a sanitizer build catches out-of-bounds access.
 // The argument tags are checked against the kernel's C++ signature (a plan/kernel mismatch fails loudly).
 #include "cuda_shim.h"
 
+#include "qsr_conv_tc.cu"  // one specialisation per binary: -DQSR_C=... (see kernel_harness.shim_exe_path)
+#include "qsr_engine_ops.cu"
 #include "qsr_packed_gemm.cu"
 #include "qsr_quant_act.cu"
 
@@ -44,11 +47,14 @@ Entry entry(const char* name, void (*fn)(A...)) {
 }
 
 #define QSR_ENTRY(k) entry(#k, k)
+#define QSR_STR2(x) #x
+#define QSR_STR(x) QSR_STR2(x)
 const std::vector<Entry>& table() {
   static const std::vector<Entry> t = {
       QSR_ENTRY(qsr_quantize_act),    QSR_ENTRY(qsr_conv_mma_w4_s8),  QSR_ENTRY(qsr_conv_mma_w4_u8),
       QSR_ENTRY(qsr_conv_mma_w2_s8),  QSR_ENTRY(qsr_conv_mma_w2_u8),  QSR_ENTRY(qsr_conv_dp4a_w4_s8),
       QSR_ENTRY(qsr_conv_dp4a_w4_u8), QSR_ENTRY(qsr_conv_dp4a_w2_s8), QSR_ENTRY(qsr_conv_dp4a_w2_u8),
+      entry(QSR_STR(QSR_CONV_NAME), QSR_CONV_NAME),       QSR_ENTRY(qsr_quant_nhwc_f16),  QSR_ENTRY(qsr_channel_stats_f16),
   };
   return t;
 }
@@ -90,6 +96,7 @@ int main(int argc, char** argv) {
   dim3 grid, block;
   grid.x = r.get<unsigned>(), grid.y = r.get<unsigned>(), grid.z = r.get<unsigned>();
   block.x = r.get<unsigned>(), block.y = r.get<unsigned>(), block.z = r.get<unsigned>();
+  const unsigned smem = r.get<unsigned>();
   const unsigned nargs = r.get<unsigned>();
 
   struct Arg {
@@ -127,7 +134,7 @@ int main(int argc, char** argv) {
   std::vector<void*> ptrs(nargs);
   for (unsigned k = 0; k < nargs; ++k)
     ptrs[k] = args[k].tag == 'P' ? (void*)&args[k].ptr : args[k].tag == 'i' ? (void*)&args[k].i : (void*)&args[k].f;
-  qsr_shim::launch(grid, block, [&] { e->call(ptrs.data()); });
+  qsr_shim::launch(grid, block, [&] { e->call(ptrs.data()); }, smem);
 
   FILE* out = fopen(argv[2], "wb");
   if (!out) die(std::string("cannot open ") + argv[2]);
