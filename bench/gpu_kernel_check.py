@@ -7,9 +7,9 @@ Steps (each prints one line per check and adds an entry to the JSON written with
 * ``kernels``  NVRTC compile + load of every kernel entry (seconds each); exactness at real layer sizes
                (IMDN and 64-channel shapes, odd spatial sizes for edge tiles, W2/W4, signed/unsigned codes)
                against a float64 reference built from the documented layout; mma vs dp4a bit agreement;
-               kernel-only time of each layer next to cuDNN fp16 channels-last and fp32 (TF32 off);
-               host cost per packed layer (wall time per call, eager) and CUDA-graph replay of the same
-               calls; the int8 ``mma.sync`` and fp16 ``mma.sync`` issue ceilings of this GPU (micro-kernel).
+               kernel-only time of the engine's qsr_conv_tc (every tile shape the tuner tries) and its
+               quantize kernel per real layer shape next to cuDNN fp16 channels-last and TF32; the int8 and
+               fp16 ``mma.sync`` issue ceilings of this GPU (micro-kernel).
 
 Example::
 
@@ -233,119 +233,58 @@ def _kernel_time(fn: Any, k: int = 20) -> tuple[float, str]:
 
 
 def _timing_rows(sizes: list[tuple[int, int, int]]) -> list[dict[str, Any]]:
-    """Kernel-only time per layer shape: packed GEMM (codes in, float out), quantize, cuDNN fp16/fp32."""
+    """Kernel-only time per layer shape: the engine's qsr_conv_tc (every tuning candidate; codes in, binary16
+    out), its binary16 quantize kernel, and cuDNN fp16 channels-last (+ fp32/TF32 for reference)."""
     import torch
     import torch.nn.functional as F
 
-    from kernel_harness import Case, make_data, packed_module
-    from quantsr_cli.backends import cupy_backend as cb
-    from quantsr_cli.backends import cupy_plan as plan
+    from quantsr_cli.backends import engine_plan as ep
+    from quantsr_cli.backends.engine_layers import ActParams, TcLayer
+    from quantsr_cli.backends.engine_runtime import candidates, launch, max_ctas
 
     shapes = [("conv3x3_64_64", 64, 64, 3), ("conv3x3_48_64", 48, 64, 3), ("conv3x3_48_16", 48, 16, 3),
               ("conv1x1_64_64", 64, 64, 1), ("conv1x1_384_64", 384, 64, 1)]
     rows = []
-    with torch.inference_mode():
-        for n, h, w in sizes:
-            for name, c, o, k in shapes:
-                for bits in (4, 2):
-                    case = Case(f"t_{name}_w{bits}", "conv", 1, c, 8, 8, o, k, bits, bits, False,
-                                7.5 if bits == 4 else 1.5)
-                    module = packed_module(case, make_data(case)).cuda()
-                    cb.prepare(module)
-                    x = torch.randn(n, c, h, w, device="cuda")
-                    geom = plan.conv_geometry(n, h, w, c, o, k, k // 2)
-                    codes = cb.quantize_codes(x, tuple(x.stride()), (n, c, h, w), 0.1, 0, (1 << bits) - 1, None)
-                    t_gemm, how = _kernel_time(lambda: cb.run_packed(module, codes, geom))
-                    xcl = x.contiguous(memory_format=torch.channels_last)
-                    t_quant, _ = _kernel_time(lambda: cb.quantize_codes(xcl, tuple(xcl.stride()), (n, c, h, w), 0.1,
-                                                                        0, (1 << bits) - 1, None))
-                    macs = n * h * w * c * o * k * k
-                    row = {"shape": name, "n": n, "h": h, "w": w, "bits": bits, "gmac": macs / 1e9, "timed": how,
-                           "packed_gemm_us": t_gemm * 1e6, "quantize_cl_us": t_quant * 1e6,
-                           "packed_gemm_int8_peak_pct": 100 * macs / t_gemm / 989.5e12}
-                    if bits == 4:
-                        wt = torch.randn(o, c, k, k, device="cuda")
-                        x16 = xcl.half()
-                        w16 = wt.half().contiguous(memory_format=torch.channels_last)
-                        torch.backends.cudnn.allow_tf32 = False
-                        row["cudnn_fp32_us"] = _kernel_time(lambda: F.conv2d(x, wt, padding=k // 2))[0] * 1e6
-                        torch.backends.cudnn.allow_tf32 = True
-                        row["cudnn_tf32_us"] = _kernel_time(lambda: F.conv2d(x, wt, padding=k // 2))[0] * 1e6
-                        torch.backends.cudnn.allow_tf32 = False
-                        row["cudnn_fp16_cl_us"] = _kernel_time(lambda: F.conv2d(x16, w16, padding=k // 2))[0] * 1e6
-                        row["cudnn_fp16_peak_pct"] = 100 * macs / (row["cudnn_fp16_cl_us"] / 1e6) / 494.7e12
-                    rows.append(row)
-                    extra = (f" | cudnn fp16 {row['cudnn_fp16_cl_us']:.1f} tf32 {row['cudnn_tf32_us']:.1f} "
-                             f"fp32 {row['cudnn_fp32_us']:.1f} us" if bits == 4 else "")
-                    log(f"time {name} {n}x{h}x{w} W{bits}A{bits} ({how}): gemm {row['packed_gemm_us']:.1f} us "
-                        f"({row['packed_gemm_int8_peak_pct']:.1f}% int8 peak), quantize {row['quantize_cl_us']:.1f} us"
-                        f"{extra}")
-            torch.cuda.empty_cache()
+    for n, h, w in sizes:
+        for name, c, o, k in shapes:
+            dev = torch.device("cuda")
+            layer = TcLayer(c, o, k, torch.randint(-15, 16, (o, k * k * c), dtype=torch.int8, device=dev),
+                            torch.full((o,), 0.01, device=dev), torch.zeros(o, device=dev),
+                            ActParams(0.1, 0, 15, None))
+            m = n * h * w
+            codes = torch.randint(0, 16, (m, c), dtype=torch.uint8, device=dev)
+            y = torch.empty((m, o), dtype=torch.float16, device=dev)
+            epi = ep.Epilogue(layer.scale, layer.bias, yf=y, yf_ld=o, yf_c1=o)
+            macs = m * c * o * k * k
+            row: dict[str, Any] = {"shape": name, "n": n, "h": h, "w": w, "gmac": macs / 1e9, "tc": {}}
+            for spec in candidates(layer, False):
+                lp = ep.plan_conv_tc(spec, codes, layer.wq, epi, n=n, h=h, w=w, o=o, max_ctas=max_ctas(spec, dev))
+                t, how = _kernel_time(lambda lp=lp: launch(lp, dev))
+                row["tc"][f"w{spec.warps}m{spec.wm}"] = {"us": t * 1e6, "int8_peak_pct": 100 * macs / t / 989.5e12,
+                                                         "ctas": lp.grid[0], "timed": how}
+            best = min(row["tc"].items(), key=lambda kv: kv[1]["us"])
+            x16 = torch.randn(n, c, h, w, device=dev).half().contiguous(memory_format=torch.channels_last)
+            w16 = torch.randn(o, c, k, k, device=dev).half().contiguous(memory_format=torch.channels_last)
+            row["cudnn_fp16_cl_us"] = _kernel_time(lambda: F.conv2d(x16, w16, padding=k // 2))[0] * 1e6
+            row["cudnn_fp16_peak_pct"] = 100 * macs / (row["cudnn_fp16_cl_us"] / 1e6) / 494.7e12
+            x32, w32 = x16.float(), w16.float()
+            torch.backends.cudnn.allow_tf32 = True
+            row["cudnn_tf32_cl_us"] = _kernel_time(lambda: F.conv2d(x32, w32, padding=k // 2))[0] * 1e6
+            torch.backends.cudnn.allow_tf32 = False
+            x_nhwc = x16.permute(0, 2, 3, 1).reshape(m, c)
+            qout = torch.empty((m, c), dtype=torch.uint8, device=dev)
+            qlp = ep.plan_quant_nhwc(x_nhwc, qout, m=m, hw=h * w, c=c, x_ld=c, x_off=0, step=0.1, qmin=0, qmax=15)
+            row["quant_f16_us"] = _kernel_time(lambda: launch(qlp, dev))[0] * 1e6
+            row["best_tc"] = best[0]
+            row["tc_vs_cudnn_fp16"] = row["cudnn_fp16_cl_us"] / best[1]["us"]
+            rows.append(row)
+            cands = " ".join(f"{k2}={v['us']:.1f}" for k2, v in row["tc"].items())
+            log(f"time {name} {n}x{h}x{w}: tc best {best[0]} {best[1]['us']:.1f} us "
+                f"({best[1]['int8_peak_pct']:.0f}% int8 peak) [{cands}] | cudnn fp16 {row['cudnn_fp16_cl_us']:.1f} us "
+                f"({row['cudnn_fp16_peak_pct']:.0f}% fp16 peak), tf32 {row['cudnn_tf32_cl_us']:.1f} | "
+                f"x{row['tc_vs_cudnn_fp16']:.2f} vs fp16 | quantize f16 {row['quant_f16_us']:.1f} us")
+        torch.cuda.empty_cache()
     return rows
-
-
-def _host_cost() -> dict[str, Any]:
-    """Wall time per eager packed-layer call on a tiny input (host-bound) and CUDA-graph replay of 16 calls."""
-    import torch
-
-    from kernel_harness import Case, make_data, packed_module
-    from quantsr_cli.backends import cupy_backend as cb
-
-    case = Case("host_64_64_3x3", "conv", 1, 64, 16, 16, 64, 3, 4, 4, False, 7.5)
-    d = make_data(case)
-    layers = [packed_module(case, d).cuda() for _ in range(16)]
-    for m in layers:
-        m.impl = cb.prepare(m)
-    x = torch.randn(1, 64, 16, 16, device="cuda")
-
-    def chain() -> torch.Tensor:
-        h = x
-        for m in layers:
-            h = m(h)
-        return h
-
-    with torch.inference_mode():
-        ref = chain()
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        for _ in range(20):
-            chain()
-        torch.cuda.synchronize()
-        wall = (time.perf_counter() - t0) / (20 * len(layers))
-        gpu = _events_time(chain, 10) / len(layers)
-    out: dict[str, Any] = {"layer_wall_us_per_call": wall * 1e6, "layer_gpu_us_per_call_eager": gpu * 1e6}
-    import cProfile
-    import io
-    import pstats
-
-    prof = cProfile.Profile()
-    with torch.inference_mode():
-        prof.enable()
-        for _ in range(5):
-            chain()
-        prof.disable()
-    text = io.StringIO()
-    pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(14)
-    log("host profile (80 layer calls, sorted by own time):\n" + text.getvalue()[-3500:])
-    try:
-        s = torch.cuda.Stream()
-        s.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(s), torch.inference_mode():
-            for _ in range(2):
-                chain()
-        torch.cuda.current_stream().wait_stream(s)
-        graph = torch.cuda.CUDAGraph()
-        with torch.inference_mode(), torch.cuda.graph(graph):
-            static = chain()
-        graph.replay()
-        torch.cuda.synchronize()
-        out["graph_capture"] = "ok"
-        out["graph_matches_eager"] = bool(torch.equal(static, ref))
-        out["layer_graph_replay_us"] = _events_time(graph.replay, 20) / len(layers) * 1e6
-    except Exception as exc:  # noqa: BLE001
-        out["graph_capture"] = f"failed: {type(exc).__name__}: {str(exc)[:300]}"
-    log("host " + json.dumps(out))
-    return out
 
 
 _PEAK_SRC = r"""
@@ -437,8 +376,7 @@ def step_kernels() -> int:
     import os
 
     os.environ.pop("QUANTSR_CUPY_KERNEL", None)
-    for name, fn in (("mma_peak", _mma_peak), ("host", _host_cost),
-                     ("timing", lambda: _timing_rows([(1, 256, 256), (1, 768, 1024)]))):
+    for name, fn in (("mma_peak", _mma_peak), ("timing", lambda: _timing_rows([(1, 256, 256), (1, 768, 1024)]))):
         try:
             record(name, fn())
         except Exception as exc:  # noqa: BLE001

@@ -7,14 +7,14 @@
 # must already hold torch (CUDA), cupy, numpy, safetensors, pytest, opencv, pyyaml. Steps, each in its own
 # process under a time cap, inside a global budget ($BUDGET seconds, default 420):
 #   1 env        versions, device, driver; stops here (rc 0, summary says why) when the cupy backend cannot run
-#   2 kernels    NVRTC compile+load of every entry, exactness at real layer sizes vs float64 (mma and dp4a,
-#                bit agreement), kernel-only timings beside cuDNN fp16/fp32, host cost per layer, CUDA-graph
-#                capture, mma.sync issue ceilings                      -> kernel_check.txt, kernel_check.json
-#   3 pytest     the GPU tests (marker gpu), TF32 off in the reference  -> pytest_gpu.txt
-#   4 bench      bench/gpu_inference.py (interleaved timings, fp16+graph baseline, Set5/Set14 PSNR on cupy
-#                and torch when $QUANTSR_DATA/benchmarks or .gpudata/benchmarks exists)
-#                                                                       -> bench.txt, gpu_inference.json
-#   5 sanitizer  compute-sanitizer memcheck on two GPU tests (skipped when absent or out of time)
+#   2 kernels    NVRTC compile+load of the per-layer kernels, their exactness at real layer sizes vs float64
+#                (mma and dp4a, bit agreement), mma.sync issue ceilings, kernel-only timings of the engine's
+#                qsr_conv_tc (every tuning candidate) beside cuDNN fp16/TF32  -> kernel_check.txt/.json
+#   3 bench      bench/gpu_inference.py (interleaved timings, fp16+graph baseline, engine in both precisions,
+#                Set5/Set14 PSNR on cupy and torch when $QUANTSR_DATA/benchmarks or .gpudata/benchmarks
+#                exists, kernel profile)                                -> bench.txt, gpu_inference.json
+#   4 pytest     the GPU tests (marker gpu), TF32 off in the references  -> pytest_gpu.txt
+#   5 sanitizer  compute-sanitizer memcheck on one engine GPU test (skipped when absent or out of time)
 #                                                                       -> sanitizer.txt
 # BENCH_ARGS adds options to the benchmark (e.g. "--repeat 10").
 # summary.txt has one line per step (rc, seconds) and the benchmark's headline: 8 files in all.
@@ -59,21 +59,22 @@ if [ "$rc" -ne 0 ]; then
   exit 0
 fi
 
-step kernels 200 "$OUT/kernel_check.txt" "$PY" bench/gpu_kernel_check.py kernels --json "$OUT/kernel_check.json"
-
-TIMEOUT_OPT=""
-"$PY" -c "import pytest_timeout" 2>/dev/null && TIMEOUT_OPT="--timeout=120"
-step pytest 150 "$OUT/pytest_gpu.txt" "$PY" -m pytest -m gpu -q -p no:cacheprovider $TIMEOUT_OPT \
-  tests/test_kernels.py tests/test_backends.py
+step kernels 100 "$OUT/kernel_check.txt" "$PY" bench/gpu_kernel_check.py kernels --json "$OUT/kernel_check.json"
 
 PSNR_OPT=""
 [ -n "${QUANTSR_DATA:-}" ] && [ -d "$QUANTSR_DATA/benchmarks" ] && PSNR_OPT="--psnr"
-step bench 300 "$OUT/bench.txt" "$PY" bench/gpu_inference.py $PSNR_OPT ${BENCH_ARGS:-} --json "$OUT/gpu_inference.json"
+step bench 220 "$OUT/bench.txt" "$PY" bench/gpu_inference.py $PSNR_OPT --profile ${BENCH_ARGS:-} \
+  --json "$OUT/gpu_inference.json"
 grep -h "^speedup_vs_fp16" "$OUT/bench.txt" >>"$SUMMARY" 2>/dev/null
 
+TIMEOUT_OPT=""
+"$PY" -c "import pytest_timeout" 2>/dev/null && TIMEOUT_OPT="--timeout=120"
+step pytest 90 "$OUT/pytest_gpu.txt" "$PY" -m pytest -m gpu -q -p no:cacheprovider $TIMEOUT_OPT \
+  tests/test_kernels.py tests/test_backends.py tests/test_engine_gpu.py
+
 if command -v compute-sanitizer >/dev/null 2>&1; then
-  step sanitizer 60 "$OUT/sanitizer.txt" compute-sanitizer --tool memcheck --error-exitcode 9 \
-    "$PY" -m pytest -m gpu -q -p no:cacheprovider tests/test_kernels.py -k "c64_o64_3x3_w4a4u_fused or c48_o70"
+  step sanitizer 45 "$OUT/sanitizer.txt" compute-sanitizer --tool memcheck --error-exitcode 9 \
+    "$PY" -m pytest -m gpu -q -p no:cacheprovider tests/test_engine_gpu.py -k "real_sizes and full and wm4w4"
 else
   echo "sanitizer: compute-sanitizer not found" | tee -a "$SUMMARY"
 fi

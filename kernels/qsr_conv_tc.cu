@@ -6,7 +6,7 @@
 //   QSR_OT     output channels per CTA (multiple of 16, <= 64); grid.y = ceil(O / QSR_OT) slices
 //   QSR_WARPS  warps per CTA (1..8)                     QSR_WM     m16 fragments per warp (1..4)
 //   QSR_A_SIGNED  activation codes int8 (1) or uint8 (0)
-//   QSR_YF32   1: the float output is float32 (else binary16)
+//   QSR_YF32   1: the float output and the residual are float32 (else binary16)
 //
 // GEMM: D[m, o] = sum_k A[m, k] W[o, k], m = output pixel (n, y, x), k = tap * C + c (OHWI rows),
 // A = activation codes (dense NHWC bytes, code 0 = the zero padding), W = int8 weights 2u - 2zero prepared on
@@ -27,7 +27,7 @@
 //
 // Epilogue, per output (m, o), with v = acc * scale[o] + bias[o]:
 //   act 1: v = max(v, 0); act 2: v = v >= 0 ? v : v * slope          (LeakyReLU)
-//   HAS_RES: v += res_coef * res[m * res_ld + res_off + o]            (binary16 residual)
+//   HAS_RES: v += res_coef * res[m * res_ld + res_off + o]            (residual of the float output's type)
 //   OUT_F:   yf[m * yf_ld + yf_off + (o - yf_c0)] = v               for yf_c0 <= o < yf_c1
 //   OUT_Q1:  q1[m * q1_ld + q1_off + (o - q1_c0)] = clamp(rint((v + shift1[o - q1_c0]) * q1_inv), q1_qmin, q1_qmax)
 //            for q1_c0 <= o < q1_c1 (the next layer's activation codes); OUT_Q2 likewise (a second consumer).
@@ -120,7 +120,7 @@ struct QsrTcEpi {  // the float part of the epilogue
 
 // One output pixel m, channels o, o+1 (local index ol in the CTA's slice) from the int32 accumulators.
 __device__ __forceinline__ void qsr_tc_epilogue(long long m, int o, int ol, int a0, int a1, const float* sp,
-                                                const QsrTcEpi& ep, const qsr_f16* res, qsr_tc_out* yf,
+                                                const QsrTcEpi& ep, const qsr_tc_out* res, qsr_tc_out* yf,
                                                 const QsrTcOut& out1, const QsrTcOut& out2) {
   float v0 = (float)a0 * sp[ol] + sp[QSR_OT + ol];
   float v1 = (float)a1 * sp[ol + 1] + sp[QSR_OT + ol + 1];
@@ -132,9 +132,15 @@ __device__ __forceinline__ void qsr_tc_epilogue(long long m, int o, int ol, int 
     v1 = v1 >= 0.0f ? v1 : v1 * ep.slope;
   }
   if (ep.flags & QSR_TC_HAS_RES) {
-    const qsr_u32 r = *reinterpret_cast<const qsr_u32*>(res + m * ep.res_ld + ep.res_off + o);
-    v0 += ep.res_coef * qsr_h2f((qsr_f16)(r & 0xFFFFu));
-    v1 += ep.res_coef * qsr_h2f((qsr_f16)(r >> 16));
+    const qsr_tc_out* r = res + m * ep.res_ld + ep.res_off + o;
+#if QSR_YF32
+    v0 += ep.res_coef * r[0];
+    v1 += ep.res_coef * r[1];
+#else
+    const qsr_u32 rr = *reinterpret_cast<const qsr_u32*>(r);
+    v0 += ep.res_coef * qsr_h2f((qsr_f16)(rr & 0xFFFFu));
+    v1 += ep.res_coef * qsr_h2f((qsr_f16)(rr >> 16));
+#endif
   }
   if ((ep.flags & QSR_TC_OUT_F) && o >= ep.yf_c0 && o < ep.yf_c1) {
     qsr_tc_out* dst = yf + m * ep.yf_ld + ep.yf_off + (o - ep.yf_c0);
@@ -191,7 +197,7 @@ __device__ __forceinline__ int qsr_tc_a_row(int warp, int lane, int mi, int ky, 
 
 extern "C" __global__ void __launch_bounds__(QSR_TC_THREADS) QSR_CONV_NAME(
     const qsr_u8* __restrict__ x, const qsr_u8* __restrict__ wq, const float* __restrict__ scale,
-    const float* __restrict__ bias, const qsr_f16* __restrict__ res, qsr_tc_out* __restrict__ yf,
+    const float* __restrict__ bias, const qsr_tc_out* __restrict__ res, qsr_tc_out* __restrict__ yf,
     qsr_u8* __restrict__ q1, const float* __restrict__ shift1, qsr_u8* __restrict__ q2,
     const float* __restrict__ shift2, int N, int H, int W, int O, int flags, int act, float slope, float res_coef,
     int res_ld, int res_off, int yf_ld, int yf_off, int yf_c0, int yf_c1, int q1_ld, int q1_off, int q1_c0,

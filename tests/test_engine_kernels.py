@@ -35,6 +35,7 @@ CONV_CASES = [
     (ep.TcSpec(64, 3, 64, 2, False, wm=4), 2, 11, 21, 64, "full"),
     (ep.TcSpec(48, 3, 64, 1, True, wm=3), 1, 9, 17, 64, "imdn_split"),
     (ep.TcSpec(64, 1, 32, 2, True, wm=4), 1, 7, 19, 64, "two_codes"),
+    (ep.TcSpec(64, 3, 64, 2, True, yf32=True, wm=3), 1, 13, 18, 64, "full"),
 ]
 
 
@@ -54,8 +55,9 @@ def make_conv_case(spec: ep.TcSpec, n: int, h: int, w: int, o: int, kind: str, s
     if kind in ("full", "imdn_split", "two_codes"):
         d["bias"] = bias
     if kind == "full":
-        res = rng.normal(0, 1, (n * h * w, o + 6)).astype(np.float16)  # ld o + 6, offset 2
-        yf = np.zeros((n * h * w, 40), np.float16)
+        ftype = np.float32 if spec.yf32 else np.float16
+        res = rng.normal(0, 1, (n * h * w, o + 6)).astype(ftype)  # ld o + 6, offset 2
+        yf = np.zeros((n * h * w, 40), ftype)
         q1 = np.zeros((n * h * w, 48), np.uint8)
         sh1 = _f32(rng.normal(0, 0.05, 48))
         epi = ep.Epilogue(scale, bias, act=ep.ACT_LEAKY, slope=0.05, res=res, res_ld=o + 6, res_off=2, res_coef=0.75,
@@ -182,24 +184,25 @@ def test_flags_match_kernel_source() -> None:
     assert int(ops["HAS_SHIFT"]) == ep.OPS_HAS_SHIFT and int(ops["HAS_MUL"]) == ep.OPS_HAS_MUL
 
 
-def test_quant_nhwc_and_channel_stats(tmp_path: Path) -> None:
+@pytest.mark.parametrize("dtype", ["f16", "f32"])
+def test_quant_nhwc_and_channel_stats(tmp_path: Path, dtype: str) -> None:
     exe = shim_exe_path()
     rng = np.random.default_rng(5)
     n, hw, c, ld, off = 2, 37, 24, 40, 8
-    x = rng.normal(0, 2, (n * hw, ld)).astype(np.float16)
+    x = rng.normal(0, 2, (n * hw, ld)).astype(np.float16 if dtype == "f16" else np.float32)
     x[3, off] = np.float16(0.25)  # exact tie after scaling by step 0.5: round half to even
     mul = _f32(rng.uniform(0.5, 1.5, (n, c)))
     shift = _f32(rng.normal(0, 0.1, c))
     codes = np.zeros((n * hw, c), np.uint8)
     lp = ep.plan_quant_nhwc(x, codes, m=n * hw, hw=hw, c=c, x_ld=ld, x_off=off, step=0.5, qmin=-8, qmax=7,
-                            shift=shift, mul=mul)
+                            shift=shift, mul=mul, dtype=dtype)
     got = shim_run(exe, lp, tmp_path)[1].view(np.int8).astype(np.int64)
     xs = x[:, off:off + c].astype(np.float32) * np.repeat(mul, hw, axis=0)
     want = np.clip(np.rint((xs + shift[None, :]) / np.float32(0.5)), -8, 7).astype(np.int64)
     np.testing.assert_array_equal(got, want)
     chunks, _ = ep.stats_chunks(hw, 16)
     part = np.zeros((n, chunks, 2, c), np.float32)
-    lp = ep.plan_channel_stats(x, part, n=n, hw=hw, c=c, x_ld=ld, x_off=off, chunk=16)
+    lp = ep.plan_channel_stats(x, part, n=n, hw=hw, c=c, x_ld=ld, x_off=off, dtype=dtype, chunk=16)
     first = shim_run(exe, lp, tmp_path)[1].copy()
     out = first.astype(np.float64).sum(axis=1)
     xv = x[:, off:off + c].astype(np.float64).reshape(n, hw, c)

@@ -203,8 +203,21 @@ def prepare(module: Any) -> Callable[[Any, torch.Tensor], torch.Tensor]:
 
 
 def prepare_model(model: Any) -> None:
-    """Fail early, before any layer is touched, when CUDA or cupy is missing."""
+    """Fail early, before any layer is touched, when CUDA or cupy is missing; then install the engine as
+    the model's forward (fused plan or layer by layer, CUDA graph per input shape; see
+    :mod:`engine_runtime`). Float precision: ``$QUANTSR_ENGINE_PRECISION`` (mixed, the default; fp16; fp32)."""
     check_available()
+    from quantsr_cli.backends import engine_runtime
+
+    engine_runtime.uninstall(model)
+    engine_runtime.install(model, os.environ.get("QUANTSR_ENGINE_PRECISION", "mixed").strip().lower() or "mixed")
+
+
+def release_model(model: Any) -> None:
+    """Give the model its own forward back."""
+    from quantsr_cli.backends import engine_runtime
+
+    engine_runtime.uninstall(model)
 
 
 def unavailable_reason() -> str | None:
@@ -261,45 +274,12 @@ def _function(file: str, kernel: str, device_index: int) -> Any:
             raise BackendUnavailableError(f"cannot compile/load CUDA kernel {kernel} from {file}: {head}") from exc
 
 
-@functools.lru_cache(maxsize=None)
-def _placeholder(device_index: int) -> torch.Tensor:
-    return torch.zeros(4, dtype=torch.float32, device=torch.device("cuda", device_index))
-
-
-def _cupy_stream(cp: Any, stream: torch.cuda.Stream, index: int) -> Any:
-    """CuPy view of torch's stream (``Stream.from_external`` on CuPy >= 14, else ``ExternalStream``)."""
-    key = (index, int(stream.cuda_stream))
-    hit = _STREAMS.get(key)
-    if hit is None:
-        from_external = getattr(cp.cuda.Stream, "from_external", None)
-        if from_external is not None and hasattr(stream, "__cuda_stream__"):
-            hit = from_external(stream)
-        else:
-            hit = cp.cuda.ExternalStream(stream.cuda_stream, index)
-        _STREAMS[key] = hit
-    return hit
-
-
-_STREAMS: dict[tuple[int, int], Any] = {}
-
-
 def launch(launch_plan: plan.Launch, device: torch.device) -> None:
-    """Run a :class:`cupy_plan.Launch` whose buffers are CUDA torch tensors, on torch's current stream."""
-    cp = _cupy()
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    file = KERNEL_FILES[0] if launch_plan.kernel == "qsr_quantize_act" else KERNEL_FILES[1]
-    fn = _function(file, launch_plan.kernel, index)
-    with cp.cuda.Device(index), _cupy_stream(cp, torch.cuda.current_stream(device), index):
-        args = []
-        for kind, value in launch_plan.args:
-            if kind == "P":
-                t = _placeholder(index) if value is None else value
-                args.append(cp.from_dlpack(t.detach()))
-            elif kind == "i":
-                args.append(np.int32(value))
-            else:
-                args.append(np.float32(value))
-        fn(launch_plan.grid, launch_plan.block, tuple(args))
+    """Run a :class:`cupy_plan.Launch` whose buffers are CUDA torch tensors, on torch's current stream
+    (:func:`engine_runtime.launch`; tests substitute this name to run the same code in the CPU shim)."""
+    from quantsr_cli.backends import engine_runtime
+
+    engine_runtime.launch(launch_plan, device)
 
 
 def quantize_codes(x: torch.Tensor, strides: tuple[int, int, int, int], dims: tuple[int, int, int, int],
@@ -346,13 +326,47 @@ def run_packed(module: Any, codes: torch.Tensor, geom: plan.GemmGeometry, *, rel
 
 
 def impl(module: Any, x: torch.Tensor) -> torch.Tensor:
-    """Forward of a packed layer on the GPU kernels (``module.impl`` under ``--backend cupy``)."""
+    """Forward of a packed layer on the GPU kernels (``module.impl`` under ``--backend cupy``): the engine's
+    tensor-core kernel where it applies (sm_80+, 1x1/3x3, channels multiples of 16), else the per-layer
+    kernels, else the torch reference."""
     st = _state(module)
     if st.unsupported:
         return module.reference(x)
     if not x.is_cuda:
         raise BackendUnavailableError(f"cupy backend got an input on {x.device}; move model and input to CUDA")
+    if engine_layer_supported(module, x.device):
+        return engine_forward(module, x)
     return forward(module, x)
+
+
+def engine_layer_supported(module: Any, device: torch.device) -> bool:
+    """True when ``qsr_conv_tc`` runs this layer on ``device`` (tensor cores: sm_80+, not forced to dp4a)."""
+    from quantsr_cli.backends.engine_layers import tc_unsupported
+
+    return kernel_path(device) == "mma" and tc_unsupported(module) is None
+
+
+_LAYER_OPS: list[Any] = []
+
+
+def _layer_ops() -> Any:
+    """The engine ops of the layer-by-layer path (launches through this module's :func:`launch`)."""
+    if not _LAYER_OPS:
+        from quantsr_cli.backends import engine_runtime
+        from quantsr_cli.backends.engine_layers import EngineOps
+
+        _LAYER_OPS.append(EngineOps(lambda lp, dev: launch(lp, dev), engine_runtime.max_ctas, engine_runtime.Tuner()))
+    return _LAYER_OPS[0]
+
+
+def engine_forward(module: Any, x: torch.Tensor, ops: Any = None) -> torch.Tensor:
+    """One packed layer through the engine kernel (float32 output), device-agnostic given ``ops``."""
+    from quantsr_cli.backends.engine_plans import tc_layer_forward
+
+    def quant_codes(t: torch.Tensor, strides: tuple[int, ...], dims: tuple[int, int, int, int], act: Any) -> torch.Tensor:
+        return quantize_codes(t, strides, dims, act.step, act.qmin, act.qmax, act.shift)  # type: ignore[arg-type]
+
+    return tc_layer_forward(ops or _layer_ops(), quant_codes, module, x)
 
 
 def forward(module: Any, x: torch.Tensor) -> torch.Tensor:

@@ -8,7 +8,7 @@ compiled with g++. Nothing here touches a GPU.
   channels per CTA, warps, signedness of the input codes, float32 or binary16 float output).
 * :func:`plan_conv_tc`: a packed conv as a persistent tensor-core implicit GEMM with the fused epilogue
   ``v = act(acc * scale + bias) + res_coef * res`` written as floats and/or up to two consumers' codes.
-* :func:`plan_quant_nhwc`, :func:`plan_channel_stats`: binary16 NHWC -> codes; per-image channel sums.
+* :func:`plan_quant_nhwc`, :func:`plan_channel_stats`: channels-last float -> codes; per-image channel sums.
 """
 
 from __future__ import annotations
@@ -190,11 +190,19 @@ def plan_conv_tc(spec: TcSpec, x_codes: Any, wq: Any, epi: Epilogue, *, n: int, 
     return Launch(spec.name, grid, (spec.threads, 1, 1), args, smem=spec.smem_bytes(), defines=spec.defines)
 
 
+def _dtype_suffix(dtype: str) -> str:
+    if dtype not in ("f16", "f32"):
+        raise ValueError(f"dtype {dtype!r}: f16 or f32")
+    return dtype
+
+
 def plan_quant_nhwc(x: Any, codes: Any, *, m: int, hw: int, c: int, x_ld: int, x_off: int, step: float, qmin: int,
-                    qmax: int, shift: Any | None = None, mul: Any | None = None, max_blocks: int = 4096) -> Launch:
-    """Codes ``(m, c)`` of the binary16 NHWC tensor ``x`` (pixel stride ``x_ld``, channel offset ``x_off``),
-    ``mul`` float32 ``(m // hw, c)``. ``c``, ``x_ld``, ``x_off`` multiples of 8."""
-    if c % 8 or x_ld % 8 or x_off % 8 or min(m, hw, c) < 1 or m % hw:
+                    qmax: int, shift: Any | None = None, mul: Any | None = None, dtype: str = "f16",
+                    max_blocks: int = 4096) -> Launch:
+    """Codes ``(m, c)`` of the channels-last tensor ``x`` (``dtype`` f16 or f32; pixel stride ``x_ld``, channel
+    offset ``x_off``): ``clamp(rint((x * mul[n, c] + shift[c]) / step), qmin, qmax)``, the training quantizer's
+    float32 operations; ``mul`` float32 ``(m // hw, c)``. ``c`` a multiple of 8."""
+    if c % 8 or min(m, hw, c) < 1 or m % hw or x_off < 0 or x_ld < x_off + c:
         raise ValueError(f"bad quantize geometry m={m} hw={hw} c={c} ld={x_ld} off={x_off}")
     if m * max(c, x_ld) > _INT32_MAX:
         raise ValueError("tensor too large; split the batch")
@@ -202,7 +210,7 @@ def plan_quant_nhwc(x: Any, codes: Any, *, m: int, hw: int, c: int, x_ld: int, x
     flags = (OPS_HAS_SHIFT if shift is not None else 0) | (OPS_HAS_MUL if mul is not None else 0)
     args = (("P", x), ("P", codes), ("P", shift), ("P", mul), ("i", m), ("i", hw), ("i", c), ("i", x_ld),
             ("i", x_off), ("f", float(step)), ("i", qmin), ("i", qmax), ("i", flags))
-    return Launch("qsr_quant_nhwc_f16", (blocks, 1, 1), (256, 1, 1), args)
+    return Launch(f"qsr_quant_nhwc_{_dtype_suffix(dtype)}", (blocks, 1, 1), (256, 1, 1), args)
 
 
 def stats_chunks(hw: int, chunk: int = 2048) -> tuple[int, int]:
@@ -210,12 +218,12 @@ def stats_chunks(hw: int, chunk: int = 2048) -> tuple[int, int]:
     return -(-hw // chunk), chunk
 
 
-def plan_channel_stats(x: Any, part: Any, *, n: int, hw: int, c: int, x_ld: int, x_off: int,
+def plan_channel_stats(x: Any, part: Any, *, n: int, hw: int, c: int, x_ld: int, x_off: int, dtype: str = "f16",
                        chunk: int = 2048) -> Launch:
-    """Per-image channel sums and sums of squares of the binary16 NHWC tensor ``x`` into ``part`` float32
-    ``(n, chunks, 2, c)`` (reduce over ``chunks`` on the host side, in float64)."""
-    if c % 2 or c > 512 or x_ld % 2 or x_off % 2 or min(n, hw, c) < 1:
+    """Per-image channel sums and sums of squares of the channels-last tensor ``x`` (``dtype`` f16 or f32) into
+    ``part`` float32 ``(n, chunks, 2, c)`` (reduce over ``chunks`` on the host side, in float64)."""
+    if c % 2 or c > 512 or min(n, hw, c) < 1 or x_off < 0 or x_ld < x_off + c:
         raise ValueError(f"bad stats geometry n={n} hw={hw} c={c}")
     chunks, chunk = stats_chunks(hw, chunk)
     args = (("P", x), ("P", part), ("i", hw), ("i", c), ("i", x_ld), ("i", x_off), ("i", chunk))
-    return Launch("qsr_channel_stats_f16", (chunks, n, 1), (256, 1, 1), args)
+    return Launch(f"qsr_channel_stats_{_dtype_suffix(dtype)}", (chunks, n, 1), (256, 1, 1), args)

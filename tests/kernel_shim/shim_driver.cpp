@@ -55,6 +55,7 @@ const std::vector<Entry>& table() {
       QSR_ENTRY(qsr_conv_mma_w2_s8),  QSR_ENTRY(qsr_conv_mma_w2_u8),  QSR_ENTRY(qsr_conv_dp4a_w4_s8),
       QSR_ENTRY(qsr_conv_dp4a_w4_u8), QSR_ENTRY(qsr_conv_dp4a_w2_s8), QSR_ENTRY(qsr_conv_dp4a_w2_u8),
       entry(QSR_STR(QSR_CONV_NAME), QSR_CONV_NAME),       QSR_ENTRY(qsr_quant_nhwc_f16),  QSR_ENTRY(qsr_channel_stats_f16),
+      QSR_ENTRY(qsr_quant_nhwc_f32),  QSR_ENTRY(qsr_channel_stats_f32),
   };
   return t;
 }
