@@ -209,3 +209,38 @@ def test_quant_nhwc_and_channel_stats(tmp_path: Path, dtype: str) -> None:
     np.testing.assert_allclose(out[:, 0], xv.sum(1), rtol=1e-5, atol=1e-4)
     np.testing.assert_allclose(out[:, 1], (xv ** 2).sum(1), rtol=1e-5, atol=1e-4)
     np.testing.assert_array_equal(shim_run(exe, lp, tmp_path)[1], first)  # deterministic partials
+
+
+@pytest.mark.parametrize("arch", ["sm_90", "sm_80"])
+def test_engine_kernels_compile_without_spills(arch: str, tmp_path: Path) -> None:
+    """nvcc + ptxas for the tuner's tile shapes: no spills, no stack frame (accumulators stay in registers),
+    and the hot loop uses ldmatrix, cp.async and the int8 mma (read in the PTX)."""
+    import re
+    import shutil
+    import subprocess
+
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        pytest.skip("nvcc not found: CUDA compile check skipped")
+    kernels = REPO / "kernels"
+    specs = [ep.TcSpec(64, 3, 64, 4, False, wm=4), ep.TcSpec(64, 3, 64, 8, True, wm=2),
+             ep.TcSpec(48, 3, 16, 4, False, wm=4), ep.TcSpec(384, 1, 64, 2, False, wm=2),
+             ep.TcSpec(64, 1, 64, 4, True, yf32=True, wm=4)]
+    for spec in specs:
+        cmd = [nvcc, f"-arch={arch}", "-std=c++17", "-cubin", "-Xptxas", "-v", f"-I{kernels}",
+               *(f"-D{d}" for d in spec.defines), "-o", str(tmp_path / "k.cubin"), str(kernels / "qsr_conv_tc.cu")]
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, r.stderr[-3000:]
+        assert re.search(r"0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads", r.stderr), (spec, r.stderr)
+    ptx = tmp_path / "k.ptx"
+    r = subprocess.run([nvcc, f"-arch={arch}", "-std=c++17", "-ptx", f"-I{kernels}", "-o", str(ptx),
+                        str(kernels / "qsr_conv_tc.cu")], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    text = ptx.read_text()
+    for needle in ("ldmatrix.sync.aligned.m8n8.x4.shared.b16", "cp.async.cg.shared.global",
+                   "mma.sync.aligned.m16n8k32.row.col.s32.u8.s8.s32", "cvt.rn.f16.f32"):
+        assert needle in text, needle
+    r = subprocess.run([nvcc, f"-arch={arch}", "-std=c++17", "-cubin", "-Xptxas", "-v", f"-I{kernels}", "-o",
+                        str(tmp_path / "o.cubin"), str(kernels / "qsr_engine_ops.cu")], capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0 and "spill stores" in r.stderr and " 0 bytes spill stores" in r.stderr, r.stderr

@@ -145,3 +145,27 @@ def test_prepared_layer_holds_the_folded_weights() -> None:
     with torch.no_grad():
         conv.w_scale.mul_(2)
     assert prepare_tc(conv, torch.device("cpu")) is not layer
+
+
+def test_runner_self_check_keeps_a_good_engine_and_drops_a_broken_one(tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    from quantsr_cli.backends import engine_runtime as er
+
+    monkeypatch.setattr(er, "_DISABLED", [])
+    model = packed("quantsr-c", {"upscale": 2, "num_block": 2, "num_feat": 16})
+    runner = er.EngineRunner(model, "mixed")
+    runner.ops = shim_ops(tmp_path)
+    runner._setup(torch.device("cpu"))
+    assert isinstance(runner.plan, ResNetPlan) and "self-check" in runner.note and er.engine_disabled() is None
+    broken = er.EngineRunner(model, "mixed")
+    broken.ops = EngineOps(lambda lp, dev: None, lambda spec, dev: 3, default_spec)  # kernels that do nothing
+    with pytest.warns(UserWarning, match="engine disabled"):
+        broken._setup(torch.device("cpu"))
+    assert broken.plan is None and "engine off: self-check" in broken.note
+    assert er.engine_disabled() is not None  # the whole process falls back to the per-layer kernels
+    again = er.EngineRunner(model, "mixed")
+    again._setup(torch.device("cpu"))
+    assert again.plan is None and "engine off" in again.note
+    monkeypatch.setattr(er, "_DISABLED", [])
+    monkeypatch.setenv("QUANTSR_ENGINE", "0")
+    assert er.engine_disabled() == "QUANTSR_ENGINE=0"

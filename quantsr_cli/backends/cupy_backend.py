@@ -342,8 +342,9 @@ def impl(module: Any, x: torch.Tensor) -> torch.Tensor:
 def engine_layer_supported(module: Any, device: torch.device) -> bool:
     """True when ``qsr_conv_tc`` runs this layer on ``device`` (tensor cores: sm_80+, not forced to dp4a)."""
     from quantsr_cli.backends.engine_layers import tc_unsupported
+    from quantsr_cli.backends.engine_runtime import engine_disabled
 
-    return kernel_path(device) == "mma" and tc_unsupported(module) is None
+    return kernel_path(device) == "mma" and engine_disabled() is None and tc_unsupported(module) is None
 
 
 _LAYER_OPS: list[Any] = []

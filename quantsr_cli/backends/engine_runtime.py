@@ -8,6 +8,11 @@ kernel tuning and whole-forward CUDA graphs. Imports cupy lazily (``backends`` i
 * :class:`EngineRunner` replaces a packed model's ``forward`` under ``--backend cupy``: a fused plan
   (:mod:`engine_plans`) when the architecture has one, else the model's own forward with every supported
   packed layer on ``qsr_conv_tc``; each input shape is captured once as a CUDA graph and replayed.
+
+Self-check: the first time a runner meets a device it runs one small input through the engine and through
+the torch reference; if the engine fails, or its output is not within ``SELF_CHECK_DB`` of the reference,
+the engine is switched off in this process (``engine_disabled()``) with a warning, and the model runs on the
+per-layer kernels instead. ``QUANTSR_ENGINE=0`` switches it off from the start.
 """
 
 from __future__ import annotations
@@ -15,8 +20,10 @@ from __future__ import annotations
 import contextlib
 import functools
 import importlib
+import math
 import os
 import statistics
+import warnings
 from collections import OrderedDict
 from collections.abc import Iterator
 from typing import Any
@@ -30,9 +37,13 @@ from quantsr_cli.backends import engine_plan as ep
 from quantsr_cli.backends.engine_layers import EngineOps, TcLayer, default_spec
 from quantsr_cli.backends.engine_plans import PRECISIONS, build_plan
 from quantsr_cli.errors import BackendUnavailableError
+from quantsr_cli.packing.modules import PackedModule, reference_forward
 
 ENGINE_FILES = (("qsr_conv_tc", "qsr_conv_tc.cu"), ("qsr_quant_nhwc_", "qsr_engine_ops.cu"),
                 ("qsr_channel_stats_", "qsr_engine_ops.cu"))
+SELF_CHECK_DB = 30.0
+"""Minimum PSNR (dB, output peak 1) of the engine against the torch reference on the self-check input."""
+_DISABLED: list[str] = []
 GRAPH_CACHE = 4
 """CUDA graphs kept per model (one per input shape, least recently used dropped first)."""
 
@@ -42,6 +53,13 @@ def _cupy() -> Any:
 
     cupy_backend._check_once()
     return importlib.import_module("cupy")
+
+
+def engine_disabled() -> str | None:
+    """Why the engine is off in this process (``QUANTSR_ENGINE=0`` or a failed self-check), else None."""
+    if os.environ.get("QUANTSR_ENGINE", "1").strip() == "0":
+        return "QUANTSR_ENGINE=0"
+    return _DISABLED[0] if _DISABLED else None
 
 
 def engine_file(kernel: str) -> str | None:
@@ -207,6 +225,19 @@ def _tf32_off(active: bool) -> Iterator[None]:
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
 
 
+@contextlib.contextmanager
+def reference_impls(model: nn.Module) -> Iterator[None]:
+    """Run ``model``'s packed layers on the torch reference inside the block."""
+    saved = [(m, m.impl) for m in model.modules() if isinstance(m, PackedModule)]
+    for m, _ in saved:
+        m.impl = reference_forward
+    try:
+        yield
+    finally:
+        for m, impl in saved:
+            m.impl = impl
+
+
 class _Graph:
     def __init__(self, graph: torch.cuda.CUDAGraph, x: torch.Tensor, y: torch.Tensor) -> None:
         self.graph, self.x, self.y = graph, x, y
@@ -230,7 +261,33 @@ class EngineRunner:
     def _setup(self, device: torch.device) -> None:
         self.graphs.clear()
         self.device = device
+        off = engine_disabled()
+        if off is not None:
+            self.plan, self.note = None, f"per-layer kernels (engine off: {off})"
+            return
         self.plan, self.note = build_plan(self.model, device, PRECISIONS[self.precision])
+        reason = self._self_check(device)
+        if reason is not None:
+            _DISABLED.append(reason)
+            warnings.warn(f"quantsr cupy engine disabled, using the per-layer kernels: {reason}", stacklevel=3)
+            self.plan, self.note = None, f"per-layer kernels (engine off: {reason})"
+
+    def _self_check(self, device: torch.device) -> str | None:
+        """None when the engine's output on a small input is within SELF_CHECK_DB of the reference."""
+        gen = torch.Generator().manual_seed(0)
+        x = torch.rand(1, 3, 24, 40, generator=gen).to(device)
+        try:
+            with torch.no_grad(), _tf32_off(True), reference_impls(self.model):
+                ref = self.original(x).float()
+            got = self.eager(x)
+        except Exception as exc:  # noqa: BLE001 - any failure of the engine means: do not use it
+            return f"self-check failed ({type(exc).__name__}: {str(exc)[:160]})"
+        if got.shape != ref.shape or not bool(torch.isfinite(got).all()):
+            return "self-check output is not finite or has the wrong shape"
+        mse = float(((got.double() - ref.double()) ** 2).mean())
+        db = math.inf if mse == 0 else 10 * math.log10(1.0 / mse)
+        self.note += f"; self-check {db:.1f} dB vs reference"
+        return None if db >= SELF_CHECK_DB else f"self-check {db:.1f} dB vs the torch reference (< {SELF_CHECK_DB})"
 
     def core(self, x: torch.Tensor) -> torch.Tensor:
         """The part of the forward a CUDA graph captures (the plan's forward, or the model's own)."""
