@@ -85,6 +85,10 @@ def main() -> None:
     except KeyboardInterrupt:
         err_console.print("interrupted", highlight=False)
         sys.exit(130)
+    except SystemExit as exc:
+        if exc.code == 130:  # Typer turns Ctrl-C inside a command into a silent exit 130
+            err_console.print("interrupted", highlight=False)
+        raise
     except (OSError, ValueError, RuntimeError, FloatingPointError) as exc:
         if debug:
             traceback.print_exc()
