@@ -320,6 +320,8 @@ def run_quantize(job: QuantizeJob, on_event: EventFn | None = None) -> dict[str,
     run_dir = job.run_dir or Path("runs") / job.run_name
     check_run_dir(run_dir)
     check_training_outputs(job, run_dir)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return _run_locked(job, on_event)  # under torchrun, rank 0 holds the lock and writes every file
     notice = (lambda message: on_event({"event": "log", "message": message})) if on_event else None
     with RunDirLock(run_dir, on_notice=notice):
         clean_temp_files(run_dir, run_dir / "checkpoints", job.out.parent if job.out else run_dir)

@@ -87,7 +87,7 @@ def check_backed(
             wrong.append(f"{key} (file {list(got.shape)}, metadata {list(want)})")
     if missing or wrong:
         parts = [f"{label} {', '.join(items[:_SHOW])}" + (f" (+{len(items) - _SHOW} more)" if len(items) > _SHOW else "")
-                 for label, items in (("no tensor for", missing), ("shape mismatch", wrong)) if items]
+                 for label, items in (("missing tensors", missing), ("shape mismatch", wrong)) if items]
         arch = getattr(probe, "arch", type(probe).__name__)
-        raise CheckpointError(f"the metadata describes a {arch} model that the file's tensors do not hold: "
-                              + "; ".join(parts), path)
+        raise CheckpointError("; ".join(parts) + f" (the metadata describes a {arch} model these tensors do not hold; "
+                              "nothing was built)", path)
