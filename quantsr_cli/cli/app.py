@@ -93,5 +93,7 @@ def main() -> None:
         if debug:
             traceback.print_exc()
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        if isinstance(exc, OSError) and exc.filename:  # name the file, like every other error
+            first = f"{exc.filename}: {exc.strerror or first}"
         err_console.print(f"error: {first}", highlight=False, markup=False, soft_wrap=True)
         sys.exit(1)

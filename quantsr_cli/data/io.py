@@ -123,7 +123,10 @@ def read_image(path: str | Path, max_pixels: int | None = MAX_PIXELS, scale: int
     if truncated(data):
         raise ImageError("truncated image file (end marker missing)", path)
     with _captured_stderr() as chatter:
-        arr = cv2.imdecode(raw, cv2.IMREAD_UNCHANGED)
+        try:
+            arr = cv2.imdecode(raw, cv2.IMREAD_UNCHANGED)
+        except cv2.error:
+            arr = None
     if arr is None or arr.size == 0:
         detail = _decoder_message(chatter())
         raise ImageError(f"not a readable image ({detail or 'unsupported format or corrupt data'})", path)

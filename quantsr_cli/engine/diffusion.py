@@ -23,7 +23,7 @@ from quantsr_cli.diffusion.qmodel import QuantSpec
 from quantsr_cli.diffusion.stages import CalibData
 from quantsr_cli.diffusion.train_tiny import TinyTrainOptions, train_osd_tiny
 from quantsr_cli.diffusion.trq import TRQ_TARGETS, retrain_timestep, select_timestep, timestep_sweep
-from quantsr_cli.engine.modelio import resolve_model_path
+from quantsr_cli.engine.modelio import loading, resolve_model_path
 from quantsr_cli.engine.outputs import check_model_output, check_outputs, check_run_dir, clean_temp_files
 from quantsr_cli.engine.runlock import RunDirLock
 from quantsr_cli.errors import ConfigError
@@ -80,7 +80,8 @@ def run_quantize(model_path: str, out: Path, *, bits: int, stages: tuple[str, ..
     check_model_output(out, "--out")
     check_outputs([(out, "--out")], [(resolve_model_path(model_path), "--model")])
     torch.manual_seed(seed)
-    fp = load_diffusion_model(model_path).eval()
+    with loading(model_path):
+        fp = load_diffusion_model(model_path).eval()
     data = calibration_data(dirs, patches, 64, batch, seed)
     if "trq" in stages:
         if trq_timestep is None:
@@ -108,7 +109,8 @@ def run_sweep(model_path: str, timesteps: list[int], *, bits: int, retrain_iters
         against the original model) and the ``T`` :func:`~quantsr_cli.diffusion.trq.select_timestep` picks.
     """
     _check_trq_target("--retrain-target", target)
-    fp = load_diffusion_model(model_path).eval()
+    with loading(model_path):
+        fp = load_diffusion_model(model_path).eval()
     data = calibration_data(dirs, patches, 64, batch, seed)
     rows, _ = timestep_sweep(fp, timesteps, QuantSpec(w_bits=bits, a_bits=bits), data,
                              retrain_iters=retrain_iters, target=target, log=log)

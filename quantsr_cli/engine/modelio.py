@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 import reprlib
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -102,11 +104,18 @@ def load_model(
         device: where to put the model.
     """
     path = resolve_model_path(source)
-    try:
+    with loading(path):
         return _load(path, source, arch, scale, hparams, device)
+
+
+@contextmanager
+def loading(path: str | Path) -> Iterator[None]:
+    """Turn whatever torch/numpy raise while loading a (hostile) model file into one CheckpointError naming it."""
+    try:
+        yield
     except QuantSRError:
         raise
-    except Exception as exc:  # noqa: BLE001 - whatever torch/numpy raise on a hostile file: one line naming it
+    except Exception as exc:  # noqa: BLE001 - the traceback stays available with QUANTSR_DEBUG=1
         first = (str(exc).strip().splitlines() or [""])[0][:200]
         raise CheckpointError(f"cannot load this model ({type(exc).__name__}: {first})", path) from exc
 

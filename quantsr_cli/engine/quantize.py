@@ -27,7 +27,7 @@ from quantsr_cli.config import QuantConfig, TrainConfig
 from quantsr_cli.distill import FeatureDistillHook
 from quantsr_cli.data import TrainDataset, check_patch_size, shared_data_dir
 from quantsr_cli.engine.evaluate import evaluate_model
-from quantsr_cli.engine.modelio import LoadedModel, load_model, resolve_model_path
+from quantsr_cli.engine.modelio import LoadedModel, load_model, loading, resolve_model_path
 from quantsr_cli.engine.outputs import check_model_output, check_outputs, check_run_dir, clean_temp_files
 from quantsr_cli.engine.runlock import RunDirLock
 from quantsr_cli.engine.trainer import Trainer
@@ -73,9 +73,10 @@ class QuantizeJob:
 def load_start_model(source: str) -> nn.Module:
     """The trainable model ``--model`` names: a qat file as is, a packed file rebuilt by ``to_qat``."""
     path = resolve_model_path(source)
-    model = packing_io.load_model_file(path)
-    if any(isinstance(m, PackedModule) for m in model.modules()):
-        model = to_qat(model, path=path)
+    with loading(path):
+        model = packing_io.load_model_file(path)
+        if any(isinstance(m, PackedModule) for m in model.modules()):
+            model = to_qat(model, path=path)
     return model
 
 

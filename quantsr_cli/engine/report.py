@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from quantsr_cli.config import QuantConfig
-from quantsr_cli.engine.modelio import LoadedModel, load_model, resolve_model_path
+from quantsr_cli.engine.modelio import LoadedModel, load_model, loading, resolve_model_path
 from quantsr_cli.engine.outputs import check_model_output, check_outputs, clean_temp_files
 from quantsr_cli.engine.quantize import block_hparams
 from quantsr_cli.errors import CheckpointError, ConfigError
@@ -134,7 +134,8 @@ def pack_file(src: str, dst: Path) -> dict[str, Any]:
     meta = packing_io.read_metadata(path)
     if meta.get("kind") != "qat":
         raise CheckpointError(f"expected a fake-quant (qat) model file, got kind {meta.get('kind')!r}", path)
-    model = packing_io.load_model_file(path)
+    with loading(path):
+        model = packing_io.load_model_file(path)
     clean_temp_files(dst.parent)
     extra = meta.get("extra")
     quant = QuantConfig(meta["method"], int(meta["w_bits"]), int(meta["a_bits"]))

@@ -50,7 +50,7 @@ class RunDirLock:
         self.path = self.run_dir / LOCK_NAME
         self.on_notice = on_notice
         self.fd: int | None = None
-        self.created_dir = False
+        self.created: list[Path] = []  # folders this lock created, deepest first
 
     def __enter__(self) -> RunDirLock:
         self.acquire()
@@ -70,7 +70,10 @@ class RunDirLock:
     def acquire(self) -> None:
         if self.run_dir.exists() and not self.run_dir.is_dir():
             raise ConfigError("--run-dir exists and is not a folder; choose another --run-dir", self.run_dir)
-        self.created_dir = not self.run_dir.exists()
+        folder = self.run_dir.absolute()
+        while not folder.exists() and folder != folder.parent:
+            self.created.append(folder)
+            folder = folder.parent
         try:
             self.run_dir.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -126,8 +129,8 @@ class RunDirLock:
             pass
         os.close(self.fd)
         self.fd = None
-        if self.created_dir:
+        for folder in self.created:  # a run refused early leaves no empty folders behind
             try:
-                self.run_dir.rmdir()  # only succeeds when nothing was written (a run refused early)
+                folder.rmdir()
             except OSError:
-                pass
+                break

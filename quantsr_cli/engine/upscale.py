@@ -193,7 +193,7 @@ def run_upscale(
         raise ImageError("output folder does not exist or is not writable", out.parent)
     report = UpscaleReport()
     # temp files of an earlier run that was killed (kill -9, power loss) while writing these outputs
-    remove_stale_temp_files(out.parent if single else out, {dst.name for dst in targets})
+    remove_stale_temp_files(out.parent if single else out)
     for index, (src, dst) in enumerate(zip(files, targets)):
         try:
             if dst.exists() and not opts.overwrite:

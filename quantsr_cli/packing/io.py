@@ -56,8 +56,11 @@ __all__ = [
     "to_packed", "build_packed_model", "model_metadata", "save_model", "load_model_file", "size_report",
 ]
 
-MAX_HEADER_BYTES = 100 * 1024 * 1024
-"""safetensors' own cap on the JSON header (a DoS guard)."""
+MAX_HEADER_BYTES = 16 * 1024 * 1024
+"""Largest JSON header read (safetensors' own cap is 100 MB; ours are far below 1 MB): a DoS guard."""
+
+MAX_META_VALUE = 4 * 1024 * 1024
+"""Largest metadata value: it is JSON-decoded, and a few MB of JSON can become hundreds of MB of objects."""
 
 
 def _prepare(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -114,8 +117,11 @@ def _parse_header(raw: bytes, size: int, path: Path) -> tuple[dict[str, Any], di
     if size < 8 or len(raw) < 8:
         raise CheckpointError("not a safetensors file (empty or shorter than 8 bytes)", path)
     (n,) = struct.unpack("<Q", raw[:8])
-    if n < 2 or n > MAX_HEADER_BYTES:
+    if n < 2:
         raise CheckpointError(f"not a safetensors file (header length {n})", path)
+    if n > MAX_HEADER_BYTES:
+        raise CheckpointError(f"not a safetensors file of quantsr (a {n:,}-byte header; ours stay below "
+                              f"{MAX_HEADER_BYTES:,})", path)
     if 8 + n > size or len(raw) < 8 + n:
         raise CheckpointError("truncated file (header runs past the end)", path)
     try:
@@ -127,6 +133,10 @@ def _parse_header(raw: bytes, size: int, path: Path) -> tuple[dict[str, Any], di
     meta = header.get("__metadata__")
     if not isinstance(meta, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items()):
         raise CheckpointError("not a quantsr file (no string metadata)", path)
+    big = next((k for k, v in meta.items() if len(v) > MAX_META_VALUE), None)
+    if big is not None:
+        raise CheckpointError(f"metadata {big[:40]!r} is {len(meta[big]):,} characters, more than a quantsr file "
+                              f"ever holds ({MAX_META_VALUE:,})", path)
     if meta.get("format") != FORMAT:
         raise CheckpointError(f"not a quantsr file (format={meta.get('format')!r})", path)
     version = meta.get("format_version", "")

@@ -56,3 +56,11 @@ def test_run_dir_that_is_a_file_is_refused_before_data_loads(cli, tiny_models, t
     assert str(missing) not in line
     assert blocker.read_text() == "not a folder"
     assert os.listdir(tmp_path) == ["run"]
+
+
+def test_a_refused_run_leaves_no_new_folders(cli, tiny_models, tmp_path: Path) -> None:
+    missing = tmp_path / "no_such_training_data"
+    run_dir = tmp_path / "new" / "deep" / "run"
+    error_line(cli("quantize", "--model", str(tiny_models["qat"]), "--run-dir", str(run_dir), "--train-data",
+                   str(missing), *SHORT), str(missing))
+    assert not (tmp_path / "new").exists()

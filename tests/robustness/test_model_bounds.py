@@ -116,3 +116,10 @@ def test_pth_views_larger_than_their_storage_are_refused(tmp_path: Path, baselin
     torch.save({k: torch.zeros(1).expand(s) for k, s in shapes.items()}, path)
     assert path.stat().st_size < 100_000
     _refused_cheaply(tmp_path, path, baseline_rss, "storage")
+
+
+def test_megabytes_of_metadata_json_are_refused_before_decoding(tiny_models, tmp_path: Path,
+                                                                baseline_rss: float) -> None:
+    """12 MB of JSON numbers in one metadata value would become ~100 MB of Python objects."""
+    path = remeta(tiny_models["fp"], tmp_path / "chatty.safetensors", extra="[" + "1.5," * 3_000_000 + "1.5]")
+    _refused_cheaply(tmp_path, path, baseline_rss, "metadata")
