@@ -121,7 +121,7 @@ def is_single_target(files: list[Path], out: Path) -> bool:
     if suffix and len(files) > 1:
         raise ConfigError(f"names one image file but there are {len(files)} inputs; give a folder", out)
     if not suffix and out.exists():
-        raise ConfigError(f"output {out} is a file but the output of these inputs is a folder; give a folder", out)
+        raise ConfigError("is a file, but the output of these inputs is a folder; give a folder", out)
     return bool(suffix)
 
 
