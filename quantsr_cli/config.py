@@ -6,6 +6,7 @@ below. The dataclasses only hold and validate values; reading YAML is :mod:`quan
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from quantsr_cli.errors import ConfigError
@@ -100,6 +101,10 @@ class TrainConfig:
     drop_path_rate: float = 0.0
 
     def __post_init__(self) -> None:
+        for name in ("lr", "gamma", "eta_min", "slim_start_ratio", "feature_weight", "ema_decay"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ConfigError(f"{name}={value!r} must be a finite number")
         if self.iters < 1:
             raise ConfigError(f"iters={self.iters} must be at least 1")
         if self.batch_size < 1:

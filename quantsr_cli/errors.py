@@ -40,3 +40,7 @@ class DatasetError(QuantSRError):
 
 class BackendUnavailableError(QuantSRError):
     """A requested compute backend cannot run here (e.g. ``cupy`` without CUDA or cupy)."""
+
+
+class NumericError(QuantSRError):
+    """NaN or Inf where numbers are needed: in a model's tensors or output, or in an option."""

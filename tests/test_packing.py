@@ -16,6 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
+from quantsr_cli import fileio
 from quantsr_cli.errors import CheckpointError, FormatVersionError, QuantSRError
 from quantsr_cli.packing import io
 from quantsr_cli.packing.convert import build_packed_model, decode_layers, encode_layers, to_packed
@@ -189,7 +190,7 @@ def test_save_read_roundtrip_and_atomicity(tmp_path: Path, monkeypatch: pytest.M
     assert decode_layers(meta)[0]["format"] == "u2_row_lsb" and decode_layers(meta)[0]["shape"] == [64, 64, 3, 3]
     before = path.read_bytes()
 
-    monkeypatch.setattr(io.os, "replace", mock.Mock(side_effect=OSError(28, "No space left on device")))
+    monkeypatch.setattr(fileio.os, "replace", mock.Mock(side_effect=OSError(28, "No space left on device")))
     with pytest.raises(CheckpointError, match="No space"):
         io.save_file(tensors, meta, path)
     assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["m.safetensors"]

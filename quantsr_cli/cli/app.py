@@ -85,9 +85,15 @@ def main() -> None:
     except KeyboardInterrupt:
         err_console.print("interrupted", highlight=False)
         sys.exit(130)
+    except SystemExit as exc:
+        if exc.code == 130:  # Typer turns Ctrl-C inside a command into a silent exit 130
+            err_console.print("interrupted", highlight=False)
+        raise
     except (OSError, ValueError, RuntimeError, FloatingPointError) as exc:
         if debug:
             traceback.print_exc()
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        if isinstance(exc, OSError) and exc.filename:  # name the file, like every other error
+            first = f"{exc.filename}: {exc.strerror or first}"
         err_console.print(f"error: {first}", highlight=False, markup=False, soft_wrap=True)
         sys.exit(1)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import json
+import math
 import sys
 from contextlib import contextmanager
 from pathlib import Path
@@ -11,6 +11,8 @@ from typing import Annotated, Any, Iterator
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from quantsr_cli.fileio import dumps
 
 err_console = Console(stderr=True)
 """Logs, progress bars and errors go to stderr; results go to stdout."""
@@ -25,14 +27,21 @@ DataRootOpt = Annotated[
 
 
 def print_json(obj: Any) -> None:
-    """Write ``obj`` as JSON to stdout."""
-    sys.stdout.write(json.dumps(obj, indent=2, default=str) + "\n")
+    """Write ``obj`` as valid JSON to stdout (NaN/Infinity become ``null``)."""
+    sys.stdout.write(dumps(obj, indent=2, default=str) + "\n")
     sys.stdout.flush()
 
 
 def log(message: str) -> None:
-    """A log line on stderr."""
-    err_console.print(message, highlight=False)
+    """A log line on stderr (never wrapped: one message, one line)."""
+    err_console.print(message, highlight=False, markup=False, soft_wrap=True)
+
+
+def finite(value: float | None, param: typer.CallbackParam) -> float | None:
+    """Option callback: refuse ``nan``/``inf``/``-inf`` for a numeric option (a usage error naming it)."""
+    if value is not None and not math.isfinite(value):
+        raise typer.BadParameter(f"{value} is not a finite number", param=param)
+    return value
 
 
 @contextmanager
@@ -76,6 +85,8 @@ class TrainRenderer:
             self.progress.console.print(f"iter {event['iter']}: val PSNR {event['psnr']:.3f} dB{mark}", highlight=False)
         elif kind == "resume":
             self.progress.update(self.task, completed=event["iter"])
-            self.progress.console.print(f"resumed from {event['path']} at iteration {event['iter']}", highlight=False)
+            self.progress.console.print(f"resumed from {event['path']} at iteration {event['iter']}", highlight=False,
+                                        markup=False, soft_wrap=True)
         elif kind in ("log", "slim"):
-            self.progress.console.print(event.get("message", str(event)), highlight=False)
+            self.progress.console.print(event.get("message", str(event)), highlight=False, markup=False,
+                                        soft_wrap=True)

@@ -7,14 +7,14 @@ from typing import Annotated
 import typer
 
 from quantsr_cli.cli import trainopts as T
-from quantsr_cli.cli.common import DeviceOpt, JsonOpt
+from quantsr_cli.cli.common import DeviceOpt, JsonOpt, finite
 from quantsr_cli.cli.quantize import run_training_command
 
 
 def distill(
     model: Annotated[str, typer.Option("--model", "-m", help="Student: a quantized model (qat file, or a packed lsq/rlq/rbd file or bundled name).")],
     teacher: Annotated[str, typer.Option("--teacher", help="Full-precision teacher (.pth or safetensors).")],
-    feature_weight: Annotated[float, typer.Option("--feature-weight", help="Weight of the feature loss.")] = 1e-4,
+    feature_weight: Annotated[float, typer.Option("--feature-weight", help="Weight of the feature loss.", callback=finite)] = 1e-4,
     iters: T.Iters = None, batch_size: T.BatchSize = None, patch_size: T.PatchSize = None, lr: T.Lr = None,
     val_every: T.ValEvery = None, save_every: T.SaveEvery = None, seed: T.Seed = None, threads: T.Threads = None,
     train_data: T.TrainData = None, val_dataset: T.ValDataset = None, preset: T.Preset = None,

@@ -10,7 +10,7 @@ from rich.table import Table
 
 from quantsr_cli.cli.common import DataRootOpt, DeviceOpt, JsonOpt, ScaleOpt, err_console, print_json, progress_bar
 from quantsr_cli.engine.compare import write_comparisons
-from quantsr_cli.engine.evaluate import run_eval
+from quantsr_cli.engine.evaluate import check_eval_outputs, run_eval
 from quantsr_cli.engine.modelio import load_model, set_depth
 from quantsr_cli.engine.runtime import select_backend
 from quantsr_cli.errors import ConfigError
@@ -49,6 +49,8 @@ def evaluate(
         set_depth(loaded, depth)
     select_backend(loaded, backend, device)
     datasets = dataset or ["Set5"]
+    check_eval_outputs([source, *(compare_model or [])], datasets, scale=loaded.scale,
+                       data_root=str(data_root) if data_root else None, save_dir=save_dir, compare_dir=compare_dir)
     with progress_bar(enabled=not json_out or err_console.is_terminal) as progress:
         task = progress.add_task("eval", total=None, info="")
 

@@ -11,7 +11,7 @@ from typing import Annotated, Any
 
 import typer
 
-from quantsr_cli.cli.common import DeviceOpt, JsonOpt, log, print_json, progress_bar, TrainRenderer
+from quantsr_cli.cli.common import DeviceOpt, JsonOpt, TrainRenderer, finite, log, print_json, progress_bar
 from quantsr_cli.cli.trainopts import StartModel
 from quantsr_cli.config import METHODS, SCALES, QuantConfig, TrainConfig
 from quantsr_cli.engine.modelio import read_model_meta
@@ -87,7 +87,7 @@ def quantize(
     iters: Annotated[int | None, typer.Option("--iters", help="Training iterations.")] = None,
     batch_size: Annotated[int | None, typer.Option("--batch-size", help="Patches per iteration.")] = None,
     patch_size: Annotated[int | None, typer.Option("--patch-size", help="HR patch side in pixels.")] = None,
-    lr: Annotated[float | None, typer.Option("--lr", help="Adam learning rate [default: 2e-4].")] = None,
+    lr: Annotated[float | None, typer.Option("--lr", help="Adam learning rate [default: 2e-4].", callback=finite)] = None,
     val_every: Annotated[int | None, typer.Option("--val-every", help="Validate every N iterations (0 = never).")] = None,
     save_every: Annotated[int | None, typer.Option("--save-every", help="Write a resumable checkpoint every N iterations.")] = None,
     seed: Annotated[int | None, typer.Option("--seed", help="Random seed.")] = None,
@@ -95,12 +95,12 @@ def quantize(
     dqa: Annotated[bool | None, typer.Option("--dqa/--no-dqa", help="QuantSR depth-dynamic training (full, 1/2, 1/4 depth).")] = None,
     slim_to: Annotated[int | None, typer.Option("--slim-to", help="QSA: remove blocks during training until N remain.")] = None,
     distill: Annotated[str | None, typer.Option("--distill", help="SFD: full-precision teacher model file.")] = None,
-    feature_weight: Annotated[float | None, typer.Option("--feature-weight", help="SFD feature loss weight [default: 1e-4].")] = None,
+    feature_weight: Annotated[float | None, typer.Option("--feature-weight", help="SFD feature loss weight [default: 1e-4].", callback=finite)] = None,
     act_sign: Annotated[str | None, typer.Option("--act-sign", help="Activation grid choice on the first batch: min (released code: signed if any value < 0) or mse [default: min].")] = None,
     bias_correction: Annotated[bool | None, typer.Option("--bias-correction/--no-bias-correction", help="Correct FP biases for the quantization error on the calibration batch [default: on].")] = None,
-    ema_decay: Annotated[float | None, typer.Option("--ema-decay", help="Validate and write an EMA of the weights (BasicSR: 0.999) [default: 0 = off].")] = None,
+    ema_decay: Annotated[float | None, typer.Option("--ema-decay", help="Validate and write an EMA of the weights (BasicSR: 0.999) [default: 0 = off].", callback=finite)] = None,
     share_qv_quantizer: Annotated[bool | None, typer.Option("--share-qv-quantizer/--no-share-qv-quantizer", help="swinir-s: quantize attention v with q's quantizer, as the released QuantSR code does [default: off, v has its own].")] = None,
-    drop_path_rate: Annotated[float | None, typer.Option("--drop-path-rate", help="swinir-s stochastic depth during training (released QuantSR-T: 0.1, set by the swinir-s presets) [default: 0 = off].")] = None,
+    drop_path_rate: Annotated[float | None, typer.Option("--drop-path-rate", help="swinir-s stochastic depth during training (released QuantSR-T: 0.1, set by the swinir-s presets) [default: 0 = off].", callback=finite)] = None,
     preset: Annotated[str | None, typer.Option("--preset", help="Bundled preset name (auto: <arch>_x<scale>_w<b>a<b>).")] = None,
     config: Annotated[Path | None, typer.Option("--config", help="YAML file of options (overridden by flags).")] = None,
     model: StartModel = None,

@@ -7,7 +7,7 @@ from typing import Annotated
 import typer
 
 from quantsr_cli.cli import trainopts as T
-from quantsr_cli.cli.common import DeviceOpt, JsonOpt
+from quantsr_cli.cli.common import DeviceOpt, JsonOpt, finite
 from quantsr_cli.cli.quantize import run_training_command
 from quantsr_cli.errors import ConfigError
 
@@ -19,7 +19,7 @@ def slim(
     bits: Annotated[int | None, typer.Option("--bits", help="Bits for a fresh --arch model.")] = None,
     blocks: Annotated[int | None, typer.Option("--blocks", help="Starting blocks for a fresh --arch model.")] = None,
     init: Annotated[str | None, typer.Option("--init", help="FP weights for a fresh --arch model.")] = None,
-    start_ratio: Annotated[float, typer.Option("--start-ratio", help="First removal at this fraction of --iters.")] = 0.2,
+    start_ratio: Annotated[float, typer.Option("--start-ratio", help="First removal at this fraction of --iters.", callback=finite)] = 0.2,
     iters: T.Iters = None, batch_size: T.BatchSize = None, patch_size: T.PatchSize = None, lr: T.Lr = None,
     val_every: T.ValEvery = None, save_every: T.SaveEvery = None, seed: T.Seed = None, threads: T.Threads = None,
     train_data: T.TrainData = None, val_dataset: T.ValDataset = None, preset: T.Preset = None,

@@ -7,10 +7,12 @@ from typing import Annotated
 
 import typer
 
+from quantsr_cli.cli.common import finite
+
 Iters = Annotated[int | None, typer.Option("--iters", help="Training iterations.")]
 BatchSize = Annotated[int | None, typer.Option("--batch-size", help="Patches per iteration.")]
 PatchSize = Annotated[int | None, typer.Option("--patch-size", help="HR patch side in pixels.")]
-Lr = Annotated[float | None, typer.Option("--lr", help="Adam learning rate [default: 2e-4].")]
+Lr = Annotated[float | None, typer.Option("--lr", help="Adam learning rate [default: 2e-4].", callback=finite)]
 ValEvery = Annotated[int | None, typer.Option("--val-every", help="Validate every N iterations (0 = never).")]
 SaveEvery = Annotated[int | None, typer.Option("--save-every", help="Write a resumable checkpoint every N iterations.")]
 Seed = Annotated[int | None, typer.Option("--seed", help="Random seed.")]

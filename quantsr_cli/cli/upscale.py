@@ -24,7 +24,7 @@ def upscale(
     suffix: Annotated[str, typer.Option("--suffix", help="Appended to each output file's stem (folder output).")] = "",
     ext: Annotated[str, typer.Option("--ext", help="Output format: auto (as the input), png, jpg, webp, tif.")] = "auto",
     overwrite: Annotated[bool, typer.Option("--overwrite/--skip-existing", help="Replace or keep existing outputs.")] = True,
-    max_pixels: Annotated[int, typer.Option("--max-pixels", help="Refuse inputs with more pixels (width x height) than this; 0 = no limit.")] = MAX_PIXELS,
+    max_pixels: Annotated[int, typer.Option("--max-pixels", help="Refuse inputs, or outputs (input pixels x scale²), with more pixels (width x height) than this; checked from the file header; 0 = no limit.")] = MAX_PIXELS,
     device: DeviceOpt = "cpu",
     json_out: JsonOpt = False,
 ) -> None:

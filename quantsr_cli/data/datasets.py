@@ -26,6 +26,7 @@ from quantsr_cli.data.headers import header_size
 from quantsr_cli.data.io import image_error_reason, list_images, read_image, write_image
 from quantsr_cli.data.training import TrainDataset
 from quantsr_cli.errors import DatasetError, ImageError
+from quantsr_cli.fileio import remove_stale_temp_files
 
 __all__ = [
     "BENCHMARKS", "shared_data_dir", "data_root_default", "cache_dir", "resolve_dataset", "list_images",
@@ -153,6 +154,7 @@ class BenchmarkDataset:
             root = Path(cache).expanduser() if cache is not None else cache_dir()
             self.lr_dir = root / _CACHE_VERSION / f"{self.path.name}-{key}" / f"X{self.scale}"
             self.lr_files = [self.lr_dir / f"{f.stem}x{self.scale}.png" for f in self.hr_files]
+            remove_stale_temp_files(self.lr_dir)  # left by a run killed while caching (no-op if absent)
         else:
             self.lr_files = self._pair(self.lr_dir)
             self._check_sizes()

@@ -1,8 +1,8 @@
-"""Cheap parsing of encoded image headers: size before decoding, EXIF orientation, truncation.
+"""Cheap parsing of encoded image headers: EXIF orientation and truncation (sizes: :mod:`.imagesize`).
 
-Pure-Python readers of the few header fields :mod:`quantsr_cli.data.io` needs, so that a huge image
-is refused before OpenCV allocates it and EXIF orientation can be applied to ``IMREAD_UNCHANGED``
-decodes (which ignore it). Malformed headers never raise: the functions return None / 1 / False.
+Pure-Python readers of the few header fields :mod:`quantsr_cli.data.io` needs, so that EXIF orientation
+can be applied to ``IMREAD_UNCHANGED`` decodes (which ignore it) and truncated files are refused.
+Malformed headers never raise: the functions return 1 / False.
 """
 
 from __future__ import annotations
@@ -11,70 +11,9 @@ import struct
 
 import numpy as np
 
+from quantsr_cli.data.imagesize import header_size, jpeg_segments
+
 __all__ = ["header_size", "exif_orientation", "apply_orientation", "truncated"]
-
-
-def header_size(data: bytes) -> tuple[int, int] | None:
-    """``(width, height)`` from a PNG, JPEG, BMP, GIF or WebP header without decoding, else None."""
-    try:
-        if data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR":
-            return struct.unpack(">II", data[16:24])
-        if data[:2] == b"\xff\xd8":
-            return _jpeg_size(data)
-        if data[:2] == b"BM" and len(data) >= 26:
-            w, h = struct.unpack("<ii", data[18:26])
-            return abs(w), abs(h)
-        if data[:6] in (b"GIF87a", b"GIF89a"):
-            return struct.unpack("<HH", data[6:10])
-        if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
-            return _webp_size(data)
-    except struct.error:
-        return None
-    return None
-
-
-def _jpeg_segments(data: bytes):
-    """Yield ``(marker, payload)`` of JPEG segments up to start-of-scan."""
-    i = 2
-    n = len(data)
-    while i + 4 <= n:
-        if data[i] != 0xFF:
-            return
-        marker = data[i + 1]
-        if marker == 0xFF:  # fill byte
-            i += 1
-            continue
-        if marker in (0xD8, 0x01) or 0xD0 <= marker <= 0xD7:
-            i += 2
-            continue
-        (length,) = struct.unpack(">H", data[i + 2 : i + 4])
-        yield marker, data[i + 4 : i + 2 + length]
-        if marker == 0xDA:
-            return
-        i += 2 + length
-
-
-def _jpeg_size(data: bytes) -> tuple[int, int] | None:
-    for marker, payload in _jpeg_segments(data):
-        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC) and len(payload) >= 5:
-            h, w = struct.unpack(">HH", payload[1:5])
-            return w, h
-    return None
-
-
-def _webp_size(data: bytes) -> tuple[int, int] | None:
-    chunk = data[12:16]
-    if chunk == b"VP8X":
-        w = int.from_bytes(data[24:27], "little") + 1
-        h = int.from_bytes(data[27:30], "little") + 1
-        return w, h
-    if chunk == b"VP8L":
-        bits = int.from_bytes(data[21:25], "little")
-        return (bits & 0x3FFF) + 1, ((bits >> 14) & 0x3FFF) + 1
-    if chunk == b"VP8 ":
-        w, h = struct.unpack("<HH", data[26:30])
-        return w & 0x3FFF, h & 0x3FFF
-    return None
 
 
 def _tiff_orientation(tiff: bytes) -> int:
@@ -100,7 +39,7 @@ def exif_orientation(data: bytes) -> int:
     """EXIF Orientation (1..8) of an encoded JPEG, PNG or WebP file; 1 when absent or unreadable."""
     try:
         if data[:2] == b"\xff\xd8":
-            for marker, payload in _jpeg_segments(data):
+            for marker, payload in jpeg_segments(data):
                 if marker == 0xE1 and payload[:6] == b"Exif\x00\x00":
                     return _tiff_orientation(payload[6:])
         elif data[:8] == b"\x89PNG\r\n\x1a\n":

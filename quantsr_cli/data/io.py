@@ -6,9 +6,12 @@
 - EXIF orientation: ``cv2.IMREAD_UNCHANGED`` (needed for alpha and 16-bit) ignores EXIF, so the
   Orientation tag (0x0112) is parsed here from JPEG ``APP1`` segments, PNG ``eXIf`` chunks and WebP
   ``EXIF`` chunks and applied with numpy flips/transposes (same result as ``cv2.IMREAD_COLOR``).
-- Size limit: width and height are read from the PNG/JPEG/BMP/WebP/GIF header before decoding and
-  checked against ``max_pixels`` (default :data:`MAX_PIXELS`), so a decompression bomb is refused
-  without allocating it. Other formats are checked right after decoding.
+- Size limit: width and height are read from the header before decoding, for every format OpenCV
+  reads (:mod:`.imagesize`), and checked against ``max_pixels`` (default :data:`MAX_PIXELS`) -- and so is
+  the output a model will make of it (pixels x scale²) -- so a decompression bomb is refused without
+  allocating it. A file whose size cannot be read from its header is never decoded.
+- Decoder chatter: what libpng/libtiff print on stderr while decoding a corrupt file is captured and,
+  when decoding fails, becomes part of the one error line.
 - Truncation: a JPEG without its end-of-image marker or a PNG without ``IEND`` is refused (libjpeg
   otherwise returns a half-grey image with only a warning).
 - 8/16-bit samples, grayscale and alpha are kept and reported in :class:`Image`.
@@ -19,8 +22,9 @@ Every failure raises :class:`quantsr_cli.errors.ImageError` with the path and a 
 from __future__ import annotations
 
 import os
-import re
-import secrets
+import sys
+import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,10 +34,11 @@ import torch
 
 from quantsr_cli.data.headers import apply_orientation, exif_orientation, header_size, truncated
 from quantsr_cli.errors import ImageError
+from quantsr_cli.fileio import atomic_write, remove_stale_temp_files
 
 __all__ = [
     "MAX_PIXELS", "IMAGE_EXTENSIONS", "Image", "read_image", "write_image", "tensor_to_uint8", "header_size",
-    "list_images", "remove_stale_temp_files", "image_array", "write_array",
+    "list_images", "remove_stale_temp_files", "image_array", "write_array", "check_pixels", "image_size",
 ]
 
 MAX_PIXELS = 100_000_000
@@ -83,12 +88,14 @@ def image_error_reason(exc: ImageError) -> str:
 
 
 
-def read_image(path: str | Path, max_pixels: int | None = MAX_PIXELS) -> Image:
+def read_image(path: str | Path, max_pixels: int | None = MAX_PIXELS, scale: int = 1) -> Image:
     """Read an image file into an :class:`Image`.
 
     Args:
         path: file path (any Unicode).
-        max_pixels: refuse images with more than this many pixels (width x height); None = no limit.
+        max_pixels: refuse images with more than this many pixels (width x height), or whose output at
+            ``scale`` would have more; None = no limit. Checked from the header, before decoding.
+        scale: the upscaling factor the image is read for (1 = the image itself).
 
     Returns:
         The decoded image, EXIF orientation applied, RGB in ``[0, 1]``.
@@ -110,17 +117,65 @@ def read_image(path: str | Path, max_pixels: int | None = MAX_PIXELS) -> Image:
     data = raw.tobytes()
     _quiet_opencv()
     dims = header_size(data)
-    if dims is not None:
-        _check_pixels(dims[0], dims[1], max_pixels, path)
+    if dims is None:  # never hand OpenCV a file whose size we do not know
+        raise ImageError("not a readable image (unsupported format or corrupt data)", path)
+    check_pixels(dims[0], dims[1], max_pixels, path, scale)
     if truncated(data):
         raise ImageError("truncated image file (end marker missing)", path)
-    arr = cv2.imdecode(raw, cv2.IMREAD_UNCHANGED)
+    with _captured_stderr() as chatter:
+        try:
+            arr = cv2.imdecode(raw, cv2.IMREAD_UNCHANGED)
+        except cv2.error:
+            arr = None
     if arr is None or arr.size == 0:
-        raise ImageError("not a readable image (unsupported format or corrupt data)", path)
-    _check_pixels(arr.shape[1], arr.shape[0], max_pixels, path)
+        detail = _decoder_message(chatter())
+        raise ImageError(f"not a readable image ({detail or 'unsupported format or corrupt data'})", path)
+    check_pixels(arr.shape[1], arr.shape[0], max_pixels, path, scale)
     # OpenCV decodes a gray+alpha PNG (colour type 4) as BGRA: remember it was gray
     gray_alpha = data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR" and len(data) > 25 and data[25] == 4
     return _to_image(apply_orientation(arr, exif_orientation(data)), path, gray_alpha)
+
+
+def image_size(path: str | Path) -> tuple[int, int] | None:
+    """``(width, height)`` from the file's header (first 64 KiB), or None when it cannot be read."""
+    try:
+        with open(path, "rb") as fh:
+            return header_size(fh.read(1 << 16))
+    except OSError:
+        return None
+
+
+@contextmanager
+def _captured_stderr():
+    """Redirect file descriptor 2 (where libpng/libtiff write) to a temporary file; yields a reader."""
+    text = {"value": ""}
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+        sink = tempfile.TemporaryFile()
+    except (OSError, ValueError, AttributeError):
+        yield lambda: ""
+        return
+    try:
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield lambda: text["value"]
+        finally:
+            os.dup2(saved, 2)
+            sink.seek(0)
+            text["value"] = sink.read(8192).decode("utf-8", "replace")
+    finally:
+        os.close(saved)
+        sink.close()
+
+
+def _decoder_message(chatter: str) -> str:
+    """The first line a decoder library wrote (e.g. ``libpng error: IHDR: CRC error``), shortened."""
+    for line in chatter.splitlines():
+        line = line.strip()
+        if line and "━" not in line:
+            return line[:160]
+    return ""
 
 
 _OPENCV_QUIET = False
@@ -139,14 +194,18 @@ def _quiet_opencv() -> None:
                 pass
 
 
-def _check_pixels(w: int, h: int, max_pixels: int | None, path: Path) -> None:
+def check_pixels(w: int, h: int, max_pixels: int | None, path: str | Path, scale: int = 1) -> None:
+    """ImageError unless ``w x h`` (and its output ``w*scale x h*scale``) is within ``max_pixels``."""
     if w <= 0 or h <= 0:
         raise ImageError(f"invalid image size {w}x{h}", path)
-    if max_pixels is not None and w * h > max_pixels:
-        raise ImageError(
-            f"image is {w}x{h} = {w * h / 1e6:.1f} megapixels, above the limit of {max_pixels / 1e6:.1f} "
-            "(raise it with --max-pixels)", path
-        )
+    if max_pixels is None:
+        return
+    limit = f"above the limit of {max_pixels / 1e6:.1f} (raise it with --max-pixels)"
+    if w * h > max_pixels:
+        raise ImageError(f"image is {w}x{h} = {w * h / 1e6:.1f} megapixels, {limit}", path)
+    if w * h * scale * scale > max_pixels:
+        ow, oh = w * scale, h * scale
+        raise ImageError(f"output would be {ow}x{oh} = {ow * oh / 1e6:.1f} megapixels at x{scale}, {limit}", path)
 
 
 def _to_image(arr: np.ndarray, path: Path, gray_alpha: bool = False) -> Image:
@@ -305,68 +364,8 @@ def write_array(path: str | Path, arr: np.ndarray, jpeg_quality: int = 95) -> Pa
     return path
 
 
-_TEMP_NAME = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)\.[0-9a-f]{8}\.tmp$")
-"""Temp files of :func:`write_image`: ``.<final name>.<writer pid>.<8 hex>.tmp`` (hidden, never an image
-extension, so folder listings and ``--skip-existing`` never take one for an output)."""
-
-
-def _pid_alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, OSError, OverflowError):
-        return True  # someone else's process, or we cannot tell: leave its file alone
-    return True
-
-
-def remove_stale_temp_files(folder: str | Path, names: set[str] | None = None) -> list[Path]:
-    """Delete temp files that a killed :func:`write_image` left in ``folder``.
-
-    Only files named like this module's temp files whose writer process is gone are removed (a
-    concurrent writer's temp file is kept); with ``names``, only those for these final file names.
-
-    Returns:
-        The removed paths.
-    """
-    removed: list[Path] = []
-    try:
-        entries = list(os.scandir(folder))
-    except OSError:
-        return removed
-    for entry in entries:
-        m = _TEMP_NAME.match(entry.name)
-        if m is None or (names is not None and m.group("name") not in names) or _pid_alive(int(m.group("pid"))):
-            continue
-        try:
-            if entry.is_file(follow_symlinks=False):
-                os.unlink(entry.path)
-                removed.append(Path(entry.path))
-        except OSError:
-            pass
-    return removed
-
-
 def _atomic_write(path: Path, buf: np.ndarray) -> None:
-    tmp = None
     try:
-        # O_EXCL + 0o666 so the final file gets the usual umask permissions (mkstemp would give 0600).
-        # Name: see _TEMP_NAME (remove_stale_temp_files relies on it).
-        tmp = str(path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
-        with os.fdopen(fd, "wb") as fh:
-            buf.tofile(fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-        tmp = None
+        atomic_write(path, lambda fh: buf.tofile(fh))
     except OSError as exc:
         raise ImageError(f"cannot write file ({exc.strerror or exc})", path) from None
-    finally:
-        if tmp is not None:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass

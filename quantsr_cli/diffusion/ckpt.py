@@ -8,13 +8,16 @@ builder kwargs), ``quant_spec`` (JSON :class:`QuantSpec`, quantized files only) 
 from __future__ import annotations
 
 import json
+from dataclasses import fields
 from pathlib import Path
+from typing import Any
 
 from torch import nn
 
 from quantsr_cli.diffusion.osd_tiny import build_osd_model
 from quantsr_cli.diffusion.qmodel import QuantSpec, quantize_model, set_quant_enabled
 from quantsr_cli.errors import CheckpointError, ConfigError
+from quantsr_cli.packing.checks import check_backed, check_finite, on_meta
 from quantsr_cli.packing.io import read_file, read_metadata, save_file
 
 KINDS = ("diffusion-fp", "diffusion-qat")
@@ -51,15 +54,20 @@ def load_model(path: str | Path, quant_enabled: bool = True) -> nn.Module:
     tensors, meta = read_file(path)
     if meta.get("kind") not in KINDS:
         raise CheckpointError(f"not a diffusion model file (kind={meta.get('kind')!r})", path)
+    check_finite(tensors, path)
+    arch, hparams, spec = _parse_meta(meta, path)
+    try:  # shapes first, on the meta device: the metadata must be backed by the tensors
+        probe = on_meta(lambda: build_osd_model(arch, **hparams))
+    except (TypeError, ValueError, ConfigError) as exc:
+        raise CheckpointError(f"bad arch/hparams metadata ({_short(exc)})", path) from None
+    check_backed(probe, tensors, path)
+    del probe
     try:
-        model = build_osd_model(meta["arch"], **json.loads(meta["hparams"]))
-        if meta["kind"] == "diffusion-qat":
-            raw = json.loads(meta["quant_spec"])
-            if raw.get("keep_patterns") is not None:
-                raw["keep_patterns"] = tuple(raw["keep_patterns"])
-            quantize_model(model, QuantSpec(**raw))
-    except (KeyError, TypeError, ValueError, ConfigError) as exc:
-        raise CheckpointError(f"bad arch/hparams/quant_spec metadata ({exc})", path) from None
+        model = build_osd_model(arch, **hparams)
+        if spec is not None:
+            quantize_model(model, spec)
+    except (KeyError, TypeError, ValueError, AttributeError, ConfigError) as exc:
+        raise CheckpointError(f"bad arch/hparams/quant_spec metadata ({_short(exc)})", path) from None
     state = model.state_dict()
     missing = sorted(set(state) - set(tensors))
     unexpected = sorted(set(tensors) - set(state))
@@ -68,7 +76,48 @@ def load_model(path: str | Path, quant_enabled: bool = True) -> nn.Module:
         parts = [f"{what} keys {', '.join(keys[:5])}{' ...' if len(keys) > 5 else ''}"
                  for what, keys in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", shaped)) if keys]
         raise CheckpointError("; ".join(parts), path)
-    model.load_state_dict(tensors, strict=True)
+    try:
+        model.load_state_dict(tensors, strict=True)
+    except (RuntimeError, ValueError, TypeError) as exc:
+        raise CheckpointError(f"tensors do not fit the model ({_short(exc)})", path) from None
     if meta["kind"] == "diffusion-qat":
         set_quant_enabled(model, quant_enabled)
     return model.eval()
+
+
+def _short(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+
+
+def _parse_meta(meta: dict[str, str], path: Path) -> tuple[str, dict[str, Any], QuantSpec | None]:
+    """``(arch, hparams, quant spec or None)`` from a diffusion file's metadata; CheckpointError when any
+    of them is missing or of the wrong type (metadata is untrusted input)."""
+    try:
+        arch = meta["arch"]
+        hparams = json.loads(meta["hparams"])
+        raw = json.loads(meta["quant_spec"]) if meta["kind"] == "diffusion-qat" else None
+    except KeyError as exc:
+        raise CheckpointError(f"metadata lacks {exc.args[0]!r}", path) from None
+    except (ValueError, RecursionError):
+        raise CheckpointError("metadata 'hparams' or 'quant_spec' is not valid JSON", path) from None
+    if not isinstance(hparams, dict) or not all(isinstance(k, str) for k in hparams):
+        raise CheckpointError(f"metadata 'hparams' must be a JSON object, got {type(hparams).__name__}", path)
+    if raw is None:
+        return arch, hparams, None
+    if not isinstance(raw, dict) or set(raw) - {f.name for f in fields(QuantSpec)}:
+        raise CheckpointError("metadata 'quant_spec' must be a JSON object of QuantSpec fields", path)
+    types = {"w_bits": int, "a_bits": int, "keep_bits": int, "lowrank": int, "lora": int, "quantizer": str,
+             "act_init": str, "smooth": bool, "attention": bool, "smooth_alpha": (int, float)}
+    for key, value in raw.items():
+        want = types.get(key)
+        if want is not None and (not isinstance(value, want) or (want is int and isinstance(value, bool))):
+            raise CheckpointError(f"metadata quant_spec {key}={value!r} has the wrong type", path)
+    patterns = raw.get("keep_patterns")
+    if patterns is not None:
+        if not isinstance(patterns, list) or not all(isinstance(p, str) for p in patterns):
+            raise CheckpointError("metadata quant_spec keep_patterns must be a list of names", path)
+        raw["keep_patterns"] = tuple(patterns)
+    try:
+        return arch, hparams, QuantSpec(**raw)
+    except (TypeError, ValueError, ConfigError) as exc:
+        raise CheckpointError(f"bad quant_spec metadata ({_short(exc)})", path) from None

@@ -24,6 +24,7 @@ from torch import nn
 from quantsr_cli.diffusion.osd_blocks import DownLevel, MidBlock, ResBlock, UpLevel, _groups, timestep_embedding
 from quantsr_cli.diffusion.schedule import OneStepSRMixin
 from quantsr_cli.errors import ConfigError
+from quantsr_cli.models.common import check_float, check_int, check_int_list
 
 ARCH = "osd-sr-tiny"
 
@@ -119,9 +120,10 @@ class OSDSRTiny(OneStepSRMixin, nn.Module):
                  unet_channels: tuple[int, ...] = (32, 64, 96), attn_levels: tuple[int, ...] = (2,),
                  heads: int = 4, context_dim: int = 64, context_len: int = 8, timestep: int = 999,
                  scaling_factor: float = 1.0) -> None:
+        upscale, vae_channels, unet_channels, attn_levels = _check_hparams(
+            upscale, latent_channels, vae_channels, unet_channels, attn_levels, heads, context_dim, context_len,
+            timestep, scaling_factor)
         super().__init__()
-        if upscale < 1:
-            raise ConfigError(f"upscale={upscale} must be >= 1")
         self.arch = ARCH
         self.hparams = {"upscale": upscale, "latent_channels": latent_channels, "vae_channels": list(vae_channels),
                         "unet_channels": list(unet_channels), "attn_levels": list(attn_levels), "heads": heads,
@@ -168,6 +170,25 @@ class OSDSRTiny(OneStepSRMixin, nn.Module):
         """``z_H`` → image in ~[0, 1] (unclamped)."""
         return (self.vae.decoder(z_h / self.scaling_factor) + 1) * 0.5
 
+
+
+def _check_hparams(upscale: object, latent: object, vae: object, unet: object, attn: object, heads: object,
+                   context_dim: object, context_len: object, timestep: object, scaling: object) -> tuple:
+    """Types and upper bounds of the builder arguments, checked before any module is built (metadata is
+    untrusted: see :mod:`quantsr_cli.packing.checks`)."""
+    check_int("upscale", upscale, maximum=8)
+    check_int("latent_channels", latent, maximum=64)
+    vae_l = check_int_list("vae_channels", vae, max_len=6, maximum=2048)
+    unet_l = check_int_list("unet_channels", unet, max_len=6, maximum=2048)
+    if isinstance(attn, (str, bytes)) or not isinstance(attn, (list, tuple)) or len(attn) > len(unet_l):
+        raise ConfigError(f"attn_levels={attn!r} must be a list of UNet level indices")
+    attn_l = [check_int(f"attn_levels[{i}]", a, minimum=0, maximum=len(unet_l) - 1) for i, a in enumerate(attn)]
+    check_int("heads", heads, maximum=64)
+    check_int("context_dim", context_dim, maximum=4096)
+    check_int("context_len", context_len, maximum=1024)
+    check_int("timestep", timestep, minimum=0, maximum=999)
+    check_float("scaling_factor", scaling, maximum=1e3)
+    return upscale, vae_l, unet_l, attn_l
 
 
 DIFFUSION_ARCHS: dict[str, type[nn.Module]] = {ARCH: OSDSRTiny}

@@ -58,8 +58,8 @@ class QuantSpec:
             raise ConfigError(f"quantizer={self.quantizer!r}; choose one of {', '.join(QUANTIZERS)}")
         if self.act_init not in ("ema", "minmax"):
             raise ConfigError(f"act_init={self.act_init!r}; choose ema or minmax")
-        if self.lowrank < 0 or self.lora < 0:
-            raise ConfigError("lowrank and lora ranks must be >= 0")
+        if not (0 <= self.lowrank <= 1024 and 0 <= self.lora <= 1024):
+            raise ConfigError("lowrank and lora ranks must be between 0 and 1024")
 
     @classmethod
     def minmax_ptq(cls, w_bits: int, a_bits: int) -> QuantSpec:

@@ -34,6 +34,7 @@ from quantsr_cli.diffusion.data_local import PairedImages
 from quantsr_cli.diffusion.losses import SSIMGradLoss
 from quantsr_cli.diffusion.osd_tiny import ARCH, build_osd_model
 from quantsr_cli.errors import CheckpointError, ConfigError
+from quantsr_cli.fileio import dumps
 from quantsr_cli.packing.io import read_file, save_file
 from quantsr_cli.packing.state import flatten_optimizer, unflatten_optimizer
 
@@ -150,7 +151,7 @@ def train_osd_tiny(out_dir: str | Path, train_dirs: Sequence[str | Path],
             rec = {"step": done, "phase": "ae" if ae_phase else "sr", "loss": round(running / count, 5),
                    "lr": f"{opt.param_groups[0]['lr']:.2e}", "sec_per_step": round((time.time() - t0) / count, 3)}
             with open(out / "train_log.jsonl", "a", encoding="utf-8") as fh:
-                fh.write(json.dumps(rec) + "\n")
+                fh.write(dumps(rec) + "\n")
             emit(rec)
             t0, running, count = time.time(), 0.0, 0
         if done % options.save_every == 0 or done == total:

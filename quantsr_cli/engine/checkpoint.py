@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from quantsr_cli.errors import CheckpointError
+from quantsr_cli.fileio import dumps
 from quantsr_cli.packing import io as packing_io
 from quantsr_cli.packing.state import flatten_optimizer, unflatten_optimizer
 
@@ -43,8 +44,8 @@ def save_state(
     meta = dict(model_meta)
     meta["kind"] = "train_state"
     meta["iteration"] = str(iteration)
-    meta["optimizer"] = json.dumps(opt_info)
-    meta["trainer"] = json.dumps(trainer_state)
+    meta["optimizer"] = dumps(opt_info)
+    meta["trainer"] = dumps(trainer_state)
     path = folder / f"{STATE_PREFIX}{iteration:07d}.safetensors"
     packing_io.save_file(tensors, meta, path)
     states = sorted(folder.glob(f"{STATE_PREFIX}*.safetensors"))

@@ -17,7 +17,10 @@ from quantsr_cli.data.datasets import BenchmarkDataset, resolve_dataset
 from quantsr_cli.data.imresize import imresize
 from quantsr_cli.data.io import tensor_to_uint8
 from quantsr_cli.engine.modelio import LoadedModel
+from quantsr_cli.engine.outputs import clean_temp_files
 from quantsr_cli.engine.tiling import upscale_tensor
+from quantsr_cli.errors import ImageError, NumericError
+from quantsr_cli.fileio import atomic_write
 from quantsr_cli.metrics.psnr_ssim import evaluate_pair
 
 
@@ -50,6 +53,7 @@ def write_comparisons(
     data = BenchmarkDataset(path, scale)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    clean_temp_files(out)
     written = []
     for index, (name, lr, hr) in enumerate(data):
         if max_images and index >= max_images:
@@ -61,7 +65,10 @@ def write_comparisons(
         panels_src.append((f"bicubic {psnr:.2f} dB", tensor_to_uint8(bic)))
         for loaded in models:
             device = next(iter(loaded.model.parameters()), torch.empty(0)).device
-            sr = upscale_tensor(loaded.model, lr.to(device), scale).cpu()
+            try:
+                sr = upscale_tensor(loaded.model, lr.to(device), scale).cpu()
+            except NumericError as exc:
+                raise NumericError(f"{exc} for {path.name}/{name}", loaded.source) from None
             psnr, _ = evaluate_pair(sr, hr, scale)
             panels_src.append((f"{loaded.label.split(' (')[0]} {psnr:.2f} dB", tensor_to_uint8(sr)))
         h, w = hr_img.shape[:2]
@@ -74,8 +81,9 @@ def write_comparisons(
         target = out / f"{path.name}_{name}.png"
         ok, buf = cv2.imencode(".png", cv2.cvtColor(canvas, cv2.COLOR_RGB2BGR))
         if ok:
-            tmp = target.with_name("." + target.name + ".tmp")
-            buf.tofile(str(tmp))
-            tmp.replace(target)
+            try:
+                atomic_write(target, buf.tobytes())
+            except OSError as exc:
+                raise ImageError(f"cannot write file ({exc.strerror or exc})", target) from None
             written.append(target)
     return written

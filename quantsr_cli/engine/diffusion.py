@@ -23,7 +23,11 @@ from quantsr_cli.diffusion.qmodel import QuantSpec
 from quantsr_cli.diffusion.stages import CalibData
 from quantsr_cli.diffusion.train_tiny import TinyTrainOptions, train_osd_tiny
 from quantsr_cli.diffusion.trq import TRQ_TARGETS, retrain_timestep, select_timestep, timestep_sweep
+from quantsr_cli.engine.modelio import loading, resolve_model_path
+from quantsr_cli.engine.outputs import check_model_output, check_outputs, check_run_dir, clean_temp_files
+from quantsr_cli.engine.runlock import RunDirLock
 from quantsr_cli.errors import ConfigError
+from quantsr_cli.fileio import dumps
 
 LogFn = Callable[[dict[str, Any]], None]
 STAGES = ("trq", "rpq", "et")
@@ -54,7 +58,12 @@ def run_train(run_dir: Path, iters: int, ae_iters: int, batch: int, threads: int
               dirs: list[str] | None, log: LogFn | None = None) -> Path:
     """Train (or resume) ``osd-sr-tiny``; returns the FP model file."""
     opts = TinyTrainOptions(iters=iters, ae_iters=ae_iters, batch_size=batch, threads=threads, seed=seed)
-    return train_osd_tiny(run_dir, train_dirs(dirs), opts, log=log)
+    run_dir = Path(run_dir)
+    check_run_dir(run_dir)
+    notice = (lambda message: log({"notice": message})) if log else None
+    with RunDirLock(run_dir, on_notice=notice):
+        clean_temp_files(run_dir)
+        return train_osd_tiny(run_dir, train_dirs(dirs), opts, log=log)
 
 
 def run_quantize(model_path: str, out: Path, *, bits: int, stages: tuple[str, ...], trq_timestep: int | None,
@@ -68,8 +77,11 @@ def run_quantize(model_path: str, out: Path, *, bits: int, stages: tuple[str, ..
     if order not in ("reverse", "forward"):
         raise ConfigError(f"--order {order!r}; choose reverse or forward")
     _check_trq_target("--trq-target", trq_target)
+    check_model_output(out, "--out")
+    check_outputs([(out, "--out")], [(resolve_model_path(model_path), "--model")])
     torch.manual_seed(seed)
-    fp = load_diffusion_model(model_path).eval()
+    with loading(model_path):
+        fp = load_diffusion_model(model_path).eval()
     data = calibration_data(dirs, patches, 64, batch, seed)
     if "trq" in stages:
         if trq_timestep is None:
@@ -81,7 +93,9 @@ def run_quantize(model_path: str, out: Path, *, bits: int, stages: tuple[str, ..
     result = run_qartsr(fp, cfg, data, log=log)
     report = json.loads(json.dumps(result.report, default=str))
     info = {"stages": list(stages), "order": order, "trq_timestep": trq_timestep, "report": report}
-    save_diffusion_model(result.model, out, spec=result.spec, extra={"extra": json.dumps(info)})
+    if out.parent.is_dir():
+        clean_temp_files(out.parent)
+    save_diffusion_model(result.model, out, spec=result.spec, extra={"extra": dumps(info)})
     return {"out": str(out), "report": report}
 
 
@@ -95,7 +109,8 @@ def run_sweep(model_path: str, timesteps: list[int], *, bits: int, retrain_iters
         against the original model) and the ``T`` :func:`~quantsr_cli.diffusion.trq.select_timestep` picks.
     """
     _check_trq_target("--retrain-target", target)
-    fp = load_diffusion_model(model_path).eval()
+    with loading(model_path):
+        fp = load_diffusion_model(model_path).eval()
     data = calibration_data(dirs, patches, 64, batch, seed)
     rows, _ = timestep_sweep(fp, timesteps, QuantSpec(w_bits=bits, a_bits=bits), data,
                              retrain_iters=retrain_iters, target=target, log=log)

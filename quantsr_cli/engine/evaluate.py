@@ -12,8 +12,10 @@ import torch
 from quantsr_cli.data.datasets import BenchmarkDataset, resolve_dataset
 from quantsr_cli.data.imresize import imresize
 from quantsr_cli.data.io import tensor_to_uint8, write_image
-from quantsr_cli.engine.modelio import LoadedModel
+from quantsr_cli.engine.modelio import LoadedModel, resolve_model_path
+from quantsr_cli.engine.outputs import check_outputs, clean_temp_files
 from quantsr_cli.engine.tiling import upscale_tensor
+from quantsr_cli.errors import NumericError, QuantSRError
 from quantsr_cli.metrics.psnr_ssim import evaluate_pair
 
 EventFn = Callable[[dict[str, Any]], None]
@@ -59,7 +61,10 @@ def evaluate_model(
     for index, (name, lr, hr) in enumerate(data):
         if index >= total:
             break
-        sr = upscale_tensor(loaded.model, lr.to(device), loaded.scale, tile=tile).cpu()
+        try:
+            sr = upscale_tensor(loaded.model, lr.to(device), loaded.scale, tile=tile).cpu()
+        except NumericError as exc:
+            raise NumericError(f"{exc} for {path.name}/{name}", loaded.source) from None
         psnr, ssim = evaluate_pair(sr, hr, loaded.scale)
         images[name] = {"psnr": psnr, "ssim": ssim}
         if bicubic:
@@ -69,7 +74,9 @@ def evaluate_model(
             bic_ssim.append(bs)
         if save_dir is not None:
             out = Path(save_dir) / path.name / f"{name}.png"
-            out.parent.mkdir(parents=True, exist_ok=True)
+            if index == 0:
+                out.parent.mkdir(parents=True, exist_ok=True)
+                clean_temp_files(out.parent)  # left by an earlier run killed while writing here
             write_image(out, sr)
         if on_event:
             on_event({"event": "image", "dataset": path.name, "name": name, "index": index + 1,
@@ -84,6 +91,45 @@ def evaluate_model(
     if bicubic:
         result.bicubic = {"psnr": mean(bic_psnr), "ssim": mean(bic_ssim)}
     return result
+
+
+def check_eval_outputs(
+    models: list[str],
+    datasets: list[str],
+    *,
+    scale: int,
+    data_root: str | None = None,
+    save_dir: str | Path | None = None,
+    compare_dir: str | Path | None = None,
+) -> None:
+    """Refuse, before any work, outputs that would land in a dataset folder or on an input or each other.
+
+    ``--save-dir`` writes ``<save_dir>/<dataset>/<stem>.png`` and ``--compare-dir`` writes
+    ``<compare_dir>/<dataset>_<stem>.png`` for every image of every dataset.
+    """
+    if save_dir is None and compare_dir is None:
+        return
+    outputs: list[tuple[Path, str]] = []
+    protected: list[tuple[Path, str]] = []
+    inputs: list[tuple[Path, str]] = []
+    for source in models:
+        try:
+            inputs.append((resolve_model_path(source), "model"))
+        except QuantSRError:
+            pass
+    for name in datasets:
+        path = resolve_dataset(name, data_root)
+        protected.append((path, "dataset folder"))
+        data = BenchmarkDataset(path, scale)
+        inputs += [(f, "image") for f in data.hr_files]
+        if not data.generated:
+            inputs += [(f, "image") for f in data.lr_files]
+        for stem in data.names:
+            if save_dir is not None:
+                outputs.append((Path(save_dir) / path.name / f"{stem}.png", "--save-dir image"))
+            if compare_dir is not None:
+                outputs.append((Path(compare_dir) / f"{path.name}_{stem}.png", "--compare-dir image"))
+    check_outputs(outputs, inputs, protected)
 
 
 def run_eval(

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 import reprlib
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -16,8 +18,8 @@ import torch
 from torch import nn
 
 from quantsr_cli.config import QUANT_BITS
-from quantsr_cli.errors import CheckpointError, ConfigError
-from quantsr_cli.models import build_model
+from quantsr_cli.errors import CheckpointError, ConfigError, QuantSRError
+from quantsr_cli.models import build_model, check_fits, probe_model
 from quantsr_cli.models.loading import detect_arch, load_weights, read_state_dict
 from quantsr_cli.packing import io as packing_io
 
@@ -102,6 +104,24 @@ def load_model(
         device: where to put the model.
     """
     path = resolve_model_path(source)
+    with loading(path):
+        return _load(path, source, arch, scale, hparams, device)
+
+
+@contextmanager
+def loading(path: str | Path) -> Iterator[None]:
+    """Turn whatever torch/numpy raise while loading a (hostile) model file into one CheckpointError naming it."""
+    try:
+        yield
+    except QuantSRError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - the traceback stays available with QUANTSR_DEBUG=1
+        first = (str(exc).strip().splitlines() or [""])[0][:200]
+        raise CheckpointError(f"cannot load this model ({type(exc).__name__}: {first})", path) from exc
+
+
+def _load(path: Path, source: str, arch: str | None, scale: int | None, hparams: dict[str, Any] | None,
+          device: str | torch.device) -> LoadedModel:
     if path.suffix.lower() in SAFETENSORS_SUFFIXES:
         meta = decode_meta(packing_io.read_metadata(path))
         if str(meta.get("kind", "")).startswith("diffusion-"):
@@ -133,7 +153,8 @@ def load_model(
             raise CheckpointError(f"weights are for x{params['upscale']}, not x{scale}", path)
         if scale is not None:
             params.setdefault("upscale", scale)
-        try:
+        try:  # shapes first, on the meta device: the real model is only built once the file backs it
+            check_fits(probe_model(file_arch, **params), state, path)
             model = build_model(file_arch, **params)
         except ConfigError as exc:
             raise CheckpointError(f"cannot build {file_arch!r} for these weights: {exc}", path) from None

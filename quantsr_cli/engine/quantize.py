@@ -27,9 +27,12 @@ from quantsr_cli.config import QuantConfig, TrainConfig
 from quantsr_cli.distill import FeatureDistillHook
 from quantsr_cli.data import TrainDataset, check_patch_size, shared_data_dir
 from quantsr_cli.engine.evaluate import evaluate_model
-from quantsr_cli.engine.modelio import LoadedModel, load_model, resolve_model_path
+from quantsr_cli.engine.modelio import LoadedModel, load_model, loading, resolve_model_path
+from quantsr_cli.engine.outputs import check_model_output, check_outputs, check_run_dir, clean_temp_files
+from quantsr_cli.engine.runlock import RunDirLock
 from quantsr_cli.engine.trainer import Trainer
-from quantsr_cli.errors import ConfigError
+from quantsr_cli.errors import ConfigError, QuantSRError
+from quantsr_cli.fileio import write_json
 from quantsr_cli.models import ARCHS, build_model
 from quantsr_cli.models.loading import detect_arch, read_state_dict
 from quantsr_cli.packing import PackedModule
@@ -39,6 +42,9 @@ from quantsr_cli.quant import calibrate_, quantize_
 from quantsr_cli.slim import SlimHook, compact_state_dict, dqa_keep_lists, dqa_variants
 
 EventFn = Callable[[dict[str, Any]], None]
+
+RUN_FILES = ("qat_last.safetensors", "qat_best.safetensors", "summary.json", "train_log.jsonl")
+"""Files every training run writes into its run folder (besides ``checkpoints/`` and the packed model)."""
 
 
 @dataclass(frozen=True)
@@ -72,9 +78,10 @@ class QuantizeJob:
 def load_start_model(source: str) -> nn.Module:
     """The trainable model ``--model`` names: a qat file as is, a packed file rebuilt by ``to_qat``."""
     path = resolve_model_path(source)
-    model = packing_io.load_model_file(path)
-    if any(isinstance(m, PackedModule) for m in model.modules()):
-        model = to_qat(model, path=path)
+    with loading(path):
+        model = packing_io.load_model_file(path)
+        if any(isinstance(m, PackedModule) for m in model.modules()):
+            model = to_qat(model, path=path)
     return model
 
 
@@ -319,12 +326,48 @@ def finish_training(job: QuantizeJob, trainer: Trainer) -> dict[str, Any]:
     summary = {"run_dir": str(run_dir), "qat_last": str(last), "qat_best": str(best) if best.is_file() else None,
                "out": str(out), "iters": trainer.iteration, "best_psnr": extra["best_psnr"],
                "best_iter": trainer.best_iter, "history": trainer.history[-20:]}
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    try:
+        write_json(run_dir / "summary.json", summary)
+    except OSError as exc:
+        raise ConfigError(f"cannot write ({exc.strerror or exc})", run_dir / "summary.json") from None
     return summary
 
 
+def check_training_outputs(job: QuantizeJob, run_dir: Path) -> None:
+    """Refuse the run before any work when a file it writes is one of its inputs or another of its results."""
+    out = job.out or run_dir / "model.safetensors"
+    check_model_output(out, "--out")
+    inputs = []
+    for source, label in ((job.start_model, "--model"), (job.init, "--init"), (job.train.distill, "teacher")):
+        if source:
+            try:
+                inputs.append((resolve_model_path(source), label))
+            except QuantSRError:
+                inputs.append((Path(source), label))
+    outputs = [(out, "--out")] + [(run_dir / name, name) for name in RUN_FILES]
+    check_outputs(outputs, inputs)
+
+
 def run_quantize(job: QuantizeJob, on_event: EventFn | None = None) -> dict[str, Any]:
-    """Train ``job`` to the end (resuming if asked) and write its outputs; returns the summary."""
+    """Train ``job`` to the end (resuming if asked) and write its outputs; returns the summary.
+
+    Before anything is loaded: the run folder must be a folder, no output may be an input or another
+    output (:func:`check_training_outputs`), and the run folder is locked for this process
+    (:class:`~quantsr_cli.engine.runlock.RunDirLock`; a live second writer is refused, a stale lock taken
+    over). Temporary files of an earlier killed run are removed.
+    """
+    run_dir = job.run_dir or Path("runs") / job.run_name
+    check_run_dir(run_dir)
+    check_training_outputs(job, run_dir)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return _run_locked(job, on_event)  # under torchrun, rank 0 holds the lock and writes every file
+    notice = (lambda message: on_event({"event": "log", "message": message})) if on_event else None
+    with RunDirLock(run_dir, on_notice=notice):
+        clean_temp_files(run_dir, run_dir / "checkpoints", job.out.parent if job.out else run_dir)
+        return _run_locked(job, on_event)
+
+
+def _run_locked(job: QuantizeJob, on_event: EventFn | None) -> dict[str, Any]:
     torch.manual_seed(job.train.seed)  # fresh weights (no --init) are part of the run's determinism
     if job.start_model is not None:
         model = load_start_model(job.start_model)

@@ -22,7 +22,8 @@ import torch
 from torch import nn
 
 from quantsr_cli.config import QuantConfig
-from quantsr_cli.engine.modelio import LoadedModel, load_model, resolve_model_path
+from quantsr_cli.engine.modelio import LoadedModel, load_model, loading, resolve_model_path
+from quantsr_cli.engine.outputs import check_model_output, check_outputs, clean_temp_files
 from quantsr_cli.engine.quantize import block_hparams
 from quantsr_cli.errors import CheckpointError, ConfigError
 from quantsr_cli.metrics.complexity import count_macs
@@ -139,12 +140,14 @@ def model_info(
 def pack_file(src: str, dst: Path) -> dict[str, Any]:
     """Convert a fake-quant (``qat``) model file into the packed format; returns its size report."""
     path = resolve_model_path(src)
+    check_model_output(dst, "-o")
+    check_outputs([(dst, "-o")], [(path, "model")])
     meta = packing_io.read_metadata(path)
     if meta.get("kind") != "qat":
         raise CheckpointError(f"expected a fake-quant (qat) model file, got kind {meta.get('kind')!r}", path)
-    if dst.resolve() == path.resolve():
-        raise ConfigError(f"output {dst} equals the input; choose another -o")
-    model = packing_io.load_model_file(path)
+    with loading(path):
+        model = packing_io.load_model_file(path)
+    clean_temp_files(dst.parent)
     extra = meta.get("extra")
     quant = QuantConfig(meta["method"], int(meta["w_bits"]), int(meta["a_bits"]))
     packing_io.save_model(model, dst, quant, json.loads(extra) if extra else None, pack=True)

@@ -11,7 +11,18 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from quantsr_cli.errors import ConfigError
+from quantsr_cli.errors import ConfigError, NumericError
+
+
+def all_finite(t: torch.Tensor, rows: int = 256) -> bool:
+    """True when ``t`` (N, C, H, W) holds no NaN/Inf; checked in row bands to keep the mask small."""
+    return all(bool(torch.isfinite(band).all()) for band in t.split(rows, dim=-2))
+
+
+def _finite_output(sr: torch.Tensor) -> torch.Tensor:
+    if not all_finite(sr):
+        raise NumericError("the model's output holds NaN/Inf values")
+    return sr
 
 
 @torch.inference_mode()
@@ -29,12 +40,15 @@ def upscale_tensor(
 
     Returns:
         (N,3,h*scale,w*scale) float tensor clamped to [0,1].
+
+    Raises:
+        NumericError: the model produced NaN or Inf (a damaged or overflowing model); never written as black.
     """
     if tile < 0 or tile_pad < 0:
         raise ConfigError(f"tile ({tile}) and tile_pad ({tile_pad}) must not be negative")
     _, _, h, w = lr.shape
     if tile == 0 or (h <= tile and w <= tile):
-        return model(lr).clamp_(0, 1)
+        return _finite_output(model(lr)).clamp_(0, 1)
     n, c = lr.shape[:2]
     out = lr.new_zeros((n, c, h * scale, w * scale))
     for top in range(0, h, tile):
@@ -42,7 +56,7 @@ def upscale_tensor(
             bottom, right = min(top + tile, h), min(left + tile, w)
             ptop, pleft = max(top - tile_pad, 0), max(left - tile_pad, 0)
             pbottom, pright = min(bottom + tile_pad, h), min(right + tile_pad, w)
-            sr = model(lr[:, :, ptop:pbottom, pleft:pright])
+            sr = _finite_output(model(lr[:, :, ptop:pbottom, pleft:pright]))
             oy, ox = (top - ptop) * scale, (left - pleft) * scale
             th, tw = (bottom - top) * scale, (right - left) * scale
             out[:, :, top * scale : bottom * scale, left * scale : right * scale] = sr[

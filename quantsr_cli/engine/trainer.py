@@ -29,6 +29,7 @@ from torch import nn
 
 from quantsr_cli.config import TrainConfig
 from quantsr_cli.engine import checkpoint as ckpt
+from quantsr_cli.fileio import dumps
 
 EventFn = Callable[[dict[str, Any]], None]
 
@@ -122,7 +123,7 @@ class Trainer:
             return
         if event.get("event") in ("val", "save", "log", "resume", "slim", "done"):
             with open(self.run_dir / "train_log.jsonl", "a", encoding="utf-8") as fh:
-                fh.write(json.dumps(event) + "\n")
+                fh.write(dumps(event) + "\n")
         if self.on_event:
             self.on_event(event)
 

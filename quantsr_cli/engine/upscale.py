@@ -1,7 +1,8 @@
 """``quantsr upscale``: super-resolve image files or folders with any model (packed by default).
 
 Mirrors Real-ESRGAN's ``inference_realesrgan.py`` where it fits: inputs are files, folders or globs;
-the output is a file for a single input and otherwise a folder (``<stem><suffix>.<ext>``); large
+the output is a file for a single input and otherwise a folder (``<stem><suffix>.<ext>``), and no
+output may replace an input or another output (checked for all of them before anything is written); large
 images go through overlapping tiles; alpha is upscaled separately (bicubic), 16-bit PNGs stay 16-bit
 and grayscale stays grayscale. Every output is written atomically, so an interrupted run leaves only
 complete files (plus, after ``kill -9``, at most a hidden ``.<name>.<pid>.<hex>.tmp`` file, which the
@@ -30,9 +31,10 @@ from quantsr_cli.data.io import (
     remove_stale_temp_files,
     write_array,
 )
-from quantsr_cli.engine.modelio import LoadedModel
+from quantsr_cli.engine.modelio import LoadedModel, resolve_model_path
+from quantsr_cli.engine.outputs import check_outputs, resolved
 from quantsr_cli.engine.tiling import upscale_tensor
-from quantsr_cli.errors import ConfigError, ImageError, QuantSRError
+from quantsr_cli.errors import ConfigError, ImageError, NumericError, QuantSRError
 
 EventFn = Callable[[dict[str, Any]], None]
 
@@ -103,13 +105,48 @@ def output_paths(files: list[Path], output: Path, opts: UpscaleOptions, single_t
     return out
 
 
+def is_single_target(files: list[Path], out: Path) -> bool:
+    """Whether ``-o`` names one output file (else a folder); ConfigError for names that cannot be meant.
+
+    An existing folder, or a name without an extension, is a folder. A name with an image extension
+    is a file, for exactly one input. Any other extension (``out.gif``, ``res.v2``) is refused rather
+    than silently becoming a folder.
+    """
+    if out.is_dir():
+        return False
+    suffix = out.suffix.lower()
+    if suffix and suffix not in IMAGE_EXTENSIONS:
+        raise ConfigError(f"unknown image extension {suffix!r} for the output; name a file *.png, *.jpg, *.webp, "
+                          "*.tif or *.bmp, or a folder without an extension", out)
+    if suffix and len(files) > 1:
+        raise ConfigError(f"names one image file but there are {len(files)} inputs; give a folder", out)
+    if not suffix and out.exists():
+        raise ConfigError("is a file, but the output of these inputs is a folder; give a folder", out)
+    return bool(suffix)
+
+
+def _unique(files: list[Path]) -> list[Path]:
+    """``files`` without repeats of the same file (a folder and a glob may both name it)."""
+    seen: set[Path] = set()
+    out = []
+    for f in files:
+        key = resolved(f)
+        if key not in seen:
+            seen.add(key)
+            out.append(f)
+    return out
+
+
 def upscale_image(loaded: LoadedModel, src: Path, dst: Path, opts: UpscaleOptions) -> None:
     """Read ``src``, super-resolve it and write ``dst`` atomically."""
-    image = read_image(src, max_pixels=opts.max_pixels or None)
+    image = read_image(src, max_pixels=opts.max_pixels or None, scale=loaded.scale)
     rgb, lr_alpha, bit_depth, gray = image.rgb, image.alpha, image.bit_depth, image.gray
     del image  # keep at most one copy of the input alive while the (large) output exists
     device = next(iter(loaded.model.parameters()), torch.empty(0)).device
-    sr = upscale_tensor(loaded.model, rgb.to(device), loaded.scale, tile=opts.tile, tile_pad=opts.tile_pad)
+    try:
+        sr = upscale_tensor(loaded.model, rgb.to(device), loaded.scale, tile=opts.tile, tile_pad=opts.tile_pad)
+    except NumericError as exc:
+        raise NumericError(f"{exc} (model {loaded.source}); nothing written", src) from None
     del rgb
     alpha = None
     if lr_alpha is not None:
@@ -119,6 +156,13 @@ def upscale_image(loaded: LoadedModel, src: Path, dst: Path, opts: UpscaleOption
     write_array(dst, arr)
 
 
+def _model_file(loaded: LoadedModel) -> list[tuple[Path, str]]:
+    try:
+        return [(resolve_model_path(loaded.source), "--model")]
+    except QuantSRError:
+        return []
+
+
 def run_upscale(
     loaded: LoadedModel,
     inputs: list[str],
@@ -126,13 +170,19 @@ def run_upscale(
     opts: UpscaleOptions,
     on_event: EventFn | None = None,
 ) -> UpscaleReport:
-    """Upscale every input; returns a report (failures are collected, not raised)."""
-    files = collect_inputs(inputs)
+    """Upscale every input; returns a report (failures are collected, not raised).
+
+    Every output path is decided and checked (:func:`~quantsr_cli.engine.outputs.check_outputs`: no
+    output may be an input -- image or model -- or another output) before the output folder is created
+    or anything is written.
+    """
+    files = _unique(collect_inputs(inputs))
     out = Path(output)
-    single = len(files) == 1 and not out.is_dir() and out.suffix.lower() in IMAGE_EXTENSIONS
+    single = is_single_target(files, out)
+    targets = output_paths(files, out, opts, single)
+    check_outputs([(dst, "output") for dst in targets],
+                  [(src, "input image") for src in files] + _model_file(loaded))
     if not single:
-        if out.exists() and not out.is_dir():
-            raise ConfigError(f"output {out} is a file but there are {len(files)} inputs; give a folder")
         try:
             out.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -142,13 +192,10 @@ def run_upscale(
     elif not out.parent.exists() or not os.access(out.parent if str(out.parent) else Path("."), os.W_OK):
         raise ImageError("output folder does not exist or is not writable", out.parent)
     report = UpscaleReport()
-    targets = output_paths(files, out, opts, single)
     # temp files of an earlier run that was killed (kill -9, power loss) while writing these outputs
-    remove_stale_temp_files(out.parent if single else out, {dst.name for dst in targets})
+    remove_stale_temp_files(out.parent if single else out)
     for index, (src, dst) in enumerate(zip(files, targets)):
         try:
-            if dst.resolve() == src.resolve():
-                raise ImageError("output path equals the input; choose another output or --suffix", src)
             if dst.exists() and not opts.overwrite:
                 report.skipped.append(str(dst))
             else:

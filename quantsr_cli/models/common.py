@@ -16,6 +16,17 @@ from torch import nn
 from quantsr_cli.config import SCALES
 from quantsr_cli.errors import ConfigError
 
+MAX_BLOCKS = 1024
+"""Upper bound on residual blocks / modules / Swin blocks in total: far above any published SR model,
+low enough that building the module tree (on the meta device, before a file's tensors are checked)
+stays cheap whatever a file's metadata claims."""
+
+MAX_WIDTH = 4096
+"""Upper bound on feature channels (``num_feat``, ``embed_dim``)."""
+
+MAX_SMALL = 64
+"""Upper bound on small structural counts (attention heads, window size, RSTB count)."""
+
 DIV2K_RGB_MEAN = (0.4488, 0.4371, 0.4040)
 """Per-channel RGB mean of DIV2K in ``[0, 1]``, subtracted by EDSR-style models and SwinIR."""
 
@@ -127,18 +138,20 @@ def check_scale(upscale: object) -> int:
     return upscale
 
 
-def check_int(name: str, value: object, minimum: int = 1, multiple_of: int = 1) -> int:
-    """Validate an integer hyperparameter ``>= minimum`` and divisible by ``multiple_of``."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum or value % multiple_of:
+def check_int(name: str, value: object, minimum: int = 1, multiple_of: int = 1, maximum: int | None = None) -> int:
+    """Validate an integer hyperparameter in ``[minimum, maximum]`` and divisible by ``multiple_of``."""
+    if (isinstance(value, bool) or not isinstance(value, int) or value < minimum or value % multiple_of
+            or (maximum is not None and value > maximum)):
         extra = f" and a multiple of {multiple_of}" if multiple_of > 1 else ""
-        raise ConfigError(f"{name}={value!r} must be an integer >= {minimum}{extra}")
+        bound = f"between {minimum} and {maximum}" if maximum is not None else f">= {minimum}"
+        raise ConfigError(f"{name}={_short(value)} must be an integer {bound}{extra}")
     return value
 
 
-def check_float(name: str, value: object, minimum: float = 0.0) -> float:
-    """Validate a positive real hyperparameter (``> minimum``)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > minimum:
-        raise ConfigError(f"{name}={value!r} must be a number > {minimum}")
+def check_float(name: str, value: object, minimum: float = 0.0, maximum: float = 1e6) -> float:
+    """Validate a finite real hyperparameter in ``(minimum, maximum]``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not minimum < value <= maximum:
+        raise ConfigError(f"{name}={_short(value)} must be a number > {minimum} and <= {maximum:g}")
     return float(value)
 
 
@@ -149,6 +162,11 @@ def check_probability(name: str, value: object) -> float:
     return float(value)
 
 
+def _short(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
 def check_bool(name: str, value: object) -> bool:
     """Validate a boolean hyperparameter."""
     if not isinstance(value, bool):
@@ -156,8 +174,8 @@ def check_bool(name: str, value: object) -> bool:
     return value
 
 
-def check_int_list(name: str, value: object) -> list[int]:
-    """Validate a non-empty list of positive integers (e.g. SwinIR ``depths``)."""
-    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence) or not value:
-        raise ConfigError(f"{name}={value!r} must be a non-empty list of positive integers")
-    return [check_int(f"{name}[{i}]", v) for i, v in enumerate(value)]
+def check_int_list(name: str, value: object, max_len: int = MAX_SMALL, maximum: int | None = None) -> list[int]:
+    """Validate a non-empty list (at most ``max_len`` long) of positive integers (e.g. SwinIR ``depths``)."""
+    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence) or not value or len(value) > max_len:
+        raise ConfigError(f"{name}={_short(value)} must be a list of 1 to {max_len} positive integers")
+    return [check_int(f"{name}[{i}]", v, maximum=maximum) for i, v in enumerate(value)]

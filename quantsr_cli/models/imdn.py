@@ -29,7 +29,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from quantsr_cli.models.common import SRModel, check_bool, check_int, check_scale, init_shortcut
+from quantsr_cli.models.common import MAX_BLOCKS, MAX_WIDTH, SRModel, check_bool, check_int, check_scale, init_shortcut
 
 LRELU_SLOPE = 0.05
 
@@ -112,8 +112,8 @@ class IMDN(SRModel):
         self, upscale: int = 4, num_feat: int = 64, num_modules: int = 6, learnable_shortcut: bool = False
     ) -> None:
         upscale = check_scale(upscale)
-        num_feat = check_int("num_feat", num_feat, minimum=16, multiple_of=16)
-        num_modules = check_int("num_modules", num_modules)
+        num_feat = check_int("num_feat", num_feat, minimum=16, multiple_of=16, maximum=MAX_WIDTH)
+        num_modules = check_int("num_modules", num_modules, maximum=MAX_BLOCKS)
         learnable_shortcut = check_bool("learnable_shortcut", learnable_shortcut)
         super().__init__(
             {

@@ -1,7 +1,12 @@
 """Reading foreign ``.pth``/``.pt`` checkpoints safely, strict loading, and architecture detection.
 
 Only ``torch.load(path, map_location="cpu", weights_only=True)`` is used: files that need arbitrary
-unpickling are refused, never executed.
+unpickling are refused, never executed. Before loading, the sizes a file declares are checked against
+the file (:func:`~quantsr_cli.models.pthcheck.check_archive`); after loading, every tensor must be a
+plain, finite CPU tensor backed by its storage (:func:`~quantsr_cli.models.pthcheck.check_tensor`).
+:func:`check_fits` compares a state dict with a model's expected keys and shapes without copying
+anything, so it works on a model built on the ``meta`` device (:func:`~quantsr_cli.models.probe_model`)
+before the real one is allocated.
 """
 
 from __future__ import annotations
@@ -9,6 +14,7 @@ from __future__ import annotations
 import math
 import pickle
 import re
+import warnings
 from collections.abc import Mapping
 from fnmatch import fnmatchcase
 from pathlib import Path
@@ -18,6 +24,7 @@ from torch import Tensor, nn
 
 from quantsr_cli.config import SCALES
 from quantsr_cli.errors import CheckpointError
+from quantsr_cli.models.pthcheck import check_archive, check_tensor
 from quantsr_cli.models.registry import ARCHS, build_model
 
 WRAPPER_KEYS = ("params_ema", "params", "state_dict", "model")
@@ -45,8 +52,11 @@ def read_state_dict(path: str | Path) -> dict[str, Tensor]:
         raise CheckpointError("no such checkpoint file", path)
     if path.stat().st_size == 0:
         raise CheckpointError("empty file (0 bytes)", path)
+    check_archive(path)
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch's deprecation chatter about odd tensors is not for our users
+            warnings.simplefilter("ignore")
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         # torch words it "Unsupported global: GLOBAL mod.name" or "unsupported GLOBAL mod.name whose module ..."
         refused = re.search(r"[Uu]nsupported (?:global: )?GLOBAL (\S+)", str(exc))
@@ -75,20 +85,19 @@ def read_state_dict(path: str | Path) -> dict[str, Tensor]:
     for key, value in obj.items():
         if not isinstance(key, str) or not isinstance(value, Tensor):
             raise CheckpointError(f"not a state dict: entry {key!r} holds a {type(value).__name__}", path)
-        state[key.removeprefix("module.")] = value
+        key = key.removeprefix("module.")
+        check_tensor(key, value, path)
+        state[key] = value
     return state
 
 
-def load_weights(model: nn.Module, state_dict: Mapping[str, Tensor], path: str | Path | None = None) -> nn.Module:
-    """Load ``state_dict`` into ``model`` strictly (in place) and return the model.
+def check_fits(model: nn.Module, state_dict: Mapping[str, Tensor], path: str | Path | None = None) -> None:
+    """CheckpointError unless ``state_dict`` has exactly the keys and shapes ``model`` expects.
 
-    Keys matching the model's ``derived_keys`` (e.g. official SwinIR ``attn_mask`` buffers) are
-    accepted and ignored. Non-persistent ``learnable_shortcut`` buffers are not expected in the file.
-    Nothing is copied unless every key and shape fits.
-
-    Raises:
-        CheckpointError: naming ``path`` and listing the first missing, unexpected and mis-shaped keys,
-            plus the architecture the file looks like when that differs from the model.
+    Copies nothing, so ``model`` may live on the ``meta`` device. Keys matching the model's
+    ``derived_keys`` (e.g. official SwinIR ``attn_mask`` buffers) are accepted and ignored.
+    The error names ``path`` and lists the first missing, unexpected and mis-shaped keys, plus the
+    architecture the file looks like when that differs from the model.
     """
     derived = getattr(model, "derived_keys", ())
     given = {k: v for k, v in state_dict.items() if not any(fnmatchcase(k, p) for p in derived)}
@@ -118,7 +127,23 @@ def load_weights(model: nn.Module, state_dict: Mapping[str, Tensor], path: str |
             if (file_arch, file_hparams) != (arch, {k: hparams.get(k) for k in file_hparams}):
                 message += f" (the file looks like {file_arch} {_fmt(file_hparams)})"
         raise CheckpointError(message, path)
-    model.load_state_dict(dict(state_dict), strict=True)
+
+
+def load_weights(model: nn.Module, state_dict: Mapping[str, Tensor], path: str | Path | None = None) -> nn.Module:
+    """Load ``state_dict`` into ``model`` strictly (in place) and return the model.
+
+    Nothing is copied unless every key and shape fits (:func:`check_fits`). Non-persistent
+    ``learnable_shortcut`` buffers are not expected in the file.
+
+    Raises:
+        CheckpointError: naming ``path``, for any key, shape or value torch cannot load.
+    """
+    check_fits(model, state_dict, path)
+    try:
+        model.load_state_dict(dict(state_dict), strict=True)
+    except (RuntimeError, ValueError, TypeError) as exc:
+        first = next((ln.strip() for ln in str(exc).splitlines()[1:] if ln.strip()), str(exc).splitlines()[0])
+        raise CheckpointError(f"tensors do not fit the model ({first[:200]})", path) from None
     return model
 
 

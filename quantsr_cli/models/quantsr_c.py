@@ -19,6 +19,8 @@ import torch
 from torch import Tensor, nn
 
 from quantsr_cli.models.common import (
+    MAX_BLOCKS,
+    MAX_WIDTH,
     DIV2K_RGB_MEAN,
     SRModel,
     Upsample,
@@ -81,8 +83,8 @@ class QuantSRC(SRModel):
         learnable_shortcut: bool = True,
     ) -> None:
         upscale = check_scale(upscale)
-        num_block = check_int("num_block", num_block)
-        num_feat = check_int("num_feat", num_feat)
+        num_block = check_int("num_block", num_block, maximum=MAX_BLOCKS)
+        num_feat = check_int("num_feat", num_feat, maximum=MAX_WIDTH)
         res_scale = check_float("res_scale", res_scale)
         learnable_shortcut = check_bool("learnable_shortcut", learnable_shortcut)
         super().__init__(

@@ -6,6 +6,8 @@ import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import torch
+
 from quantsr_cli.errors import ConfigError
 from quantsr_cli.models.common import SRModel
 from quantsr_cli.models.imdn import IMDN
@@ -63,3 +65,14 @@ def build_model(arch: str, **hparams: object) -> SRModel:
             f"unknown hyperparameter(s) {', '.join(unknown)} for arch {arch!r}; accepted: {', '.join(spec.defaults)}"
         )
     return spec.builder(**hparams)
+
+
+def probe_model(arch: str, **hparams: object) -> SRModel:
+    """:func:`build_model` on the ``meta`` device: the module tree and every parameter's shape, no memory.
+
+    Builders check their hyperparameters (types and upper bounds) before constructing anything, so
+    this is cheap for any metadata; compare its ``state_dict()`` with a file's tensors
+    (:func:`~quantsr_cli.models.loading.check_fits`) before building the real model.
+    """
+    with torch.device("meta"):
+        return build_model(arch, **hparams)

@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from quantsr_cli.models.common import SRModel, check_bool, check_int, check_scale, init_shortcut
+from quantsr_cli.models.common import MAX_BLOCKS, MAX_WIDTH, SRModel, check_bool, check_int, check_scale, init_shortcut
 
 LRELU_SLOPE = 0.1
 
@@ -74,8 +74,8 @@ class MSRResNet(SRModel):
         self, upscale: int = 4, num_block: int = 16, num_feat: int = 64, learnable_shortcut: bool = False
     ) -> None:
         upscale = check_scale(upscale)
-        num_block = check_int("num_block", num_block)
-        num_feat = check_int("num_feat", num_feat)
+        num_block = check_int("num_block", num_block, maximum=MAX_BLOCKS)
+        num_feat = check_int("num_feat", num_feat, maximum=MAX_WIDTH)
         learnable_shortcut = check_bool("learnable_shortcut", learnable_shortcut)
         super().__init__(
             {"upscale": upscale, "num_block": num_block, "num_feat": num_feat, "learnable_shortcut": learnable_shortcut}

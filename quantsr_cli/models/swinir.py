@@ -38,6 +38,9 @@ from torch import Tensor, nn
 
 from quantsr_cli.errors import ConfigError
 from quantsr_cli.models.common import (
+    MAX_BLOCKS,
+    MAX_SMALL,
+    MAX_WIDTH,
     DIV2K_RGB_MEAN,
     DropPath,
     SRModel,
@@ -283,13 +286,15 @@ class SwinIR(SRModel):
         share_qv_quantizer: bool = False,
     ) -> None:
         upscale = check_scale(upscale)
-        embed_dim = check_int("embed_dim", embed_dim)
-        depths_l = check_int_list("depths", depths)
-        heads_l = check_int_list("num_heads", num_heads)
-        window_size = check_int("window_size", window_size, minimum=2, multiple_of=2)
-        mlp_ratio = check_float("mlp_ratio", mlp_ratio)
+        embed_dim = check_int("embed_dim", embed_dim, maximum=MAX_WIDTH)
+        depths_l = check_int_list("depths", depths, maximum=MAX_SMALL)
+        heads_l = check_int_list("num_heads", num_heads, maximum=MAX_SMALL)
+        window_size = check_int("window_size", window_size, minimum=2, multiple_of=2, maximum=MAX_SMALL)
+        mlp_ratio = check_float("mlp_ratio", mlp_ratio, maximum=16.0)
         learnable_shortcut = check_bool("learnable_shortcut", learnable_shortcut)
         share_qv = check_bool("share_qv_quantizer", share_qv_quantizer)
+        if sum(depths_l) > MAX_BLOCKS:
+            raise ConfigError(f"depths={depths_l} add up to more than {MAX_BLOCKS} Swin blocks")
         if len(depths_l) != len(heads_l):
             raise ConfigError(f"depths ({len(depths_l)} entries) and num_heads ({len(heads_l)}) must have equal length")
         for heads in heads_l:

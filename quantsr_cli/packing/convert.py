@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from quantsr_cli.errors import CheckpointError, ConfigError
+from quantsr_cli.fileio import dumps
 from quantsr_cli.packing.layout import PackFormat
 from quantsr_cli.packing.modules import PACKED_TYPES, PackedActQuant, PackedConv2d, PackedLinear, PackedModule
 
@@ -107,7 +108,7 @@ def decode_layers(meta: dict[str, str], path: Path | str | None = None) -> list[
 
 
 def _dumps(value: Any) -> str:
-    return json.dumps(value, separators=(",", ":"))
+    return dumps(value, separators=(",", ":"))  # valid JSON: non-finite numbers become null
 
 
 def model_metadata(model: nn.Module, kind: str, config: Any = None, extra: dict[str, Any] | None = None) -> dict[str, str]:

@@ -24,9 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import struct
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +34,8 @@ from safetensors.torch import save as _st_save
 from torch import nn
 
 from quantsr_cli.errors import CheckpointError, FormatVersionError, QuantSRError
+from quantsr_cli.packing.checks import check_backed, check_finite, on_meta
+from quantsr_cli.fileio import atomic_write
 from quantsr_cli.packing.convert import (
     FORMAT,
     FORMAT_VERSION,
@@ -56,8 +56,11 @@ __all__ = [
     "to_packed", "build_packed_model", "model_metadata", "save_model", "load_model_file", "size_report",
 ]
 
-MAX_HEADER_BYTES = 100 * 1024 * 1024
-"""safetensors' own cap on the JSON header (a DoS guard)."""
+MAX_HEADER_BYTES = 16 * 1024 * 1024
+"""Largest JSON header read (safetensors' own cap is 100 MB; ours are far below 1 MB): a DoS guard."""
+
+MAX_META_VALUE = 4 * 1024 * 1024
+"""Largest metadata value: it is JSON-decoded, and a few MB of JSON can become hundreds of MB of objects."""
 
 
 def _prepare(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -91,7 +94,7 @@ def serialize(tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> bytes:
 
 
 def save_file(tensors: dict[str, torch.Tensor], meta: dict[str, str], path: str | Path) -> None:
-    """Write a quantsr safetensors file atomically (temp file in the same folder, fsync, ``os.replace``).
+    """Write a quantsr safetensors file atomically (:func:`quantsr_cli.fileio.atomic_write`).
 
     Args:
         tensors: name -> tensor (moved to CPU; shared storage is copied).
@@ -103,31 +106,10 @@ def save_file(tensors: dict[str, torch.Tensor], meta: dict[str, str], path: str 
     """
     path = Path(path)
     data = serialize(tensors, meta)
-    tmp = None
     try:
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        umask = os.umask(0)
-        os.umask(umask)
-        os.fchmod(fd, 0o666 & ~umask)  # mkstemp creates 0600; model files are ordinary user files
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        tmp = None
-        try:
-            dir_fd = os.open(path.parent, os.O_RDONLY)
-            try:
-                os.fsync(dir_fd)
-            finally:
-                os.close(dir_fd)
-        except OSError:
-            pass  # directories cannot be fsynced on every platform
+        atomic_write(path, data)
     except OSError as exc:
         raise CheckpointError(f"cannot write ({exc.strerror or exc})", path) from None
-    finally:
-        if tmp is not None and os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def _parse_header(raw: bytes, size: int, path: Path) -> tuple[dict[str, Any], dict[str, str], int]:
@@ -135,8 +117,11 @@ def _parse_header(raw: bytes, size: int, path: Path) -> tuple[dict[str, Any], di
     if size < 8 or len(raw) < 8:
         raise CheckpointError("not a safetensors file (empty or shorter than 8 bytes)", path)
     (n,) = struct.unpack("<Q", raw[:8])
-    if n < 2 or n > MAX_HEADER_BYTES:
+    if n < 2:
         raise CheckpointError(f"not a safetensors file (header length {n})", path)
+    if n > MAX_HEADER_BYTES:
+        raise CheckpointError(f"not a safetensors file of quantsr (a {n:,}-byte header; ours stay below "
+                              f"{MAX_HEADER_BYTES:,})", path)
     if 8 + n > size or len(raw) < 8 + n:
         raise CheckpointError("truncated file (header runs past the end)", path)
     try:
@@ -148,6 +133,10 @@ def _parse_header(raw: bytes, size: int, path: Path) -> tuple[dict[str, Any], di
     meta = header.get("__metadata__")
     if not isinstance(meta, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items()):
         raise CheckpointError("not a quantsr file (no string metadata)", path)
+    big = next((k for k, v in meta.items() if len(v) > MAX_META_VALUE), None)
+    if big is not None:
+        raise CheckpointError(f"metadata {big[:40]!r} is {len(meta[big]):,} characters, more than a quantsr file "
+                              f"ever holds ({MAX_META_VALUE:,})", path)
     if meta.get("format") != FORMAT:
         raise CheckpointError(f"not a quantsr file (format={meta.get('format')!r})", path)
     version = meta.get("format_version", "")
@@ -246,16 +235,27 @@ def save_model(
     return meta
 
 
-def _build_base(meta: dict[str, str], path: Path) -> nn.Module:
+def _build_base(meta: dict[str, str], path: Path, tensors: dict[str, torch.Tensor] | None = None) -> nn.Module:
+    """The FP model the metadata describes; with ``tensors``, only once they back it (:mod:`.checks`)."""
     from quantsr_cli.models import build_model
 
     try:
         hparams = json.loads(meta.get("hparams", "{}"))
-    except ValueError:
+    except (ValueError, RecursionError):
         raise CheckpointError("metadata 'hparams' is not valid JSON", path) from None
     arch = meta.get("arch", "")
     if not isinstance(hparams, dict) or not arch:
         raise CheckpointError("metadata lacks 'arch' or has non-object 'hparams'", path)
+    try:
+        probe = on_meta(lambda: build_model(arch, **hparams))
+    except (QuantSRError, TypeError, ValueError) as exc:
+        raise CheckpointError(f"cannot build {arch!r} from its metadata ({exc})", path) from None
+    if tensors is not None:
+        packed = None
+        if meta.get("kind") == "packed":
+            packed = {e["name"]: e for e in decode_layers(meta, path) if isinstance(e.get("name"), str)}
+        check_backed(probe, tensors, path, packed)
+    del probe
     try:
         return build_model(arch, **hparams)
     except (QuantSRError, TypeError, ValueError) as exc:
@@ -264,6 +264,9 @@ def _build_base(meta: dict[str, str], path: Path) -> nn.Module:
 
 def load_model_file(path: str | Path) -> nn.Module:
     """Load a quantsr model file into a ready model (eval mode, on CPU), dispatching on ``kind``.
+
+    Before anything is built, NaN/Inf tensors are refused and the metadata's architecture is checked
+    against the tensors (built on the meta device first, see :mod:`quantsr_cli.packing.checks`).
 
     ``packed``: ``build_model`` + packed modules (reference ``impl``; pick a backend with
     ``quantsr_cli.backends.use_backend``); ``qat``: ``build_model`` + ``quant.quantize_`` with the
@@ -278,7 +281,8 @@ def load_model_file(path: str | Path) -> nn.Module:
     kind = meta.get("kind")
     if kind not in KINDS:
         raise CheckpointError(f"holds {kind!r} data, not a model (kind must be one of {', '.join(KINDS)})", path)
-    model = _build_base(meta, path)
+    check_finite(tensors, path)
+    model = _build_base(meta, path, tensors)
     if kind == "packed":
         model = build_packed_model(model, tensors, meta, path)
         try:  # what to_qat and a re-export read; a packed file's forward does not depend on it

@@ -9,9 +9,9 @@ A preset is a flat YAML mapping of ``quantsr quantize`` options, e.g. ``presets/
     init: ${QUANTSR_DATA}/weights/IMDN_x4.pth
     iters: 4000
 
-Keys are the option names of the training commands (with ``-`` or ``_``); an unknown key, a value of
-the wrong type or a YAML tag such as ``!!python/object`` is a :class:`~quantsr_cli.errors.ConfigError`
-naming the file and the key. Files are read with ``yaml.safe_load`` only. ``${QUANTSR_DATA}`` in string
+Keys are the option names of the training commands (with ``-`` or ``_``); an unknown or repeated key, a
+value of the wrong type or a YAML tag such as ``!!python/object`` is a :class:`~quantsr_cli.errors.ConfigError`
+naming the file and the key. ``--preset`` takes only the name of a bundled preset. Files are read with ``yaml.safe_load`` only. ``${QUANTSR_DATA}`` in string
 values expands to the shared data folder (see :func:`expand_data_vars`).
 """
 
@@ -88,12 +88,19 @@ def list_presets() -> list[str]:
 
 
 def load_preset(name: str) -> dict[str, Any]:
-    """Read the bundled preset ``name`` (file stem, e.g. ``"imdn_x4_w4a4"``)."""
-    path = preset_dir() / f"{name}.yaml"
-    if not path.is_file():
-        known = ", ".join(list_presets()) or "none"
-        raise ConfigError(f"unknown preset {name!r}; bundled presets: {known}")
-    return load_config_file(path)
+    """Read the bundled preset ``name`` (file stem, e.g. ``"imdn_x4_w4a4"``).
+
+    Only the names :func:`list_presets` returns are accepted: a path (or a name with ``/``, ``..`` or
+    ``.yaml``) is refused, pointing to ``--config``, which is how option files are passed.
+    """
+    known = list_presets()
+    if name not in known:
+        if any(ch in name for ch in "/\\") or name.endswith((".yaml", ".yml")) or name.startswith("."):
+            raise ConfigError(f"--preset takes a bundled preset name, not a path ({name!r}); "
+                              "pass your own options file with --config FILE")
+        raise ConfigError(f"unknown preset {name!r}: --preset takes a bundled preset name "
+                          f"({', '.join(known) or 'none'}); your own options file goes to --config FILE")
+    return load_config_file(preset_dir() / f"{name}.yaml")
 
 
 def load_config_file(path: str | Path) -> dict[str, Any]:
@@ -104,6 +111,7 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
     except (OSError, UnicodeDecodeError) as exc:
         reason = getattr(exc, "strerror", None) or (f"not UTF-8 text ({exc.reason})" if isinstance(exc, UnicodeDecodeError) else exc)
         raise ConfigError(f"cannot read config file: {reason}", path) from None
+    _check_duplicate_keys(text, path)
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
@@ -114,6 +122,38 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ConfigError("expected a mapping of option: value at the top level", path)
     return validate_options(data, path)
+
+
+def _check_duplicate_keys(text: str, path: Path) -> None:
+    """ConfigError for a mapping that repeats a key (YAML 1.2 forbids it; PyYAML keeps the last one silently).
+
+    Uses ``yaml.compose``: the node tree only, nothing is constructed. Aliased nodes are visited once,
+    so alias bombs cost nothing here.
+    """
+    try:
+        root = yaml.compose(text)
+    except yaml.YAMLError:
+        return  # safe_load reports the syntax error
+    seen_nodes: set[int] = set()
+    stack = [root] if root is not None else []
+    while stack:
+        node = stack.pop()
+        if id(node) in seen_nodes:
+            continue
+        seen_nodes.add(id(node))
+        if isinstance(node, yaml.MappingNode):
+            lines: dict[tuple[str, str], int] = {}
+            for key, value in node.value:
+                stack += [key, value]
+                if not isinstance(key, yaml.ScalarNode) or key.tag == "tag:yaml.org,2002:merge":
+                    continue
+                line = key.start_mark.line + 1
+                first = lines.setdefault((key.tag, key.value), line)
+                if first != line:
+                    raise ConfigError(f"duplicate key {key.value!r} (lines {first} and {line}); each option may "
+                                      "appear once", path)
+        elif isinstance(node, yaml.SequenceNode):
+            stack += list(node.value)
 
 
 def validate_options(data: dict[Any, Any], path: str | Path | None = None) -> dict[str, Any]:

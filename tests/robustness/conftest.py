@@ -75,3 +75,33 @@ def small_train_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
         base = (rng.random((16, 16, 3)) * 255).astype(np.uint8)
         write_png(folder / f"t{i}.png", cv2.resize(base, (64, 64), interpolation=cv2.INTER_CUBIC))
     return folder
+
+
+@pytest.fixture(scope="session")
+def baseline_rss(tiny_models: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> float:
+    """Peak RSS (MiB) of an ordinary ``upscale`` of a small image with a tiny model: what a refused file may cost."""
+    from .memory import peak_rss
+
+    folder = tmp_path_factory.mktemp("baseline")
+    src = write_png(folder / "in.png", np.zeros((12, 16, 3), np.uint8))
+    result, rss = peak_rss("upscale", str(src), "-o", str(folder / "out.png"), "--model", str(tiny_models["fp"]))
+    assert result.returncode == 0, result.stderr
+    return rss
+
+
+@pytest.fixture(scope="session")
+def diffusion_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Tiny ``osd-sr-tiny`` x4 files (8 channels): ``fp`` (kind diffusion-fp) and ``qat`` (diffusion-qat, W4A4)."""
+    from quantsr_cli.diffusion.ckpt import save_model
+    from quantsr_cli.diffusion.osd_tiny import build_osd_model
+    from quantsr_cli.diffusion.qmodel import QuantSpec, quantize_model
+
+    folder = tmp_path_factory.mktemp("diffusion")
+    hparams = dict(vae_channels=[8, 8], unet_channels=[8, 8], attn_levels=[1], heads=2, context_dim=8, context_len=2)
+    torch.manual_seed(0)
+    fp = save_model(build_osd_model("osd-sr-tiny", **hparams), folder / "fp.safetensors")
+    spec = QuantSpec(w_bits=4, a_bits=4)
+    model = build_osd_model("osd-sr-tiny", **hparams)
+    quantize_model(model, spec)
+    qat = save_model(model, folder / "qat.safetensors", spec=spec)
+    return {"fp": fp, "qat": qat}

@@ -63,3 +63,22 @@ def fresh_dir(path: Path) -> Path:
 
 def is_root() -> bool:
     return hasattr(os, "geteuid") and os.geteuid() == 0
+
+
+QUICK_TRAIN = ("--iters", "1", "--val-every", "0", "--patch-size", "16", "--batch-size", "1", "--save-every", "1")
+"""Options that make a training command (``quantize``/``slim``/``distill``) finish in about a second."""
+
+
+def strict_json(text: str):
+    """``json.loads`` that refuses ``NaN``/``Infinity``/``-Infinity`` (not JSON; JavaScript's parser throws)."""
+    import json
+
+    def refuse(token: str):
+        raise ValueError(f"not valid JSON: {token}")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def hidden_leftovers(folder: Path) -> list[str]:
+    """Files under ``folder`` whose name starts with a dot (temporary files of interrupted writes)."""
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob(".*") if p.is_file())

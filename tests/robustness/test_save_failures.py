@@ -1,7 +1,7 @@
 """A full disk or a permission error while saving never costs the previous checkpoint.
 
-Function-level: the writer is made to fail at each step (create the temp file, write half of it,
-fsync, rename) by monkeypatching, since tests often run as root where ``chmod`` blocks nothing. After
+Function-level: the one writer (:func:`quantsr_cli.fileio.atomic_write`) is made to fail at each step
+(create the temp file, write half of it, fsync, rename) by monkeypatching, since tests often run as root where ``chmod`` blocks nothing. After
 each failure: our error type naming the file, the previous state still loads and restores exactly,
 and no temp file is left behind.
 """
@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from quantsr_cli import fileio
 from quantsr_cli.data import io as image_io
 from quantsr_cli.engine import checkpoint as ckpt
 from quantsr_cli.errors import CheckpointError, ImageError
@@ -59,7 +60,7 @@ def _fail_on_write(monkeypatch: pytest.MonkeyPatch) -> None:
         def __exit__(self, *exc: object) -> None:
             self.fh.close()
 
-    monkeypatch.setattr(packing_io.os, "fdopen", lambda fd, *a, **k: HalfFull(real_fdopen(fd, *a, **k)))
+    monkeypatch.setattr(fileio.os, "fdopen", lambda fd, *a, **k: HalfFull(real_fdopen(fd, *a, **k)))
 
 
 def _raise(err: int, text: str):
@@ -71,11 +72,11 @@ def _raise(err: int, text: str):
 
 FAILURES = {
     "disk_full_mid_write": (_fail_on_write, "No space left"),
-    "fsync_io_error": (lambda mp: mp.setattr(packing_io.os, "fsync", _raise(errno.EIO, "Input/output error")),
+    "fsync_io_error": (lambda mp: mp.setattr(fileio.os, "fsync", _raise(errno.EIO, "Input/output error")),
                        "Input/output error"),
-    "rename_disk_full": (lambda mp: mp.setattr(packing_io.os, "replace", _raise(errno.ENOSPC, "No space left on device")),
+    "rename_disk_full": (lambda mp: mp.setattr(fileio.os, "replace", _raise(errno.ENOSPC, "No space left on device")),
                          "No space left"),
-    "permission_denied": (lambda mp: mp.setattr(packing_io.tempfile, "mkstemp", _raise(errno.EACCES, "Permission denied")),
+    "permission_denied": (lambda mp: mp.setattr(fileio.os, "open", _raise(errno.EACCES, "Permission denied")),
                           "Permission denied"),
 }
 

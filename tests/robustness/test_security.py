@@ -24,7 +24,8 @@ from .helpers import error_line, fresh_dir, tree, write_png
 PACKAGE = REPO / "quantsr_cli"
 UNSAFE_MODULES = {"pickle", "cPickle", "_pickle", "dill", "cloudpickle", "joblib", "marshal", "shelve"}
 PICKLE_EXCEPTIONS = {"UnpicklingError", "PickleError"}
-YAML_SAFE = {"safe_load", "safe_load_all", "YAMLError", "safe_dump", "safe_dump_all", "dump", "MarkedYAMLError"}
+YAML_SAFE = {"safe_load", "safe_load_all", "YAMLError", "safe_dump", "safe_dump_all", "dump", "MarkedYAMLError",
+             "compose", "MappingNode", "ScalarNode", "SequenceNode"}  # compose builds the node tree only
 
 
 def _dotted(node: ast.AST) -> str:
