@@ -110,7 +110,7 @@ class ImdnPlan:
             self.blocks.append({
                 "c1": _tc(b.c1, device, f, f, 3), "c2": _tc(b.c2, device, r, f, 3), "c3": _tc(b.c3, device, r, f, 3),
                 "c4": _tc(b.c4, device, r, d, 3), "c5": _tc(b.c5, device, f, f, 1),
-                "slope": float(b.act.negative_slope), "ls": float(b.learnable_shortcut.reshape(-1)[0]),
+                "slope": float(b.act.negative_slope), "ls": float(b.learnable_shortcut.detach().reshape(-1)[0]),
                 "cca": copy.deepcopy(b.cca.conv_du).to(device=device, dtype=torch.float32).eval(),
             })
         self.fuse = _tc(model.c[0], device, f * len(blocks), f, 1)
@@ -178,7 +178,7 @@ class ResNetPlan:
         self.f, self.prec = f, prec
         self.blocks = []
         for b in model.body:
-            ls = float(b.learnable_shortcut.reshape(-1)[0])
+            ls = float(b.learnable_shortcut.detach().reshape(-1)[0])
             if b.skip:
                 self.blocks.append({"skip": True, "ls": ls})
                 continue
