@@ -205,12 +205,14 @@ def prepare(module: Any) -> Callable[[Any, torch.Tensor], torch.Tensor]:
 def prepare_model(model: Any) -> None:
     """Fail early, before any layer is touched, when CUDA or cupy is missing; then install the engine as
     the model's forward (fused plan or layer by layer, CUDA graph per input shape; see
-    :mod:`engine_runtime`). Float precision: ``$QUANTSR_ENGINE_PRECISION`` (mixed, the default; fp16; fp32)."""
+    :mod:`engine_runtime`). Float precision: the model's ``quantsr_engine_precision`` attribute (set by
+    ``upscale --half``), else ``$QUANTSR_ENGINE_PRECISION`` (mixed, the default; fp16; fp32)."""
     check_available()
     from quantsr_cli.backends import engine_runtime
 
     engine_runtime.uninstall(model)
-    engine_runtime.install(model, os.environ.get("QUANTSR_ENGINE_PRECISION", "mixed").strip().lower() or "mixed")
+    precision = getattr(model, "quantsr_engine_precision", None) or os.environ.get("QUANTSR_ENGINE_PRECISION", "")
+    engine_runtime.install(model, precision.strip().lower() or "mixed")
 
 
 def release_model(model: Any) -> None:

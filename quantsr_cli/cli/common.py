@@ -17,7 +17,13 @@ from quantsr_cli.fileio import dumps
 err_console = Console(stderr=True)
 """Logs, progress bars and errors go to stderr; results go to stdout."""
 
-DeviceOpt = Annotated[str, typer.Option("--device", help="Torch device: cpu, cuda or cuda:N.")]
+def _device(value: str) -> str:
+    from quantsr_cli.engine.devices import check_device
+
+    return check_device(value)
+
+
+DeviceOpt = Annotated[str, typer.Option("--device", help="Torch device: cpu, cuda or cuda:N.", callback=_device)]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object to stdout.")]
 ScaleOpt = Annotated[int | None, typer.Option("--scale", "-s", help="Upscaling factor (2, 3 or 4).", min=2, max=4)]
 DataRootOpt = Annotated[

@@ -5,9 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated
 
+import torch
 import typer
 
-from quantsr_cli.cli.common import DeviceOpt, JsonOpt, err_console, print_json, progress_bar
+from quantsr_cli.cli.common import DeviceOpt, JsonOpt, err_console, finite, print_json, progress_bar
 from quantsr_cli.data.io import MAX_PIXELS
 from quantsr_cli.engine.modelio import load_model
 from quantsr_cli.engine.runtime import select_backend
@@ -25,22 +26,36 @@ def upscale(
     ext: Annotated[str, typer.Option("--ext", help="Output format: auto (as the input), png, jpg, webp, tif.")] = "auto",
     overwrite: Annotated[bool, typer.Option("--overwrite/--skip-existing", help="Replace or keep existing outputs.")] = True,
     max_pixels: Annotated[int, typer.Option("--max-pixels", help="Refuse inputs, or outputs (input pixels x scale²), with more pixels (width x height) than this; checked from the file header; 0 = no limit.")] = MAX_PIXELS,
+    outscale: Annotated[float | None, typer.Option("--outscale", help="Final scale of the written images (e.g. 3 with an x4 model); the model output is resized with Lanczos [default: the model's scale].", callback=finite)] = None,
+    alpha_upsampler: Annotated[str, typer.Option("--alpha-upsampler", help="Alpha channels: bicubic, or model (run the SR model on the alpha).")] = "bicubic",
+    quality: Annotated[int, typer.Option("--quality", help="JPEG / WebP quality (100: lossless WebP).", min=0, max=100)] = 95,
+    half: Annotated[bool, typer.Option("--half", help="GPU engine (--backend cupy) with float16 glue: faster, slightly less exact.")] = False,
+    threads: Annotated[int, typer.Option("--threads", help="CPU threads (0 = torch's default).", min=0)] = 0,
     device: DeviceOpt = "cpu",
     json_out: JsonOpt = False,
 ) -> None:
     """Upscale images or folders with a (packed) SR model; the bundled default needs no flags."""
     opts = UpscaleOptions(tile=tile, tile_pad=tile_pad, suffix=suffix, ext=ext, overwrite=overwrite,
-                          max_pixels=max_pixels)
+                          max_pixels=max_pixels, outscale=outscale, alpha_upsampler=alpha_upsampler, quality=quality)
+    if threads:
+        torch.set_num_threads(threads)
     loaded = load_model(model, device=device)
-    used = select_backend(loaded, backend, device)
-    err_console.print(f"model: {loaded.label}, backend: {used}", highlight=False)
+    used = select_backend(loaded, backend, device, half=half)
+    err_console.print(f"model: {loaded.label}, backend: {used}{' (float16)' if half else ''}", highlight=False)
     with progress_bar() as progress:
         task = progress.add_task("upscale", total=None, info="")
 
         def on_event(event: dict) -> None:
-            progress.update(task, completed=event["index"], total=event["total"], info=Path(event["src"]).name)
+            info = Path(event["src"]).name
+            if event["event"] == "tile":
+                info += f" (tile {event['tile']}/{event['tiles']})"
+                progress.update(task, completed=event["index"], total=event["total"], info=info)
+            else:
+                progress.update(task, completed=event["index"], total=event["total"], info=info)
 
         report = run_upscale(loaded, inputs, str(output), opts, on_event=on_event)
+    for message in report.warnings:
+        err_console.print(f"warning: {message}", highlight=False, markup=False, soft_wrap=True)
     for message in report.failed.values():
         err_console.print(f"error: {message}", highlight=False, markup=False, soft_wrap=True)
     if json_out:

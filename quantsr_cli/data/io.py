@@ -48,6 +48,7 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 """File extensions treated as images (lower case) when listing folders."""
 
 _NO_ALPHA_FORMATS = (".jpg", ".jpeg", ".bmp")
+"""Formats whose files have no alpha channel (an input's alpha is dropped there, with a warning)."""
 _SIXTEEN_BIT_FORMATS = (".png", ".tif", ".tiff")
 
 
@@ -348,12 +349,14 @@ def image_array(
 
 
 def write_array(path: str | Path, arr: np.ndarray, jpeg_quality: int = 95) -> Path:
-    """Encode an :func:`image_array` result in ``path``'s format and write it atomically."""
+    """Encode an :func:`image_array` result in ``path``'s format and write it atomically
+    (``jpeg_quality``: 0..100 for JPEG, 1..100 for WebP, where 100 is lossless; ignored otherwise)."""
     path = Path(path)
     ext = path.suffix.lower()
     if ext not in IMAGE_EXTENSIONS:
         raise ImageError(f"unknown image extension {ext or '(none)'!r}; use one of {', '.join(IMAGE_EXTENSIONS)}", path)
-    params = [cv2.IMWRITE_JPEG_QUALITY, int(jpeg_quality)] if ext in (".jpg", ".jpeg") else []
+    params = ([cv2.IMWRITE_JPEG_QUALITY, int(jpeg_quality)] if ext in (".jpg", ".jpeg")
+              else [cv2.IMWRITE_WEBP_QUALITY, int(jpeg_quality)] if ext == ".webp" else [])
     try:
         ok, buf = cv2.imencode(ext, arr, params)
     except cv2.error as exc:

@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from collections.abc import Callable
+
 from quantsr_cli.errors import ConfigError, NumericError
 
 
@@ -27,7 +29,8 @@ def _finite_output(sr: torch.Tensor) -> torch.Tensor:
 
 @torch.inference_mode()
 def upscale_tensor(
-    model: nn.Module, lr: torch.Tensor, scale: int, tile: int = 0, tile_pad: int = 16
+    model: nn.Module, lr: torch.Tensor, scale: int, tile: int = 0, tile_pad: int = 16,
+    on_tile: Callable[[int, int], None] | None = None,
 ) -> torch.Tensor:
     """Super-resolve ``lr``.
 
@@ -37,6 +40,7 @@ def upscale_tensor(
         scale: the model's upscaling factor.
         tile: LR tile side in pixels; 0 processes the whole image at once.
         tile_pad: LR context pixels around each tile.
+        on_tile: called as ``on_tile(done, total)`` after each tile (progress for large images).
 
     Returns:
         (N,3,h*scale,w*scale) float tensor clamped to [0,1].
@@ -51,6 +55,7 @@ def upscale_tensor(
         return _finite_output(model(lr)).clamp_(0, 1)
     n, c = lr.shape[:2]
     out = lr.new_zeros((n, c, h * scale, w * scale))
+    total, done = -(-h // tile) * -(-w // tile), 0
     for top in range(0, h, tile):
         for left in range(0, w, tile):
             bottom, right = min(top + tile, h), min(left + tile, w)
@@ -62,4 +67,7 @@ def upscale_tensor(
             out[:, :, top * scale : bottom * scale, left * scale : right * scale] = sr[
                 :, :, oy : oy + th, ox : ox + tw
             ]
+            done += 1
+            if on_tile is not None:
+                on_tile(done, total)
     return out.clamp_(0, 1)

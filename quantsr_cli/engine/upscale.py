@@ -3,8 +3,9 @@
 Mirrors Real-ESRGAN's ``inference_realesrgan.py`` where it fits: inputs are files, folders or globs;
 the output is a file for a single input and otherwise a folder (``<stem><suffix>.<ext>``), and no
 output may replace an input or another output (checked for all of them before anything is written); large
-images go through overlapping tiles; alpha is upscaled separately (bicubic), 16-bit PNGs stay 16-bit
-and grayscale stays grayscale. Every output is written atomically, so an interrupted run leaves only
+images go through overlapping tiles; alpha is upscaled separately (bicubic, or by the model with
+``alpha_upsampler="model"``), 16-bit PNGs stay 16-bit and grayscale stays grayscale; ``outscale`` resizes the
+model's output to any final scale (Lanczos, as Real-ESRGAN's ``--outscale``). Every output is written atomically, so an interrupted run leaves only
 complete files (plus, after ``kill -9``, at most a hidden ``.<name>.<pid>.<hex>.tmp`` file, which the
 next run into that folder deletes), and ``skip_existing`` resumes it. One failing image does not stop
 the others.
@@ -14,6 +15,8 @@ from __future__ import annotations
 
 import glob
 import os
+
+import cv2
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +26,7 @@ import torch
 
 from quantsr_cli.data.imresize import imresize
 from quantsr_cli.data.io import (
+    _NO_ALPHA_FORMATS,
     IMAGE_EXTENSIONS,
     MAX_PIXELS,
     image_array,
@@ -49,8 +53,20 @@ class UpscaleOptions:
     ext: str = "auto"
     overwrite: bool = True
     max_pixels: int | None = MAX_PIXELS
+    outscale: float | None = None
+    """Final scale of the written image (None: the model's); the output is resized with Lanczos."""
+    alpha_upsampler: str = "bicubic"
+    """How an alpha channel is upscaled: ``bicubic`` (MATLAB-style) or ``model`` (the SR model, on gray)."""
+    quality: int = 95
+    """JPEG quality 0..100 / WebP quality 1..100 (100 = lossless WebP)."""
 
     def __post_init__(self) -> None:
+        if self.outscale is not None and not (0.0 < self.outscale <= 16.0):
+            raise ConfigError(f"--outscale {self.outscale} must be in (0, 16]")
+        if self.alpha_upsampler not in ("bicubic", "model"):
+            raise ConfigError(f"--alpha-upsampler {self.alpha_upsampler!r}; choose bicubic or model")
+        if not 0 <= self.quality <= 100:
+            raise ConfigError(f"--quality {self.quality} must be in 0..100")
         if self.tile < 0:
             raise ConfigError(f"--tile {self.tile} must be 0 (no tiling) or positive")
         if self.tile_pad < 0:
@@ -68,9 +84,10 @@ class UpscaleReport:
     written: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
     failed: dict[str, str] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"written": self.written, "skipped": self.skipped, "failed": self.failed}
+        return {"written": self.written, "skipped": self.skipped, "failed": self.failed, "warnings": self.warnings}
 
 
 def collect_inputs(inputs: list[str]) -> list[Path]:
@@ -137,23 +154,38 @@ def _unique(files: list[Path]) -> list[Path]:
     return out
 
 
-def upscale_image(loaded: LoadedModel, src: Path, dst: Path, opts: UpscaleOptions) -> None:
-    """Read ``src``, super-resolve it and write ``dst`` atomically."""
-    image = read_image(src, max_pixels=opts.max_pixels or None, scale=loaded.scale)
+def upscale_image(loaded: LoadedModel, src: Path, dst: Path, opts: UpscaleOptions,
+                  on_tile: Callable[[int, int], None] | None = None) -> list[str]:
+    """Read ``src``, super-resolve it and write ``dst`` atomically; returns warnings (e.g. alpha dropped)."""
+    scale = loaded.scale if opts.outscale is None else opts.outscale
+    image = read_image(src, max_pixels=opts.max_pixels or None, scale=max(loaded.scale, int(-(-scale // 1))))
     rgb, lr_alpha, bit_depth, gray = image.rgb, image.alpha, image.bit_depth, image.gray
+    h, w = int(rgb.shape[-2]), int(rgb.shape[-1])
     del image  # keep at most one copy of the input alive while the (large) output exists
     device = next(iter(loaded.model.parameters()), torch.empty(0)).device
+    run = lambda x, cb: upscale_tensor(loaded.model, x.to(device), loaded.scale, tile=opts.tile,  # noqa: E731
+                                       tile_pad=opts.tile_pad, on_tile=cb)
     try:
-        sr = upscale_tensor(loaded.model, rgb.to(device), loaded.scale, tile=opts.tile, tile_pad=opts.tile_pad)
+        sr = run(rgb, on_tile)
+        del rgb
+        alpha = None
+        if lr_alpha is not None and opts.alpha_upsampler == "model":
+            alpha = run(lr_alpha.expand(-1, 3, -1, -1), None).mean(dim=1, keepdim=True).cpu()
+        elif lr_alpha is not None:
+            alpha = imresize(lr_alpha, loaded.scale).clamp(0, 1)
     except NumericError as exc:
         raise NumericError(f"{exc} (model {loaded.source}); nothing written", src) from None
-    del rgb
-    alpha = None
-    if lr_alpha is not None:
-        alpha = imresize(lr_alpha, loaded.scale).clamp(0, 1)
+    warnings = []
+    if lr_alpha is not None and dst.suffix.lower() in _NO_ALPHA_FORMATS:
+        warnings.append(f"{src}: {dst.suffix.lstrip('.').upper()} has no alpha channel; the alpha of the input "
+                        f"is dropped in {dst.name} (write .png, .webp or .tif to keep it)")
     arr = image_array(dst, sr.cpu(), alpha=alpha, bit_depth=bit_depth, gray=gray)
     del sr  # the float output canvas goes before the encoder's buffers come
-    write_array(dst, arr)
+    if opts.outscale is not None and opts.outscale != loaded.scale:
+        size = (max(1, int(w * opts.outscale)), max(1, int(h * opts.outscale)))  # as Real-ESRGAN: floor
+        arr = cv2.resize(arr, size, interpolation=cv2.INTER_LANCZOS4)
+    write_array(dst, arr, jpeg_quality=opts.quality)
+    return warnings
 
 
 def _model_file(loaded: LoadedModel) -> list[tuple[Path, str]]:
@@ -199,7 +231,12 @@ def run_upscale(
             if dst.exists() and not opts.overwrite:
                 report.skipped.append(str(dst))
             else:
-                upscale_image(loaded, src, dst, opts)
+                def on_tile(done: int, total: int, index: int = index, src: Path = src) -> None:
+                    if on_event:
+                        on_event({"event": "tile", "index": index, "total": len(files), "src": str(src),
+                                  "tile": done, "tiles": total})
+
+                report.warnings.extend(upscale_image(loaded, src, dst, opts, on_tile))
                 report.written.append(str(dst))
         except QuantSRError as exc:
             report.failed[str(src)] = str(exc)
