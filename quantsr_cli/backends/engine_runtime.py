@@ -176,11 +176,14 @@ def candidates(layer: TcLayer, yf32: bool) -> list[ep.TcSpec]:
 
 
 class Tuner:
-    """Picks the fastest ``qsr_conv_tc`` tile shape per (layer shape, pixel-count bucket), timed on the device."""
+    """Picks the fastest ``qsr_conv_tc`` tile shape per (layer shape, pixel-count bucket), timed on the device;
+    a shape whose output is not bit-identical to the default shape's is rejected, not timed."""
 
     def __init__(self) -> None:
         self.choice: dict[tuple[Any, ...], ep.TcSpec] = {}
         self.timings: dict[tuple[Any, ...], dict[str, float]] = {}
+        self.rejected: list[str] = []
+        """Tile shapes whose output differed from the default shape's (never chosen)."""
 
     def __call__(self, layer: TcLayer, n: int, h: int, w: int, yf32: bool) -> ep.TcSpec:
         m = n * h * w
@@ -194,10 +197,18 @@ class Tuner:
         codes = torch.randint(0, 4, (m, layer.c), dtype=torch.uint8, device=dev)
         y = torch.empty((m, layer.o), dtype=torch.float32 if yf32 else torch.float16, device=dev)
         epi = ep.Epilogue(layer.scale, layer.bias, yf=y, yf_ld=layer.o, yf_c1=layer.o)
-        times = {}
-        for spec in candidates(layer, yf32):
+        times: dict[str, float] = {}
+        first: torch.Tensor | None = None
+        for spec in candidates(layer, yf32):  # the first one is default_spec
             lp = ep.plan_conv_tc(spec, codes, layer.wq, epi, n=n, h=h, w=w, o=layer.o, max_ctas=max_ctas(spec, dev))
+            y.fill_(float("nan"))
             launch(lp, dev)  # compile + warm
+            if first is None:
+                first = y.clone()
+            elif not torch.equal(y, first):  # every tile shape computes the same numbers: a mismatch is a bug
+                times[spec.name] = math.inf
+                self.rejected.append(spec.name)
+                continue
             runs = []
             for _ in range(3):
                 a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
