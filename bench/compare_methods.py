@@ -26,12 +26,13 @@ from typing import Any
 
 import torch
 
-from quantsr_cli.config import METHODS, QuantConfig, TrainConfig
+from quantsr_cli.config import QuantConfig, TrainConfig
 from quantsr_cli.data import shared_data_dir
 from quantsr_cli.engine.evaluate import evaluate_model
 from quantsr_cli.engine.modelio import load_model
 from quantsr_cli.engine.quantize import QuantizeJob, compact_model, run_quantize, write_model_file
 from quantsr_cli.engine.report import model_info
+from quantsr_cli.quant import METHODS
 from quantsr_cli.slim.dqa import DQA_DEPTHS, apply_depth
 
 HERE = Path(__file__).resolve().parent

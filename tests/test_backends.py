@@ -15,10 +15,11 @@ from torch import nn
 from quantsr_cli.backends import available_backends, backend_of, resolve_backend, use_backend
 from quantsr_cli.backends import cpu
 from quantsr_cli.backends.cpu import cpu_forward, layer_report, onednn_available
-from quantsr_cli.config import METHODS, QuantConfig
+from quantsr_cli.config import QuantConfig
 from quantsr_cli.errors import BackendUnavailableError, ConfigError
 from quantsr_cli.packing.convert import to_packed
 from quantsr_cli.packing.modules import PackedModule
+from quantsr_cli.quant import METHODS
 
 models = pytest.importorskip("quantsr_cli.models")
 quant = pytest.importorskip("quantsr_cli.quant")

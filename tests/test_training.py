@@ -15,11 +15,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from quantsr_cli.config import METHODS, QuantConfig, TrainConfig
+from quantsr_cli.config import QuantConfig, TrainConfig
 from quantsr_cli.engine.quantize import QuantizeJob, run_quantize
 from quantsr_cli.engine.trainer import lr_at
 from quantsr_cli.models import build_model
 from quantsr_cli.packing.io import load_model_file, read_metadata
+from quantsr_cli.quant import METHODS
 from tests.conftest import REPO, data_dir, run_cli
 
 

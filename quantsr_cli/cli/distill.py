@@ -9,10 +9,11 @@ import typer
 from quantsr_cli.cli import trainopts as T
 from quantsr_cli.cli.common import DeviceOpt, JsonOpt, finite
 from quantsr_cli.cli.quantize import run_training_command
+from quantsr_cli.quant import method_names
 
 
 def distill(
-    model: Annotated[str, typer.Option("--model", "-m", help="Student: a quantized model (qat file, or a packed lsq/rlq/rbd file or bundled name).")],
+    model: Annotated[str, typer.Option("--model", "-m", help=f"Student: a quantized model (qat file, or a packed {'/'.join(method_names(fine_tunable=True))} file or bundled name).")],
     teacher: Annotated[str, typer.Option("--teacher", help="Full-precision teacher (.pth or safetensors).")],
     feature_weight: Annotated[float, typer.Option("--feature-weight", help="Weight of the feature loss.", callback=finite)] = 1e-4,
     iters: T.Iters = None, batch_size: T.BatchSize = None, patch_size: T.PatchSize = None, lr: T.Lr = None,

@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 from quantsr_cli.cli.common import finite
+from quantsr_cli.quant import method_names
 
 Iters = Annotated[int | None, typer.Option("--iters", help="Training iterations.")]
 BatchSize = Annotated[int | None, typer.Option("--batch-size", help="Patches per iteration.")]
@@ -24,4 +25,4 @@ Config = Annotated[Path | None, typer.Option("--config", help="YAML file of opti
 RunDir = Annotated[Path | None, typer.Option("--run-dir", help="Run folder [default: runs/<arch>_x<scale>_w<b>a<b>].")]
 Resume = Annotated[bool, typer.Option("--resume", help="Continue from the newest checkpoint in the run folder.")]
 Out = Annotated[Path | None, typer.Option("--out", "-o", help="Packed model file to write [default: <run-dir>/model.safetensors].")]
-StartModel = Annotated[str | None, typer.Option("--model", "-m", help="Model to continue from: a qat file, or a packed lsq/rlq/rbd file or bundled name (fine-tuned from its codes).")]
+StartModel = Annotated[str | None, typer.Option("--model", "-m", help=f"Model to continue from: a qat file, or a packed {'/'.join(method_names(fine_tunable=True))} file or bundled name (fine-tuned from its codes).")]

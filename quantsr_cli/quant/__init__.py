@@ -1,17 +1,13 @@
 """Quantization-aware training: quantizers, QAT modules and the one entry point :func:`quantize_`.
 
-Methods (``QuantConfig.method``):
-
-- ``rbd`` — QuantSR+: activations as RLQ with the plain STE, weights by redistribution-driven bit
-  determination (:class:`RBDWeightQuantizer`).
-- ``rlq`` — QuantSR: LSQ steps, per-channel activation shift ``τ̂``, tanh rounding surrogate.
-- ``lsq`` — LSQ (Esser et al. 2020). ``dorefa`` — DoReFa-Net as released with QuantSR+.
-  ``pams`` — PAMS (Li et al. 2020).
+Methods (``QuantConfig.method``) are registered in :data:`METHODS` (:mod:`quantsr_cli.quant.methods`):
+QuantSR+ RBD (the default), QuantSR RLQ and the LSQ, DoReFa and PAMS baselines; each is a
+:class:`MethodSpec` naming its activation and weight quantizer classes.
 
 Typical use::
 
-    quantize_(model, QuantConfig("rbd", 4, 4))      # uses model.quant_patterns
-    calibrate_(model, lr_batch)                     # init quantizers + bias correction, one pass
+    quantize_(model, QuantConfig(w_bits=4, a_bits=4))   # the default method; uses model.quant_patterns
+    calibrate_(model, lr_batch)                          # init quantizers + bias correction, one pass
     opt = torch.optim.Adam(param_groups(model, lr=2e-4))
 
 Export for packing: ``layer.w_q.export(layer.weight)`` → :class:`WeightParams`, ``layer.act_q.export()``
@@ -30,6 +26,7 @@ from quantsr_cli.quant.api import param_groups, quant_summary, quantize_, quanti
 from quantsr_cli.quant.base import ActParams, ActQuantizer, WeightParams, WeightQuantizer, apply_act_params
 from quantsr_cli.quant.calibrate import calibrate_, correct_biases_, initialize_quantizers
 from quantsr_cli.quant.layers import ActQuant, QConv2d, QLinear, make_act_quantizer, make_weight_quantizer
+from quantsr_cli.quant.methods import METHODS, MethodSpec, method_names, method_spec
 from quantsr_cli.quant.weight import (
     DoReFaWeightQuantizer,
     LSQWeightQuantizer,
@@ -47,6 +44,8 @@ __all__ = [
     "LSQActQuantizer",
     "LSQWeightQuantizer",
     "LearnedStepActQuantizer",
+    "METHODS",
+    "MethodSpec",
     "PAMSActQuantizer",
     "PAMSWeightQuantizer",
     "QConv2d",
@@ -63,6 +62,8 @@ __all__ = [
     "initialize_quantizers",
     "make_act_quantizer",
     "make_weight_quantizer",
+    "method_names",
+    "method_spec",
     "param_groups",
     "quant_summary",
     "quantize_",

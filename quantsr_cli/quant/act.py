@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from quantsr_cli.config import ACT_SIGN_RULES
-from quantsr_cli.errors import ConfigError
+from quantsr_cli.errors import CheckpointError, ConfigError
 from quantsr_cli.quant.base import ActParams, ActQuantizer
 from quantsr_cli.quant.primitives import (
     Surrogate,
@@ -71,6 +71,13 @@ class LearnedStepActQuantizer(ActQuantizer):
     """
 
     surrogate = "ste"
+    channel_shift = True
+    """Whether conv/linear inputs get the per-channel shift ``τ̂`` (RLQ, RBD) or not (LSQ)."""
+
+    @classmethod
+    def create(cls, bits: int, shift_shape: tuple[int, ...] | None = None,
+               sign_rule: str = "min") -> LearnedStepActQuantizer:
+        return cls(bits, shift_shape if cls.channel_shift else None, sign_rule)
 
     def __init__(self, bits: int, shift_shape: tuple[int, ...] | None = None, sign_rule: str = "min") -> None:
         super().__init__(bits)
@@ -122,15 +129,32 @@ class LearnedStepActQuantizer(ActQuantizer):
         shift = None if self.shift is None else self.shift.detach().reshape(-1).float().clone()
         return ActParams(self.bits, self.step.detach().float().reshape(1).clone(), qmin, qmax, shift)
 
+    @torch.no_grad()
+    def load_packed(self, params: ActParams) -> None:
+        """Signedness (from ``qmin``), step and shift as stored (no shift stored: ``τ̂ = 0``)."""
+        self.signed.fill_(params.qmin < 0)
+        if (params.qmin, params.qmax) != self.qrange:
+            raise CheckpointError(f"activation code range [{params.qmin}, {params.qmax}] is not the {self.bits}-bit "
+                                  "signed or unsigned grid")
+        self.step.copy_(params.step.reshape(self.step.shape))
+        if params.shift is not None:
+            if self.shift is None or self.shift.numel() != params.shift.numel():
+                raise CheckpointError("the stored shift does not fit the model's quantizer")
+            self.shift.copy_(params.shift.reshape(self.shift.shape))
+        elif self.shift is not None:
+            self.shift.zero_()
+        self.initialized.fill_(True)
+
     def extra_repr(self) -> str:
         shift = None if self.shift is None else tuple(self.shift.shape)
         return f"bits={self.bits}, surrogate={self.surrogate}, shift={shift}, sign_rule={self.sign_rule}"
 
 
 class LSQActQuantizer(LearnedStepActQuantizer):
-    """LSQ (Esser et al. 2020, released ``ActLSQ``): learned step, plain STE; use without a shift."""
+    """LSQ (Esser et al. 2020, released ``ActLSQ``): learned step, plain STE, no shift."""
 
     method = "lsq"
+    channel_shift = False
 
 
 class RLQActQuantizer(LearnedStepActQuantizer):

@@ -15,6 +15,7 @@ from quantsr_cli.config import QuantConfig
 from quantsr_cli.errors import ConfigError
 from quantsr_cli.quant.base import ActQuantizer, WeightQuantizer
 from quantsr_cli.quant.layers import ActQuant, QConv2d, QLinear
+from quantsr_cli.quant.methods import method_spec
 
 _QUANTIZABLE = (nn.Conv2d, nn.Linear, nn.Identity)
 _QUANTIZED = (QConv2d, QLinear, ActQuant)
@@ -49,14 +50,16 @@ def quantize_(model: nn.Module, config: QuantConfig, patterns: tuple[str, ...] |
         patterns: overrides ``model.quant_patterns``.
 
     Returns:
-        ``model`` itself.
+        ``model`` itself, with ``model.quant_config = config`` (what packing writes into a file's
+        metadata: the one record of the method and bits of a quantized model).
 
     Raises:
-        ConfigError: no patterns, a pattern that matches no Conv2d/Linear/Identity module, or a
-            model that is already quantized.
+        ConfigError: an unknown method, no patterns, a pattern that matches no Conv2d/Linear/Identity
+            module, or a model that is already quantized.
     """
     if config.full_precision:
         return model
+    method_spec(config.method)
     pats = patterns if patterns is not None else getattr(model, "quant_patterns", None)
     if isinstance(pats, str):
         pats = (pats,)
@@ -85,6 +88,7 @@ def quantize_(model: nn.Module, config: QuantConfig, patterns: tuple[str, ...] |
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, new)
+    model.quant_config = config
     return model
 
 

@@ -91,9 +91,25 @@ class ActQuantizer(nn.Module):
         self.bits = check_bits(bits)
         self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
 
+    @classmethod
+    def create(cls, bits: int, shift_shape: tuple[int, ...] | None = None, sign_rule: str = "min") -> ActQuantizer:
+        """The quantizer for one input: ``shift_shape`` is the shape a per-channel shift would have
+        (``None`` at attention points), ``sign_rule`` the ``QuantConfig.act_sign`` choice. Subclasses
+        use what applies to them; the default ignores both."""
+        return cls(bits)
+
     def export(self) -> ActParams:
         """Parameters reproducing the eval-mode forward exactly. Raises if never initialised."""
         raise NotImplementedError
+
+    def load_packed(self, params: ActParams) -> None:
+        """Set the state from a packed file's parameters so that :meth:`export` returns them again
+        (fine-tuning a packed file). Only methods whose spec is ``fine_tunable`` implement it.
+
+        Raises:
+            CheckpointError: the parameters do not fit this quantizer.
+        """
+        raise CheckpointError(f"{self.method} activation quantizers cannot be rebuilt from a packed file")
 
     def _require_initialized(self) -> None:
         if not bool(self.initialized):
@@ -123,6 +139,16 @@ class WeightQuantizer(nn.Module):
     def export(self, weight: Tensor) -> WeightParams:
         """Integer codes, scale and zero with ``forward(weight) == scale * (codes - zero)``."""
         raise NotImplementedError
+
+    def load_packed(self, scale: Tensor, zero: float) -> None:
+        """Set the state from a packed layer's ``scale`` and ``zero`` so that, with the latent weight set
+        to the dequantized weight ``scale * (codes - zero)``, :meth:`export` gives back the same codes
+        (fine-tuning a packed file). Only methods whose spec is ``fine_tunable`` implement it.
+
+        Raises:
+            CheckpointError: the packed grid does not fit this quantizer.
+        """
+        raise CheckpointError(f"{self.method} weight quantizers cannot be rebuilt from a packed file")
 
     def extra_repr(self) -> str:
         return f"bits={self.bits}"

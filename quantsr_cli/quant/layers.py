@@ -1,5 +1,5 @@
 """QAT modules: ``QConv2d``, ``QLinear`` (quantized input activation + weight) and ``ActQuant``
-(a standalone activation point), plus the method → quantizer factories.
+(a standalone activation point), plus the method → quantizer factories (through the registry).
 
 ``QConv2d``/``QLinear`` subclass ``nn.Conv2d``/``nn.Linear``, so ``weight``/``bias`` keep their
 state-dict keys; quantizer state lives under ``<layer>.act_q.*`` and ``<layer>.w_q.*``.
@@ -13,23 +13,10 @@ from torch import Tensor, nn
 
 from quantsr_cli.config import QuantConfig
 from quantsr_cli.errors import ConfigError
-from quantsr_cli.quant.act import (
-    DoReFaActQuantizer,
-    LSQActQuantizer,
-    PAMSActQuantizer,
-    RBDActQuantizer,
-    RLQActQuantizer,
-)
 from quantsr_cli.quant.base import ActParams, ActQuantizer, WeightQuantizer
-from quantsr_cli.quant.weight import (
-    DoReFaWeightQuantizer,
-    LSQWeightQuantizer,
-    PAMSWeightQuantizer,
-    RBDWeightQuantizer,
-    RLQWeightQuantizer,
-)
+from quantsr_cli.quant.methods import FULL_PRECISION_BITS, method_spec
 
-FULL_PRECISION_BITS = 32
+__all__ = ["FULL_PRECISION_BITS", "ActQuant", "QConv2d", "QLinear", "make_act_quantizer", "make_weight_quantizer"]
 
 
 def make_act_quantizer(method: str, bits: int, shift_shape: tuple[int, ...] | None = None,
@@ -37,43 +24,21 @@ def make_act_quantizer(method: str, bits: int, shift_shape: tuple[int, ...] | No
     """Activation quantizer of ``method`` at ``bits`` (``None`` for 32 bits).
 
     Args:
-        method: one of ``rbd, rlq, lsq, dorefa, pams``.
+        method: a registered method (:data:`quantsr_cli.quant.methods.METHODS`).
         bits: 2, 4, 8 or 32.
-        shift_shape: shape of the RLQ/RBD per-channel shift ``τ̂``, or ``None`` (per-tensor, no
-            shift). Ignored by ``lsq``, ``dorefa`` and ``pams``, which have no shift.
+        shift_shape: shape of a per-channel shift ``τ̂`` for this input, or ``None`` (per-tensor, no
+            shift); used by methods with a channel shift only.
         sign_rule: ``"min"`` or ``"mse"`` (``QuantConfig.act_sign``); learned-step methods only.
+
+    Raises:
+        ConfigError: an unknown method.
     """
-    if bits == FULL_PRECISION_BITS:
-        return None
-    if method == "rlq":
-        return RLQActQuantizer(bits, shift_shape, sign_rule)
-    if method == "rbd":
-        return RBDActQuantizer(bits, shift_shape, sign_rule)
-    if method == "lsq":
-        return LSQActQuantizer(bits, None, sign_rule)
-    if method == "dorefa":
-        return DoReFaActQuantizer(bits)
-    if method == "pams":
-        return PAMSActQuantizer(bits)
-    raise ConfigError(f"unknown quantization method {method!r}")
-
-
-_WEIGHT_QUANTIZERS: dict[str, type[WeightQuantizer]] = {
-    "rlq": RLQWeightQuantizer,
-    "rbd": RBDWeightQuantizer,
-    "lsq": LSQWeightQuantizer,
-    "dorefa": DoReFaWeightQuantizer,
-    "pams": PAMSWeightQuantizer,
-}
+    return method_spec(method).make_act(bits, shift_shape, sign_rule)
 
 
 def make_weight_quantizer(method: str, bits: int) -> WeightQuantizer | None:
-    """Weight quantizer of ``method`` at ``bits`` (``None`` for 32 bits)."""
-    if bits == FULL_PRECISION_BITS:
-        return None
-    if method not in _WEIGHT_QUANTIZERS:
-        raise ConfigError(f"unknown quantization method {method!r}")
-    return _WEIGHT_QUANTIZERS[method](bits)
+    """Weight quantizer of ``method`` at ``bits`` (``None`` for 32 bits); ConfigError for an unknown method."""
+    return method_spec(method).make_weight(bits)
 
 
 class _QuantMixin:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from quantsr_cli.errors import CheckpointError
 from quantsr_cli.quant.base import WeightParams, WeightQuantizer, to_codes
 from quantsr_cli.quant.primitives import (
     fake_quant,
@@ -41,6 +42,21 @@ class _StepWeightQuantizer(WeightQuantizer):
     def _scaled_step(self, weight: Tensor) -> Tensor:
         self._maybe_init(weight)
         return grad_scale(self.step, lsq_grad_factor(weight.numel(), self.qp))
+
+    @property
+    def packed_zero(self) -> float:
+        """The ``zero`` of this quantizer's exported codes."""
+        return float(2 ** (self.bits - 1))
+
+    @torch.no_grad()
+    def load_packed(self, scale: Tensor, zero: float) -> None:
+        """``α`` = the stored per-tensor scale; the codes' ``zero`` must be this grid's."""
+        if scale.numel() != 1:
+            raise CheckpointError("per-channel weight scales cannot be rebuilt as a per-tensor quantizer")
+        if zero != self.packed_zero:
+            raise CheckpointError(f"codes with zero {zero:g} do not fit {self.method} W{self.bits}")
+        self.step.copy_(scale.reshape(self.step.shape))
+        self.initialized.fill_(True)
 
 
 class LSQWeightQuantizer(_StepWeightQuantizer):
@@ -115,6 +131,18 @@ class RBDWeightQuantizer(_StepWeightQuantizer):
         self.zero = float(2 ** (bits - 1) - 1)
         self.bit_scale = nn.Parameter(torch.ones(bits))
         self.bit_bias = nn.Parameter(torch.zeros(bits))
+
+    @property
+    def packed_zero(self) -> float:
+        return self.zero
+
+    @torch.no_grad()
+    def load_packed(self, scale: Tensor, zero: float) -> None:
+        """As the LSQ step, and ``s_i = 1``, ``β_i = 0``: the uniform grid the codes index (their initial
+        values; the learned ones are not stored in a packed file)."""
+        super().load_packed(scale, zero)
+        self.bit_scale.fill_(1.0)
+        self.bit_bias.fill_(0.0)
 
     def levels(self, weight: Tensor, step: Tensor) -> Tensor:
         """Integer levels ``k ∈ [−2**(n−1)+1, 2**(n−1)]`` (float, exact) with STE gradients.
