@@ -173,6 +173,9 @@ class TinyAttention(nn.Module):
 
 
 class TinyBlock(nn.Module):
+    qk_points = ("*q_act",)  # the attention operands a model declares for MAC counting
+    av_points = ("*attn_act",)
+
     def __init__(self):
         super().__init__()
         self.attn = TinyAttention()

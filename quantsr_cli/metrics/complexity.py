@@ -8,8 +8,9 @@ MACs (multiply-accumulates) counted per call of a module, summed over calls:
   ``numel(input) * out_channels / groups * kh * kw``);
 - ``nn.Linear`` (and subclasses, or modules with ``in_features``/``out_features``):
   ``numel(output) * in_features``;
-- attention matmuls of window attention, seen through its *activation points* -- identity-like
-  modules whose names match ``qk_points`` / ``av_points`` (default ``*q_act`` and ``*attn_act``):
+- attention matmuls, seen through *activation points* -- identity-like modules whose names match
+  ``qk_points`` / ``av_points`` (default: the model's own ``qk_points`` / ``av_points`` attributes,
+  which a model with attention declares; none otherwise):
   at a ``q`` point with input ``q`` of shape ``(B_, heads, N, head_dim)``, ``q @ k^T`` costs
   ``B_ * heads * N * N * head_dim = numel(q) * N``; at an ``attn`` point with input (softmax output)
   of shape ``(B_, heads, N, N)``, ``attn @ v`` costs ``numel(attn) * head_dim``, with ``head_dim``
@@ -82,8 +83,8 @@ def _kernel_elems(m: nn.Module) -> int:
 def count_macs(
     model: nn.Module,
     input_shape: Sequence[int] = (1, 3, 256, 256),
-    qk_points: Sequence[str] = ("*q_act",),
-    av_points: Sequence[str] = ("*attn_act",),
+    qk_points: Sequence[str] | None = None,
+    av_points: Sequence[str] | None = None,
     x: torch.Tensor | None = None,
 ) -> dict[str, object]:
     """Count multiply-accumulates of one forward pass (see the module docstring for the rules).
@@ -95,14 +96,18 @@ def count_macs(
         model: the network.
         input_shape: ``(N, C, H, W)`` of the input, e.g. the LR size (SR papers quote MACs for a
             given output size; convert yourself).
-        qk_points: ``fnmatch`` patterns of module names whose input is ``q`` ``(B_, heads, N, head_dim)``.
-        av_points: ``fnmatch`` patterns of module names whose input is ``attn`` ``(B_, heads, N, N)``.
+        qk_points: ``fnmatch`` patterns of module names whose input is ``q`` ``(B_, heads, N, head_dim)``
+            (default: ``model.qk_points``, else none).
+        av_points: ``fnmatch`` patterns of module names whose input is ``attn`` ``(B_, heads, N, N)``
+            (default: ``model.av_points``, else none).
         x: explicit input tensor instead of zeros.
 
     Returns:
         ``{"total": int, "conv": int, "linear": int, "matmul": int, "layers": {module_name: int}}``;
         ``layers`` holds every counted module (attention points under their own names) in call order.
     """
+    qk_points = tuple(getattr(model, "qk_points", ()) if qk_points is None else qk_points)
+    av_points = tuple(getattr(model, "av_points", ()) if av_points is None else av_points)
     layers: dict[str, int] = {}
     kinds = {"conv": 0, "linear": 0, "matmul": 0}
     head_dim: dict[str, int] = {}

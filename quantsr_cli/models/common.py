@@ -37,7 +37,11 @@ class SRModel(nn.Module):
     Attributes:
         arch: registry name (class attribute).
         quant_patterns: ``fnmatch`` patterns over ``named_modules()`` names; matching ``nn.Conv2d`` /
-            ``nn.Linear`` are quantized, matching ``nn.Identity`` are activation points.
+            ``nn.Linear`` are quantized, matching ``nn.Identity`` are activation points. Set by
+            ``build_model`` from the arch spec's ``quant_rule``.
+        qk_points, av_points: ``fnmatch`` patterns of the activation points whose inputs are the operands
+            of attention matmuls (``q`` of ``q @ k^T``, the softmax output of ``attn @ v``), so that
+            ``metrics.count_macs`` counts those matmuls; empty for models without attention.
         derived_keys: ``fnmatch`` patterns of state-dict keys that official checkpoints carry but this
             model recomputes and drops on load (e.g. SwinIR ``attn_mask``); empty for most models.
         hparams: the JSON-serialisable keyword arguments that rebuild the model (includes ``upscale``).
@@ -46,6 +50,8 @@ class SRModel(nn.Module):
     arch: str = ""
     quant_patterns: tuple[str, ...] = ()
     derived_keys: tuple[str, ...] = ()
+    qk_points: tuple[str, ...] = ()
+    av_points: tuple[str, ...] = ()
 
     def __init__(self, hparams: dict[str, object]) -> None:
         super().__init__()

@@ -30,6 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from quantsr_cli.models.common import MAX_BLOCKS, MAX_WIDTH, SRModel, check_bool, check_int, check_scale, init_shortcut
+from quantsr_cli.models.spec import ArchSpec, Hparams, StateDict, key_indices, shuffle_scale
 
 LRELU_SLOPE = 0.05
 
@@ -106,7 +107,6 @@ class IMDN(SRModel):
     """
 
     arch = "imdn"
-    quant_patterns = ("IMDB*.c1", "IMDB*.c2", "IMDB*.c3", "IMDB*.c4", "IMDB*.c5", "c.0", "LR_conv")
 
     def __init__(
         self, upscale: int = 4, num_feat: int = 64, num_modules: int = 6, learnable_shortcut: bool = False
@@ -148,3 +148,23 @@ class IMDN(SRModel):
     def feature_points(self) -> list[str]:
         """``IMDB{k}.c5``: its input is block ``k``'s attention-weighted distilled features."""
         return [f"IMDB{k}.c5" for k in range(1, self.num_modules + 1)]
+
+
+def quant_rule(model: SRModel) -> tuple[str, ...]:
+    """Every IMDB conv, the fusion conv and ``LR_conv``; ``fea_conv``, the CCA convs and the upsampler stay FP."""
+    return ("IMDB*.c1", "IMDB*.c2", "IMDB*.c3", "IMDB*.c4", "IMDB*.c5", "c.0", "LR_conv")
+
+
+def detect(sd: StateDict) -> Hparams | None:
+    """Official ``Zheng222/IMDN`` keys (``IMDB1.c1``, ``fea_conv``, ``upsampler.0``)."""
+    if "IMDB1.c1.weight" not in sd:
+        return None
+    return {
+        "upscale": shuffle_scale(sd["upsampler.0.weight"].shape[0], 3),
+        "num_feat": sd["fea_conv.weight"].shape[0],
+        "num_modules": len(key_indices(sd, r"IMDB(\d+)\.c1\.weight")),
+        "learnable_shortcut": "IMDB1.learnable_shortcut" in sd,
+    }
+
+
+SPEC = ArchSpec("imdn", IMDN, "IMDN (Hui et al. 2019), 64 ch, 6 IMDBs", detect=detect, quant_rule=quant_rule)

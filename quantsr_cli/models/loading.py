@@ -11,7 +11,6 @@ before the real one is allocated.
 
 from __future__ import annotations
 
-import math
 import pickle
 import re
 import warnings
@@ -22,19 +21,15 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from quantsr_cli.config import SCALES
 from quantsr_cli.errors import CheckpointError
 from quantsr_cli.models.pthcheck import check_archive, check_tensor
 from quantsr_cli.models.registry import ARCHS, build_model
+from quantsr_cli.models.spec import LayoutNotSupported
 
 WRAPPER_KEYS = ("params_ema", "params", "state_dict", "model")
 """Container keys unwrapped in this order of preference (BasicSR EMA weights first)."""
 
 _SHOW = 5  # how many offending keys an error message lists
-
-
-class _UnsupportedScale(ValueError):
-    """A recognised layout whose upscale factor quantsr does not support."""
 
 
 def read_state_dict(path: str | Path) -> dict[str, Tensor]:
@@ -148,7 +143,12 @@ def load_weights(model: nn.Module, state_dict: Mapping[str, Tensor], path: str |
 
 
 def detect_arch(state_dict: Mapping[str, Tensor], path: str | Path | None = None) -> tuple[str, dict[str, object]]:
-    """Guess the registered architecture and its hyperparameters from key names and shapes.
+    """The registered architecture and its hyperparameters, from key names and shapes.
+
+    Asks each :data:`~quantsr_cli.models.registry.ARCHS` spec's ``detect`` in registry order; the first
+    that recognises the weights wins. A spec that recognises them as a variant it does not support
+    (:class:`~quantsr_cli.models.spec.LayoutNotSupported`) or finds its keys malformed does not stop the
+    search; its message is the error when no other spec recognises them.
 
     Returns:
         ``(arch, hparams)`` such that ``build_model(arch, **hparams)`` fits the state dict (e.g.
@@ -156,30 +156,25 @@ def detect_arch(state_dict: Mapping[str, Tensor], path: str | Path | None = None
         Hyperparameters that leave no trace in the weights (``res_scale``) are left at their defaults.
 
     Raises:
-        CheckpointError: no supported layout matches, or the scale is not 2, 3 or 4.
+        CheckpointError: no registered architecture recognises the weights, naming why when one nearly did.
     """
-    keys = set(state_dict)
-    try:
-        if "IMDB1.c1.weight" in keys:
-            return "imdn", _detect_imdn(state_dict)
-        if "layers.0.residual_group.blocks.0.attn.qkv.weight" in keys:
-            if "conv_before_upsample.0.weight" in keys or "upsample.0.weight" not in keys:
-                raise CheckpointError("only lightweight SwinIR (upsampler 'pixelshuffledirect') is supported", path)
-            return "swinir-s", _detect_swinir(state_dict)
-        if "upconv1.weight" in keys and "body.0.conv1.weight" in keys:
-            return "srresnet", _detect_srresnet(state_dict)
-        if {"conv_after_body.weight", "body.0.conv1.weight", "upsample.0.weight"} <= keys:
-            return "quantsr-c", _detect_quantsr_c(state_dict)
-    except _UnsupportedScale as exc:
-        raise CheckpointError(str(exc), path) from exc
-    except (KeyError, ValueError, IndexError) as exc:
-        raise CheckpointError(f"unrecognised checkpoint layout ({exc})", path) from exc
-    if "head.0.weight" in keys and "tail.0.0.weight" in keys:
-        raise CheckpointError("EDSR-PyTorch naming (head/body/tail) is not supported; use BasicSR EDSR keys", path)
-    first = ", ".join(sorted(keys)[:3])
-    supported = ", ".join(ARCHS)
-    raise CheckpointError(f"cannot recognise the architecture from its keys ({first}, ...); supported: {supported}",
-                          path)
+    hint = None
+    for spec in ARCHS.values():
+        try:
+            hparams = spec.detect(state_dict)
+        except LayoutNotSupported as exc:
+            hint = hint or str(exc)
+            continue
+        except (KeyError, ValueError, IndexError, TypeError) as exc:
+            hint = hint or f"unrecognised checkpoint layout ({exc})"
+            continue
+        if hparams is not None:
+            return spec.name, hparams
+    if hint is not None:
+        raise CheckpointError(hint, path)
+    first = ", ".join(sorted(state_dict)[:3])
+    raise CheckpointError(f"cannot recognise the architecture from its keys ({first}, ...); "
+                          f"supported: {', '.join(ARCHS)}", path)
 
 
 def model_from_file(path: str | Path, arch: str | None = None, **hparams: object) -> nn.Module:
@@ -196,83 +191,6 @@ def model_from_file(path: str | Path, arch: str | None = None, **hparams: object
         raise CheckpointError(f"holds {found} weights, not {arch}", path)
     model = build_model(found, **{**detected, **hparams})
     return load_weights(model, state, path)
-
-
-def _detect_imdn(sd: Mapping[str, Tensor]) -> dict[str, object]:
-    num_feat = sd["fea_conv.weight"].shape[0]
-    return {
-        "upscale": _scale(sd["upsampler.0.weight"].shape[0], 3),
-        "num_feat": num_feat,
-        "num_modules": len(_indices(sd, r"IMDB(\d+)\.c1\.weight")),
-        "learnable_shortcut": "IMDB1.learnable_shortcut" in sd,
-    }
-
-
-def _detect_swinir(sd: Mapping[str, Tensor]) -> dict[str, object]:
-    embed_dim = sd["conv_first.weight"].shape[0]
-    depths, heads = [], []
-    for i in _indices(sd, r"layers\.(\d+)\.conv\.weight"):
-        prefix = rf"layers\.{i}\.residual_group\.blocks\.(\d+)\.attn\.qkv\.weight"
-        depths.append(len(_indices(sd, prefix)))
-        heads.append(sd[f"layers.{i}.residual_group.blocks.0.attn.relative_position_bias_table"].shape[1])
-    table_rows = sd["layers.0.residual_group.blocks.0.attn.relative_position_bias_table"].shape[0]
-    side = math.isqrt(table_rows)
-    if side * side != table_rows or side % 2 == 0:
-        raise ValueError(f"relative position table with {table_rows} rows")
-    hidden = sd["layers.0.residual_group.blocks.0.mlp.fc1.weight"].shape[0]
-    return {
-        "upscale": _scale(sd["upsample.0.weight"].shape[0], 3),
-        "embed_dim": embed_dim,
-        "depths": depths,
-        "num_heads": heads,
-        "window_size": (side + 1) // 2,
-        "mlp_ratio": hidden / embed_dim,
-        "learnable_shortcut": "layers.0.learnable_shortcut" in sd,
-        "share_qv_quantizer": False,  # not visible in weights; a quantization option chosen by the user
-    }
-
-
-def _detect_srresnet(sd: Mapping[str, Tensor]) -> dict[str, object]:
-    num_feat = sd["conv_first.weight"].shape[0]
-    upscale = 4 if "upconv2.weight" in sd else _scale(sd["upconv1.weight"].shape[0], num_feat)
-    return {
-        "upscale": upscale,
-        "num_block": len(_indices(sd, r"body\.(\d+)\.conv1\.weight")),
-        "num_feat": num_feat,
-        "learnable_shortcut": "body.0.learnable_shortcut" in sd,
-    }
-
-
-def _detect_quantsr_c(sd: Mapping[str, Tensor]) -> dict[str, object]:
-    num_feat = sd["conv_first.weight"].shape[0]
-    if "upsample.4.weight" in sd:
-        raise ValueError("more than two upsampling stages (x8)")
-    upscale = 4 if "upsample.2.weight" in sd else _scale(sd["upsample.0.weight"].shape[0], num_feat)
-    return {
-        "upscale": upscale,
-        "num_block": len(_indices(sd, r"body\.(\d+)\.conv1\.weight")),
-        "num_feat": num_feat,
-        "learnable_shortcut": "body.0.learnable_shortcut" in sd,
-    }
-
-
-def _indices(sd: Mapping[str, Tensor], pattern: str) -> list[int]:
-    """Sorted indices captured by ``pattern`` over the keys; they must run 0..n-1 (or 1..n)."""
-    found = sorted({int(m.group(1)) for k in sd if (m := re.fullmatch(pattern, k))})
-    if not found or found != list(range(found[0], found[0] + len(found))) or found[0] not in (0, 1):
-        raise ValueError(f"no contiguous keys matching {pattern!r}")
-    return found
-
-
-def _scale(channels: int, per_pixel: int) -> int:
-    """Upscale factor ``s`` from a pixel-shuffle conv with ``per_pixel * s²`` output channels."""
-    ratio, rem = divmod(int(channels), int(per_pixel))
-    s = math.isqrt(ratio)
-    if rem or s * s != ratio:
-        raise ValueError(f"pixel-shuffle conv with {channels} output channels")
-    if s not in SCALES:
-        raise _UnsupportedScale(f"scale x{s} is not supported; choose one of {', '.join(map(str, SCALES))}")
-    return s
 
 
 def _fmt(hparams: Mapping[str, object]) -> str:

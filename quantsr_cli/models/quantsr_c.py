@@ -30,6 +30,7 @@ from quantsr_cli.models.common import (
     check_scale,
     init_shortcut,
 )
+from quantsr_cli.models.spec import ArchSpec, Hparams, LayoutNotSupported, StateDict, key_indices, num_block_depth, shuffle_scale
 
 IMG_RANGE = 255.0
 
@@ -72,7 +73,6 @@ class QuantSRC(SRModel):
     """
 
     arch = "quantsr-c"
-    quant_patterns = ("body.*.conv1", "body.*.conv2")
 
     def __init__(
         self,
@@ -116,3 +116,30 @@ class QuantSRC(SRModel):
     def feature_points(self) -> list[str]:
         """``body.i.relu``: its input is ``conv1(x)`` of block ``i`` (QuantSR+ SFD hooks the ReLU)."""
         return [f"body.{i}.relu" for i in range(len(self.body))]
+
+
+def quant_rule(model: SRModel) -> tuple[str, ...]:
+    """QuantSR(+)-C: both convs of every residual block; head, body tail and upsampler stay FP."""
+    return ("body.*.conv1", "body.*.conv2")
+
+
+def detect(sd: StateDict) -> Hparams | None:
+    """BasicSR EDSR keys (``conv_first``, ``body.i.conv1/2``, ``conv_after_body``, ``upsample.0``)."""
+    if not {"conv_after_body.weight", "body.0.conv1.weight", "upsample.0.weight"} <= set(sd):
+        if "head.0.weight" in sd and "tail.0.0.weight" in sd:
+            raise LayoutNotSupported("EDSR-PyTorch naming (head/body/tail) is not supported; use BasicSR EDSR keys")
+        return None
+    num_feat = sd["conv_first.weight"].shape[0]
+    if "upsample.4.weight" in sd:
+        raise ValueError("more than two upsampling stages (x8)")
+    upscale = 4 if "upsample.2.weight" in sd else shuffle_scale(sd["upsample.0.weight"].shape[0], num_feat)
+    return {
+        "upscale": upscale,
+        "num_block": len(key_indices(sd, r"body\.(\d+)\.conv1\.weight")),
+        "num_feat": num_feat,
+        "learnable_shortcut": "body.0.learnable_shortcut" in sd,
+    }
+
+
+SPEC = ArchSpec("quantsr-c", QuantSRC, "QuantSR(+)-C: EDSR-baseline-style conv net, 64 ch, N blocks",
+                detect=detect, quant_rule=quant_rule, depth=num_block_depth())

@@ -1,48 +1,45 @@
-"""The explicit architecture registry and the one model builder."""
+"""The explicit architecture registry and the one model builder.
+
+Each architecture file defines its model class and its :class:`~quantsr_cli.models.spec.ArchSpec`
+(``SPEC``: build, detect, quantization rule, depth); registering it is one line in :data:`ARCHS`.
+Detection (:func:`~quantsr_cli.models.loading.detect_arch`) tries the specs in this order.
+"""
 
 from __future__ import annotations
 
-import inspect
-from collections.abc import Callable
-from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from quantsr_cli.errors import ConfigError
+from quantsr_cli.models import imdn, quantsr_c, srresnet, swinir
 from quantsr_cli.models.common import SRModel
-from quantsr_cli.models.imdn import IMDN
-from quantsr_cli.models.quantsr_c import QuantSRC
-from quantsr_cli.models.srresnet import MSRResNet
-from quantsr_cli.models.swinir import SwinIR
+from quantsr_cli.models.spec import ArchSpec
+
+ARCHS: dict[str, ArchSpec] = {spec.name: spec for spec in (
+    quantsr_c.SPEC,
+    srresnet.SPEC,
+    swinir.SPEC,
+    imdn.SPEC,
+)}
+"""Registered architectures by name (``--arch`` values)."""
 
 
-@dataclass(frozen=True)
-class ArchSpec:
-    """One registered architecture.
+def arch_spec(arch: str) -> ArchSpec:
+    """The spec of ``arch``; ConfigError listing the registered names when it is unknown."""
+    spec = ARCHS.get(arch)
+    if spec is None:
+        raise ConfigError(f"unknown arch {arch!r}; choose one of {', '.join(ARCHS)}")
+    return spec
 
-    Attributes:
-        name: registry key (``--arch`` value), equal to the built model's ``arch``.
-        builder: callable taking the hyperparameters as keyword arguments and returning the model.
-        description: one line for help texts.
+
+def block_hparams(arch: str, blocks: int | None) -> dict[str, Any]:
+    """Builder arguments that give ``arch`` ``blocks`` residual blocks (``{}`` for None).
+
+    Raises:
+        ConfigError: unknown arch, an arch of fixed depth, or ``blocks < 1``.
     """
-
-    name: str
-    builder: Callable[..., SRModel]
-    description: str
-
-    @property
-    def defaults(self) -> dict[str, object]:
-        """The builder's keyword arguments and their default values (tuples as lists)."""
-        params = inspect.signature(self.builder).parameters.values()
-        return {p.name: list(p.default) if isinstance(p.default, tuple) else p.default for p in params}
-
-
-ARCHS: dict[str, ArchSpec] = {
-    "quantsr-c": ArchSpec("quantsr-c", QuantSRC, "QuantSR(+)-C: EDSR-baseline-style conv net, 64 ch, N blocks"),
-    "srresnet": ArchSpec("srresnet", MSRResNet, "BasicSR MSRResNet, 64 ch, 16 blocks, bilinear base"),
-    "swinir-s": ArchSpec("swinir-s", SwinIR, "lightweight SwinIR (SwinIR-S), 60 ch, 4x6 Swin blocks, window 8"),
-    "imdn": ArchSpec("imdn", IMDN, "IMDN (Hui et al. 2019), 64 ch, 6 IMDBs"),
-}
+    return {} if blocks is None else arch_spec(arch).with_blocks(blocks)
 
 
 def build_model(arch: str, **hparams: object) -> SRModel:
@@ -51,20 +48,21 @@ def build_model(arch: str, **hparams: object) -> SRModel:
     Args:
         arch: a key of :data:`ARCHS`.
         **hparams: builder keyword arguments (e.g. ``upscale=4, num_block=32``); omitted ones take
-            the builder defaults. ``model.hparams`` afterwards holds all of them.
+            the builder defaults. ``model.hparams`` afterwards holds all of them, and
+            ``model.quant_patterns`` the layers the arch's ``quant_rule`` quantizes.
 
     Raises:
         ConfigError: unknown architecture, unknown hyperparameter or out-of-range value.
     """
-    spec = ARCHS.get(arch)
-    if spec is None:
-        raise ConfigError(f"unknown arch {arch!r}; choose one of {', '.join(ARCHS)}")
+    spec = arch_spec(arch)
     unknown = sorted(set(hparams) - set(spec.defaults))
     if unknown:
         raise ConfigError(
             f"unknown hyperparameter(s) {', '.join(unknown)} for arch {arch!r}; accepted: {', '.join(spec.defaults)}"
         )
-    return spec.builder(**hparams)
+    model = spec.builder(**hparams)
+    model.quant_patterns = tuple(spec.quant_rule(model))
+    return model
 
 
 def probe_model(arch: str, **hparams: object) -> SRModel:

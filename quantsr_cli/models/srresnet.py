@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from quantsr_cli.models.common import MAX_BLOCKS, MAX_WIDTH, SRModel, check_bool, check_int, check_scale, init_shortcut
+from quantsr_cli.models.spec import ArchSpec, Hparams, StateDict, key_indices, num_block_depth, shuffle_scale
 
 LRELU_SLOPE = 0.1
 
@@ -68,7 +69,6 @@ class MSRResNet(SRModel):
     """
 
     arch = "srresnet"
-    quant_patterns = ("body.*.conv1", "body.*.conv2")
 
     def __init__(
         self, upscale: int = 4, num_block: int = 16, num_feat: int = 64, learnable_shortcut: bool = False
@@ -112,3 +112,26 @@ class MSRResNet(SRModel):
     def feature_points(self) -> list[str]:
         """``body.i.relu``: its input is ``conv1(x)`` of block ``i``."""
         return [f"body.{i}.relu" for i in range(len(self.body))]
+
+
+def quant_rule(model: SRModel) -> tuple[str, ...]:
+    """Both convs of every residual block (as QuantSR-C); head, upsampler and tail stay FP."""
+    return ("body.*.conv1", "body.*.conv2")
+
+
+def detect(sd: StateDict) -> Hparams | None:
+    """BasicSR MSRResNet keys (``upconv1`` and ``body.i.conv1``)."""
+    if "upconv1.weight" not in sd or "body.0.conv1.weight" not in sd:
+        return None
+    num_feat = sd["conv_first.weight"].shape[0]
+    upscale = 4 if "upconv2.weight" in sd else shuffle_scale(sd["upconv1.weight"].shape[0], num_feat)
+    return {
+        "upscale": upscale,
+        "num_block": len(key_indices(sd, r"body\.(\d+)\.conv1\.weight")),
+        "num_feat": num_feat,
+        "learnable_shortcut": "body.0.learnable_shortcut" in sd,
+    }
+
+
+SPEC = ArchSpec("srresnet", MSRResNet, "BasicSR MSRResNet, 64 ch, 16 blocks, bilinear base",
+                detect=detect, quant_rule=quant_rule, depth=num_block_depth())

@@ -32,6 +32,8 @@ Differences from the official module, none of which changes the outputs:
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -52,47 +54,10 @@ from quantsr_cli.models.common import (
     check_scale,
     init_shortcut,
 )
+from quantsr_cli.models.spec import ArchSpec, DepthRule, Hparams, LayoutNotSupported, StateDict, key_indices, shuffle_scale
+from quantsr_cli.models.windows import relative_position_index, shifted_window_mask, window_partition, window_reverse
 
 IMG_RANGE = 1.0
-MASK_VALUE = -100.0
-
-
-def window_partition(x: Tensor, ws: int) -> Tensor:
-    """``(B, H, W, C)`` -> ``(B * H/ws * W/ws, ws, ws, C)`` non-overlapping windows."""
-    b, h, w, c = x.shape
-    x = x.view(b, h // ws, ws, w // ws, ws, c)
-    return x.permute(0, 1, 3, 2, 4, 5).reshape(-1, ws, ws, c)
-
-
-def window_reverse(windows: Tensor, ws: int, h: int, w: int) -> Tensor:
-    """Inverse of :func:`window_partition`: ``(B * nW, ws, ws, C)`` -> ``(B, H, W, C)``."""
-    b = windows.shape[0] // ((h // ws) * (w // ws))
-    x = windows.reshape(b, h // ws, w // ws, ws, ws, -1)
-    return x.permute(0, 1, 3, 2, 4, 5).reshape(b, h, w, -1)
-
-
-def relative_position_index(ws: int) -> Tensor:
-    """``(ws², ws²)`` int64: ``(dh + ws - 1) * (2 ws - 1) + (dw + ws - 1)`` for every pair of window cells."""
-    coords = torch.stack(torch.meshgrid(torch.arange(ws), torch.arange(ws), indexing="ij")).flatten(1)
-    rel = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0) + (ws - 1)
-    return rel[..., 0] * (2 * ws - 1) + rel[..., 1]
-
-
-def shifted_window_mask(h: int, w: int, ws: int, shift: int, device: torch.device | None = None) -> Tensor:
-    """Attention mask of the cyclically shifted windows of an ``h x w`` map (multiples of ``ws``).
-
-    Returns ``(nW, ws², ws²)`` float32 with 0 where two cells come from the same region, -100 elsewhere.
-    """
-    region = torch.zeros(1, h, w, 1, device=device)
-    cuts = (slice(0, -ws), slice(-ws, -shift), slice(-shift, None))
-    label = 0
-    for hs in cuts:
-        for wsl in cuts:
-            region[:, hs, wsl, :] = label
-            label += 1
-    cells = window_partition(region, ws).reshape(-1, ws * ws)
-    diff = cells.unsqueeze(1) - cells.unsqueeze(2)
-    return torch.zeros_like(diff).masked_fill(diff != 0, MASK_VALUE)
 
 
 class WindowAttention(nn.Module):
@@ -261,18 +226,9 @@ class SwinIR(SRModel):
     """
 
     arch = "swinir-s"
-    quant_patterns = (
-        "layers.*.residual_group.blocks.*.attn.qkv",
-        "layers.*.residual_group.blocks.*.attn.proj",
-        "layers.*.residual_group.blocks.*.mlp.fc1",
-        "layers.*.residual_group.blocks.*.mlp.fc2",
-        "layers.*.conv",
-        "layers.*.residual_group.blocks.*.attn.q_act",
-        "layers.*.residual_group.blocks.*.attn.k_act",
-        "layers.*.residual_group.blocks.*.attn.v_act",
-        "layers.*.residual_group.blocks.*.attn.attn_act",
-    )
     derived_keys = ("layers.*.residual_group.blocks.*.attn_mask",)
+    qk_points = ("layers.*.residual_group.blocks.*.attn.q_act",)
+    av_points = ("layers.*.residual_group.blocks.*.attn.attn_act",)
 
     def __init__(
         self,
@@ -312,8 +268,6 @@ class SwinIR(SRModel):
                 "share_qv_quantizer": share_qv,
             }
         )
-        if share_qv:
-            self.quant_patterns = tuple(p for p in SwinIR.quant_patterns if not p.endswith(".v_act"))
         self.window_size = window_size
         self.register_buffer("mean", torch.tensor(DIV2K_RGB_MEAN).view(1, 3, 1, 1), persistent=False)
         self.conv_first = nn.Conv2d(3, embed_dim, 3, 1, 1)
@@ -389,3 +343,53 @@ def _init_weights(module: nn.Module) -> None:
     elif isinstance(module, nn.LayerNorm):
         nn.init.ones_(module.weight)
         nn.init.zeros_(module.bias)
+
+
+_QUANTIZED = ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2", "attn.q_act", "attn.k_act", "attn.v_act", "attn.attn_act")
+
+
+def quant_rule(model: SRModel) -> tuple[str, ...]:
+    """QuantSR(+)-T: every Swin block's linears and attention operands (q, k, v, softmax output) and each
+    RSTB's conv; ``conv_first``, ``conv_after_body`` and the upsampler stay FP. With
+    ``share_qv_quantizer`` there is no ``v_act`` point (v goes through ``q_act``)."""
+    share = bool(model.hparams.get("share_qv_quantizer"))
+    blocks = [f"layers.*.residual_group.blocks.*.{n}" for n in _QUANTIZED if not (share and n == "attn.v_act")]
+    return (*blocks[:4], "layers.*.conv", *blocks[4:])
+
+
+def detect(sd: StateDict) -> Hparams | None:
+    """Official SwinIR keys (``layers.i.residual_group.blocks.j.attn.qkv``), lightweight variant only."""
+    if "layers.0.residual_group.blocks.0.attn.qkv.weight" not in sd:
+        return None
+    if "conv_before_upsample.0.weight" in sd or "upsample.0.weight" not in sd:
+        raise LayoutNotSupported("only lightweight SwinIR (upsampler 'pixelshuffledirect') is supported")
+    embed_dim = sd["conv_first.weight"].shape[0]
+    depths, heads = [], []
+    for i in key_indices(sd, r"layers\.(\d+)\.conv\.weight"):
+        depths.append(len(key_indices(sd, rf"layers\.{i}\.residual_group\.blocks\.(\d+)\.attn\.qkv\.weight")))
+        heads.append(sd[f"layers.{i}.residual_group.blocks.0.attn.relative_position_bias_table"].shape[1])
+    table_rows = sd["layers.0.residual_group.blocks.0.attn.relative_position_bias_table"].shape[0]
+    side = math.isqrt(table_rows)
+    if side * side != table_rows or side % 2 == 0:
+        raise ValueError(f"relative position table with {table_rows} rows")
+    return {
+        "upscale": shuffle_scale(sd["upsample.0.weight"].shape[0], 3),
+        "embed_dim": embed_dim,
+        "depths": depths,
+        "num_heads": heads,
+        "window_size": (side + 1) // 2,
+        "mlp_ratio": sd["layers.0.residual_group.blocks.0.mlp.fc1.weight"].shape[0] / embed_dim,
+        "learnable_shortcut": "layers.0.learnable_shortcut" in sd,
+        "share_qv_quantizer": False,  # not visible in weights; a quantization option chosen by the user
+    }
+
+
+DEPTH = DepthRule(
+    count=lambda hp: len(hp["depths"]),
+    resize=lambda n: {"depths": [6] * n, "num_heads": [6] * n},  # n RSTBs of SwinIR-S's shape
+    keep=lambda hp, kept: {"depths": [hp["depths"][i] for i in kept], "num_heads": [hp["num_heads"][i] for i in kept]},
+)
+"""Blocks are RSTBs (``layers.i``)."""
+
+SPEC = ArchSpec("swinir-s", SwinIR, "lightweight SwinIR (SwinIR-S), 60 ch, 4x6 Swin blocks, window 8",
+                detect=detect, quant_rule=quant_rule, depth=DEPTH)
