@@ -33,12 +33,12 @@ from quantsr_cli.engine.runlock import RunDirLock
 from quantsr_cli.engine.trainer import Trainer
 from quantsr_cli.errors import ConfigError, QuantSRError
 from quantsr_cli.fileio import write_json
-from quantsr_cli.models import ARCHS, build_model
+from quantsr_cli.models import ARCHS, arch_spec, block_hparams, build_model
 from quantsr_cli.models.loading import detect_arch, read_state_dict
 from quantsr_cli.packing import PackedModule
 from quantsr_cli.packing import io as packing_io
 from quantsr_cli.packing.unpack import check_rebuildable, to_qat  # noqa: F401 (check_rebuildable: for the CLI)
-from quantsr_cli.quant import calibrate_, quantize_
+from quantsr_cli.quant import calibrate_, method_spec, quantize_
 from quantsr_cli.slim import SlimHook, compact_state_dict, dqa_keep_lists, dqa_variants
 
 EventFn = Callable[[dict[str, Any]], None]
@@ -69,6 +69,9 @@ class QuantizeJob:
     start_model: str | None = None
     share_qv_quantizer: bool = False
 
+    def __post_init__(self) -> None:
+        method_spec(self.quant.method)  # an unknown method is refused before anything is loaded
+
     @property
     def run_name(self) -> str:
         bits = "fp32" if self.quant.full_precision else f"w{self.quant.w_bits}a{self.quant.a_bits}"
@@ -85,26 +88,14 @@ def load_start_model(source: str) -> nn.Module:
     return model
 
 
-def block_hparams(arch: str, blocks: int | None) -> dict[str, Any]:
-    """Builder arguments that set the number of residual blocks of ``arch``."""
-    if blocks is None:
-        return {}
-    if blocks < 1:
-        raise ConfigError(f"--blocks {blocks} must be at least 1")
-    if arch in ("quantsr-c", "srresnet"):
-        return {"num_block": blocks}
-    if arch == "swinir-s":
-        return {"depths": [6] * blocks, "num_heads": [6] * blocks}
-    raise ConfigError(f"--blocks is not supported for arch {arch!r}")
-
-
 def share_qv_hparams(arch: str, share: bool) -> dict[str, Any]:
     """Builder argument for ``share_qv_quantizer`` (empty when off); ConfigError for an arch without it."""
     if not share:
         return {}
     spec = ARCHS.get(arch)
     if spec is None or "share_qv_quantizer" not in spec.defaults:
-        raise ConfigError(f"share_qv_quantizer applies to window attention (swinir-s), not to arch {arch!r}")
+        having = ", ".join(n for n, s in ARCHS.items() if "share_qv_quantizer" in s.defaults)
+        raise ConfigError(f"share_qv_quantizer applies to window attention ({having}), not to arch {arch!r}")
     return {"share_qv_quantizer": True}
 
 
@@ -144,12 +135,9 @@ def _initial_fp_model(job: QuantizeJob, extra: dict[str, Any]) -> nn.Module:
 
 
 def blocks_in(arch: str, hparams: dict[str, Any]) -> int | None:
-    """Number of residual blocks described by ``hparams`` (None when unknown)."""
-    if "num_block" in hparams:
-        return int(hparams["num_block"])
-    if "depths" in hparams:
-        return len(hparams["depths"])
-    return None
+    """Number of residual blocks described by ``hparams`` (None when unknown or the depth is fixed)."""
+    spec = ARCHS.get(arch)
+    return None if spec is None else spec.block_count(hparams)
 
 
 def load_into_deeper(job: QuantizeJob, state: dict[str, torch.Tensor], extra: dict[str, Any]) -> nn.Module:
@@ -181,13 +169,7 @@ def load_into_deeper(job: QuantizeJob, state: dict[str, torch.Tensor], extra: di
 
 def compact_model(model: nn.Module, quant: QuantConfig, keep: list[int]) -> nn.Module:
     """A new model holding only the blocks ``keep`` of ``model`` (renumbered), quantized like it."""
-    hparams = dict(model.hparams)
-    if "depths" in hparams:
-        hparams["depths"] = [hparams["depths"][i] for i in keep]
-        hparams["num_heads"] = [hparams["num_heads"][i] for i in keep]
-    else:
-        hparams["num_block"] = len(keep)
-    new = build_model(model.arch, **hparams)
+    new = build_model(model.arch, **arch_spec(model.arch).keep_blocks(model.hparams, keep))
     if not quant.full_precision:
         quantize_(new, quant)
     prefix = model.block_names()[0].rsplit(".", 1)[0]
@@ -255,8 +237,9 @@ def prepare_training(job: QuantizeJob, model: nn.Module, on_event: EventFn | Non
     init_distributed()
     set_drop_path = getattr(model, "set_drop_path", None)
     if cfg.drop_path_rate and set_drop_path is None:
+        having = ", ".join(n for n, s in ARCHS.items() if callable(getattr(s.builder, "set_drop_path", None)))
         raise ConfigError(f"drop_path_rate={cfg.drop_path_rate}: arch {job.arch!r} has no stochastic depth "
-                          "(swinir-s has); use 0")
+                          f"({having} has); use 0")
     if not job.quant.full_precision and job.start_model is None:
         quantize_(model, job.quant)
     device = torch.device(job.device)

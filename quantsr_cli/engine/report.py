@@ -7,8 +7,8 @@ Counting conventions (the QuantSR papers'):
 - MACs: conv/linear multiply-accumulates plus the attention matmuls (q·kᵀ and attn·v) at a
   ``3 x 256 x 256`` LR input; bias adds, activations and pixel-shuffle are not counted;
 - equivalent ("BOPs-style") params and ops: the quantized part times ``w_bits / 32`` plus the
-  full-precision part as is; the quantized MACs are those of quantized layers and, for SwinIR, the
-  attention matmuls whose operands are quantized.
+  full-precision part as is; the quantized MACs are those of quantized layers and the attention
+  matmuls whose operands are quantized (the activation points a model declares, see ``count_macs``).
 """
 
 from __future__ import annotations
@@ -24,11 +24,11 @@ from torch import nn
 from quantsr_cli.config import QuantConfig
 from quantsr_cli.engine.modelio import LoadedModel, load_model, loading, resolve_model_path
 from quantsr_cli.engine.outputs import check_model_output, check_outputs, clean_temp_files
-from quantsr_cli.engine.quantize import block_hparams
 from quantsr_cli.errors import CheckpointError, ConfigError
 from quantsr_cli.metrics.complexity import count_macs
-from quantsr_cli.models import build_model
+from quantsr_cli.models import block_hparams, build_model
 from quantsr_cli.packing import io as packing_io
+from quantsr_cli.quant import method_spec
 
 INPUT_SHAPE = (1, 3, 256, 256)
 
@@ -61,11 +61,10 @@ def layer_table(fp_model: nn.Module, quantized: set[str], w_bits: int, a_bits: i
     return rows, macs
 
 
-def describe(arch: str, hparams: dict[str, Any], quant: QuantConfig | None) -> dict[str, Any]:
-    """Params/MACs/equivalent-ops report of an architecture at the given quantization."""
+def describe(arch: str, hparams: dict[str, Any], w_bits: int = 32, a_bits: int = 32) -> dict[str, Any]:
+    """Params/MACs/equivalent-ops report of an architecture with its quantized layers at ``w_bits``/``a_bits``."""
     fp_model = build_model(arch, **hparams).eval()
-    bits_w = quant.w_bits if quant and not quant.full_precision else 32
-    bits_a = quant.a_bits if quant and not quant.full_precision else 32
+    bits_w, bits_a = (32, 32) if w_bits == a_bits == 32 else (w_bits, a_bits)
     quantized = _quantized_names(fp_model) if bits_w < 32 else set()
     with torch.no_grad():
         rows, macs = layer_table(fp_model, quantized, bits_w, bits_a)
@@ -104,19 +103,18 @@ def attention_v_quantizer(hparams: dict[str, Any], a_bits: int) -> dict[str, str
 
 def model_info(
     source: str | None = None, *, arch: str | None = None, scale: int = 4, bits: int | None = None,
-    blocks: int | None = None, method: str = "rbd",
+    blocks: int | None = None, method: str | None = None,
 ) -> dict[str, Any]:
-    """Report for a model file/bundled name, or for ``arch`` at ``bits`` (no file needed)."""
+    """Report for a model file/bundled name, or for ``arch`` at ``bits`` with ``method`` (default: the
+    default method; no file needed). A file's bits and method are its metadata's."""
     if source is None and arch is None:
         raise ConfigError("give a model file (or bundled name) or --arch")
     if source is not None:
         loaded: LoadedModel = load_model(source)
-        quant = None
+        file_bits = (32, 32)
         if loaded.kind != "fp":
-            quant = QuantConfig(str(loaded.meta.get("method", "rbd")) if loaded.meta.get("method") in
-                                ("rbd", "rlq", "lsq", "dorefa", "pams") else "rbd",
-                                int(loaded.meta.get("w_bits", 32)), int(loaded.meta.get("a_bits", 32)))
-        report = describe(loaded.arch, dict(loaded.model.hparams), quant)
+            file_bits = (int(loaded.meta.get("w_bits", 32)), int(loaded.meta.get("a_bits", 32)))
+        report = describe(loaded.arch, dict(loaded.model.hparams), *file_bits)
         report["kind"] = loaded.kind
         report["method"] = loaded.meta.get("method")
         path = resolve_model_path(source)
@@ -128,10 +126,13 @@ def model_info(
             report["file_quantized_params"] = size.get("quantized_params")
     else:
         hparams = {"upscale": scale, **block_hparams(arch, blocks)}
-        quant = QuantConfig(method, bits, bits) if bits is not None else None
-        report = describe(arch, hparams, quant)
+        quant = None
+        if bits is not None:
+            quant = QuantConfig(**({"method": method} if method else {}), w_bits=bits, a_bits=bits)
+            method_spec(quant.method)
+        report = describe(arch, hparams, *((quant.w_bits, quant.a_bits) if quant else (32, 32)))
         report["kind"] = "architecture"
-        report["method"] = method if bits is not None else None
+        report["method"] = quant.method if quant is not None else None
         report["file_bytes"] = None
     report["compression"] = report["fp32_bytes"] / report["file_bytes"] if report.get("file_bytes") else None
     return report
@@ -149,6 +150,5 @@ def pack_file(src: str, dst: Path) -> dict[str, Any]:
         model = packing_io.load_model_file(path)
     clean_temp_files(dst.parent)
     extra = meta.get("extra")
-    quant = QuantConfig(meta["method"], int(meta["w_bits"]), int(meta["a_bits"]))
-    packing_io.save_model(model, dst, quant, json.loads(extra) if extra else None, pack=True)
+    packing_io.save_model(model, dst, model.quant_config, json.loads(extra) if extra else None, pack=True)
     return packing_io.size_report(dst)

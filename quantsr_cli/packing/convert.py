@@ -11,7 +11,6 @@ import copy
 import json
 import math
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -114,12 +113,19 @@ def _dumps(value: Any) -> str:
 def model_metadata(model: nn.Module, kind: str, config: Any = None, extra: dict[str, Any] | None = None) -> dict[str, str]:
     """Metadata strings describing ``model`` (see :mod:`quantsr_cli.packing.io` for the keys).
 
+    ``method``, ``w_bits`` and ``a_bits`` are written once, from the quantization config: ``config``,
+    else the ``quant_config`` that ``quant.quantize_`` (or a packed file's loader) attached to the model.
+    They are never worked out from the layers or their codes; a packed layer whose bits disagree with
+    the config is refused (:func:`check_layer_bits`).
+
     Args:
         model: a model from ``quantsr_cli.models.build_model`` (FP, QAT or packed).
         kind: ``"packed"``, ``"qat"`` or ``"fp"``.
-        config: the ``QuantConfig`` (or anything with ``method``, ``w_bits``, ``a_bits``); for packed
-            models without one the bits are read from the layers.
+        config: the ``QuantConfig`` (or anything with ``method``, ``w_bits``, ``a_bits``).
         extra: free JSON-able information (training command, slim history, ...).
+
+    Raises:
+        ConfigError: a packed layer whose bits are not the config's.
     """
     if kind not in KINDS:
         raise ValueError(f"kind={kind!r}; choose one of {KINDS}")
@@ -133,18 +139,18 @@ def model_metadata(model: nn.Module, kind: str, config: Any = None, extra: dict[
         "scale": str(hparams.get("upscale", "")),
     }
     if config is None:
-        config = getattr(model, "quant_config", None) or _layer_config(model)
+        config = getattr(model, "quant_config", None)
     if kind == "packed":
         layers = packed_layer_specs(model)
         meta["layers"] = encode_layers(layers)
-        w_bits = {entry["w_bits"] for entry in layers if "w_bits" in entry}
-        a_bits = {entry["a_bits"] for entry in layers}
-        meta["w_bits"] = str(max(w_bits)) if w_bits else "32"
-        meta["a_bits"] = str(max(a_bits)) if a_bits else "32"
+        if config is not None:
+            bad = check_layer_bits(layers, int(config.w_bits), int(config.a_bits))
+            if bad:
+                raise ConfigError(f"{bad}, but the quantization config says W{config.w_bits}A{config.a_bits}")
     if config is not None:
         meta.update(method=str(config.method), w_bits=str(config.w_bits), a_bits=str(config.a_bits))
     elif kind != "fp":
-        meta.setdefault("method", "unknown")
+        meta["method"] = "unknown"
     if callable(getattr(model, "block_names", None)):
         skipped = [b for b in model.block_names() if getattr(model.get_submodule(b), "skip", False)]
         if skipped:
@@ -152,6 +158,19 @@ def model_metadata(model: nn.Module, kind: str, config: Any = None, extra: dict[
     if extra:
         meta["extra"] = _dumps(extra)
     return meta
+
+
+def check_layer_bits(layers: list[dict[str, Any]], w_bits: int, a_bits: int) -> str | None:
+    """The first packed layer (metadata ``layers`` rows) whose bits are not ``w_bits``/``a_bits``, described
+    in words, or None when all agree. Every quantized layer of a model has the config's bits; this is
+    the one place a per-layer bit rule (mixed precision) would enter."""
+    for entry in layers:
+        w, a = entry.get("w_bits"), entry.get("a_bits")
+        if entry.get("type") != "act" and w != w_bits:
+            return f"layer {entry.get('name')} holds {w}-bit weight codes"
+        if a != a_bits:
+            return f"layer {entry.get('name')} quantizes its input at {a} bits"
+    return None
 
 
 def state_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -168,11 +187,7 @@ def pack_model(qat_model: nn.Module, config: Any = None, extra: dict[str, Any] |
     the header small; see :func:`merge_side_tensors`). Full-precision tensors keep their own keys,
     in float32.
     """
-    if any(isinstance(m, PackedModule) for m in qat_model.modules()):
-        packed = qat_model
-    else:
-        config = config if config is not None else _layer_config(qat_model)
-        packed = to_packed(qat_model)
+    packed = qat_model if any(isinstance(m, PackedModule) for m in qat_model.modules()) else to_packed(qat_model)
     return merge_side_tensors(packed, state_tensors(packed)), model_metadata(packed, "packed", config, extra)
 
 
@@ -206,16 +221,6 @@ def split_side_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], path:
         for (b, buf), part in zip(side, blob.split(sizes)):
             out[f"{name}.{b}"] = part.reshape(buf.shape).clone()
     return out
-
-
-def _layer_config(model: nn.Module) -> SimpleNamespace | None:
-    """``method``/``w_bits``/``a_bits`` read from the QAT layers' attributes (None if they have none)."""
-    layers = [m for _, m in quantized_layers(model) if hasattr(m, "method")]
-    if not layers:
-        return None
-    w_bits = [int(getattr(m, "w_bits", 32)) for m in layers if is_qat_layer(m)]
-    a_bits = [int(getattr(m, "a_bits", 32)) for m in layers]
-    return SimpleNamespace(method=layers[0].method, w_bits=max(w_bits, default=32), a_bits=max(a_bits))
 
 
 def _json(meta: dict[str, str], key: str, path: Path | str | None, default: Any = None) -> Any:
@@ -272,6 +277,23 @@ def _check_spec(entry: Any, base: nn.Module) -> dict[str, Any]:
     return entry
 
 
+def _check_file_bits(layers: list[dict[str, Any]], meta: dict[str, str], path: Path | str | None) -> None:
+    """CheckpointError when the file's ``w_bits``/``a_bits`` (written once, from the config) are malformed
+    or a layer's codes are stored at other bits (the layer's own ``format``/``w_bits`` and the size of its
+    ``qweight`` are checked against each other when the layer is built)."""
+    if "w_bits" not in meta and "a_bits" not in meta:
+        return  # written without a quantization config: the layers are all there is
+    bits = []
+    for key in ("w_bits", "a_bits"):
+        value = meta.get(key, "")
+        if not (value.isascii() and value.isdigit() and int(value) in (2, 4, 8, 32)):
+            raise CheckpointError(f"metadata {key} {value[:20]!r} is not one of 2, 4, 8, 32", path)
+        bits.append(int(value))
+    bad = check_layer_bits(layers, bits[0], bits[1])
+    if bad:
+        raise CheckpointError(f"{bad}, but the file's metadata says w_bits={bits[0]}, a_bits={bits[1]}", path)
+
+
 def load_tensors_strict(model: nn.Module, tensors: dict[str, torch.Tensor], path: Path | str | None) -> None:
     """Load ``tensors`` into ``model`` exactly: same keys, shapes and dtypes, else CheckpointError."""
     own = model.state_dict()
@@ -322,6 +344,7 @@ def build_packed_model(
             tensors, wrong shapes or dtypes, or non-finite/non-positive quantizer steps.
     """
     layers = decode_layers(meta, path)
+    _check_file_bits(layers, meta, path)
     modules = dict(base_model.named_modules())
     seen: set[str] = set()
     for entry in layers:

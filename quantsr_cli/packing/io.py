@@ -300,12 +300,15 @@ def load_model_file(path: str | Path) -> nn.Module:
 
 
 def _quant_config(meta: dict[str, str], path: Path | None) -> Any:
-    """The ``QuantConfig`` of a qat/packed file's metadata (CheckpointError when it is not valid)."""
+    """The ``QuantConfig`` of a qat/packed file's metadata, its method registered (CheckpointError otherwise)."""
     from quantsr_cli.config import QuantConfig
+    from quantsr_cli.quant import method_spec
 
     try:
-        return QuantConfig(method=meta.get("method", ""), w_bits=int(meta.get("w_bits", "")),
-                           a_bits=int(meta.get("a_bits", "")))
+        config = QuantConfig(method=meta.get("method", ""), w_bits=int(meta.get("w_bits", "")),
+                             a_bits=int(meta.get("a_bits", "")))
+        method_spec(config.method)
+        return config
     except (QuantSRError, ValueError) as exc:
         raise CheckpointError(f"bad quantization metadata ({exc})", path) from None
 

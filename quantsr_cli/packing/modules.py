@@ -83,13 +83,14 @@ def _act_params(act_q: nn.Module | None) -> tuple[int, torch.Tensor, int, int, t
     return bits, step, int(p.qmin), int(p.qmax), shift
 
 
-def _weight_bits(layer: nn.Module, codes: torch.Tensor) -> int:
-    for owner, attr in ((layer.w_q, "bits"), (layer, "w_bits"), (layer.w_q, "w_bits")):
-        value = getattr(owner, attr, None)
-        if isinstance(value, int | torch.Tensor) and int(value) in (2, 4, 8):
-            return int(value)
-    top = int(codes.max()) if codes.numel() else 0
-    return next(b for b in (2, 4, 8) if top < (1 << b))
+def _weight_bits(layer: nn.Module) -> int:
+    """The weight quantizer's bit-width (``w_q.bits``, set from the ``QuantConfig``): the codes are
+    packed at the bits the quantizer says, never at bits guessed from their values."""
+    bits = getattr(layer.w_q, "bits", None)
+    if isinstance(bits, bool) or not isinstance(bits, int) or bits not in (2, 4, 8):
+        raise ValueError(f"{type(layer.w_q).__name__}.bits is {bits!r}; a weight quantizer must state its "
+                         "bit-width (2, 4 or 8)")
+    return bits
 
 
 def _export_spec(layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
@@ -99,7 +100,7 @@ def _export_spec(layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor, dict[str
     a_bits, _, qmin, qmax, shift = _act_params(getattr(layer, "act_q", None))
     scale = torch.as_tensor(scale, dtype=torch.float32).reshape(-1)
     spec = {
-        "shape": list(layer.weight.shape), "w_bits": _weight_bits(layer, codes), "w_zero": float(zero),
+        "shape": list(layer.weight.shape), "w_bits": _weight_bits(layer), "w_zero": float(zero),
         "per_channel": scale.numel() > 1, "bias": layer.bias is not None, "a_bits": a_bits,
         "a_qmin": qmin, "a_qmax": qmax, "shift": 0 if shift is None else shift.numel(),
     }
