@@ -1,110 +1,86 @@
 """Compute backends for packed models: ``torch`` (reference), ``cpu`` (oneDNN int8), ``cupy`` (CUDA).
 
-A backend is a module exposing ``prepare(module) -> impl`` (called for every packed module; the
-returned ``impl(module, x)`` becomes ``module.impl``) and optionally ``prepare_model(model)`` /
-``release_model(model)`` for model-wide set-up and its undoing. ``cupy`` lives in
-``quantsr_cli.backends.cupy_backend`` and is imported only when requested (it is the only cupy user);
-it may define ``unavailable_reason() -> str | None`` to refine the availability check.
+The interface every backend implements (:class:`Backend`) and the table that registers them
+(:data:`BACKENDS`, one :class:`BackendSpec` per backend) are in :mod:`quantsr_cli.backends.registry`.
+``auto`` (every command's default) picks the available backend with the lowest ``auto_rank``: ``cupy``
+when CUDA and cupy are usable, else ``cpu``. Backend modules are imported only when used or checked;
+``cupy_backend`` is the only cupy user.
 """
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
-from types import ModuleType
-
-import torch
 from torch import nn
 
+from quantsr_cli.backends.registry import AUTO, BACKENDS, Backend, BackendSpec
 from quantsr_cli.errors import BackendUnavailableError, ConfigError
+from quantsr_cli.packing.modules import PackedModule
 
-__all__ = ["BACKENDS", "available_backends", "resolve_backend", "use_backend", "backend_of"]
-
-BACKENDS = ("torch", "cpu", "cupy")
-"""Backend names accepted by :func:`use_backend` (plus ``"auto"``)."""
+__all__ = ["AUTO", "BACKENDS", "Backend", "BackendSpec", "auto_backend", "available_backends", "backend_choices",
+           "backend_of", "resolve_backend", "use_backend"]
 
 _ATTR = "quantsr_backend"
+DEFAULT = "torch"
+"""The backend of a packed model nobody has set one on (its modules start with the reference ``impl``)."""
 
 
-def _cupy_problem() -> str | None:
-    """None when the cupy backend can run here, else everything missing (CUDA, cupy) in one line.
-
-    Does not import cupy itself: that is left to ``cupy_backend.unavailable_reason()``.
-    """
-    problems = []
-    if not torch.cuda.is_available():
-        problems.append("no CUDA device (torch.cuda.is_available() is False)")
-    try:
-        has_cupy = importlib.util.find_spec("cupy") is not None
-    except (ImportError, ValueError):
-        has_cupy = False
-    if not has_cupy:
-        problems.append("the cupy package is not installed (pip install 'quantsr[gpu]')")
-    if problems:
-        return "; ".join(problems)
-    try:
-        backend = importlib.import_module("quantsr_cli.backends.cupy_backend")
-        check = getattr(backend, "unavailable_reason", None)
-        return check() if callable(check) else None
-    except Exception as exc:  # a broken CUDA/cupy install can raise anything on import
-        return f"the cupy backend cannot be loaded ({type(exc).__name__}: {str(exc)[:160]})"
-
-
-def _module(name: str) -> ModuleType:
-    if name == "cupy":
-        problem = _cupy_problem()
-        if problem is not None:
-            raise BackendUnavailableError(f"backend 'cupy' cannot run here: {problem}")
-        return importlib.import_module("quantsr_cli.backends.cupy_backend")
-    return importlib.import_module(f"quantsr_cli.backends.{'torch_ref' if name == 'torch' else name}")
+def backend_choices() -> list[str]:
+    """Every accepted ``--backend`` value: ``auto`` and the registered names."""
+    return [AUTO, *BACKENDS]
 
 
 def available_backends() -> list[str]:
     """Backends usable on this machine, e.g. ``["torch", "cpu"]`` (+ ``"cupy"`` with CUDA and cupy)."""
-    return ["torch", "cpu"] + (["cupy"] if _cupy_problem() is None else [])
+    return [name for name, spec in BACKENDS.items() if spec.unavailable_reason() is None]
+
+
+def auto_backend() -> str:
+    """The available backend with the lowest ``auto_rank`` (``torch`` when none is)."""
+    ranked = sorted((s for s in BACKENDS.values() if s.auto_rank is not None), key=lambda s: s.auto_rank or 0)
+    return next((s.name for s in ranked if s.unavailable_reason() is None), DEFAULT)
 
 
 def resolve_backend(name: str) -> str:
-    """Map ``auto`` to ``cupy`` when CUDA and cupy are usable, else ``cpu``; check other names.
+    """Map ``auto`` to :func:`auto_backend`; check that any other name is registered and can run here.
 
     Raises:
         ConfigError: an unknown name.
-        BackendUnavailableError: ``cupy`` requested but CUDA or cupy is missing (names which).
+        BackendUnavailableError: a registered backend that cannot run here (names what is missing).
     """
-    if name == "auto":
-        return "cupy" if _cupy_problem() is None else "cpu"
-    if name not in BACKENDS:
-        raise ConfigError(f"unknown backend {name!r}; choose auto, {', '.join(BACKENDS)}")
-    if name == "cupy":
-        _module("cupy")
+    if name == AUTO:
+        return auto_backend()
+    spec = BACKENDS.get(name)
+    if spec is None:
+        raise ConfigError(f"unknown backend {name!r}; choose {', '.join(backend_choices())}")
+    problem = spec.unavailable_reason()
+    if problem is not None:
+        raise BackendUnavailableError(f"backend {name!r} cannot run here: {problem}")
     return name
 
 
 def backend_of(model: nn.Module) -> str:
     """The backend last set on ``model`` by :func:`use_backend` (``"torch"`` by default)."""
-    return str(getattr(model, _ATTR, "torch"))
+    return str(getattr(model, _ATTR, DEFAULT))
 
 
-def use_backend(model: nn.Module, name: str = "auto") -> nn.Module:
+def use_backend(model: nn.Module, name: str = AUTO) -> nn.Module:
     """Set ``impl`` on every packed module of ``model`` (in place) and prepare per-layer caches.
+
+    Order: the previous backend's ``release_model``, this one's ``prepare_model``, then ``prepare`` for
+    each packed module (see :mod:`quantsr_cli.backends.registry`).
 
     Args:
         model: a model holding packed modules (others are left as they are).
-        name: ``auto``, ``torch``, ``cpu`` or ``cupy``.
+        name: ``auto`` or a name in :data:`BACKENDS`.
 
     Returns:
-        ``model``. Each packed module gets ``backend_note`` saying how it runs (e.g. a per-layer
-        fallback to the reference).
+        ``model``. Each packed module gets ``backend_note`` saying how it runs.
     """
-    from quantsr_cli.packing.modules import PackedModule
-
     resolved = resolve_backend(name)
-    previous = _module(backend_of(model)) if backend_of(model) != resolved else None
-    if previous is not None and callable(getattr(previous, "release_model", None)):
-        previous.release_model(model)
-    backend = _module(resolved)
-    if callable(getattr(backend, "prepare_model", None)):
-        backend.prepare_model(model)
+    previous = backend_of(model)
+    if previous != resolved and previous in BACKENDS:
+        BACKENDS[previous].load().release_model(model)
+    backend = BACKENDS[resolved].load()
+    backend.prepare_model(model)
     for module in model.modules():
         if isinstance(module, PackedModule):
             module.impl = backend.prepare(module)

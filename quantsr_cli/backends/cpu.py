@@ -183,6 +183,11 @@ def cpu_forward(module: PackedModule, x: torch.Tensor) -> torch.Tensor:
     return out.reshape(*lead, out.shape[-1])
 
 
+def unavailable_reason() -> str | None:
+    """Always available: without oneDNN (or for an unsupported layer) a layer runs the reference."""
+    return None
+
+
 def prepare(module: PackedModule) -> Impl:
     """Prepack ``module``'s weight; return :func:`cpu_forward`, or the reference when unsupported."""
     state = _state(module)

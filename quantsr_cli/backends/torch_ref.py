@@ -16,6 +16,11 @@ from quantsr_cli.packing.modules import Impl, PackedModule, reference_forward
 NAME = "torch"
 
 
+def unavailable_reason() -> str | None:
+    """The reference runs wherever torch does."""
+    return None
+
+
 def prepare(module: PackedModule) -> Impl:
     """Return the reference ``impl`` for ``module`` and warm its dequantized-weight cache."""
     if hasattr(module, "dequantized_weight"):

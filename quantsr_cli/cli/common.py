@@ -12,6 +12,7 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from quantsr_cli.backends import AUTO, BACKENDS
 from quantsr_cli.fileio import dumps
 
 err_console = Console(stderr=True)
@@ -26,6 +27,16 @@ def _device(value: str) -> str:
 DeviceOpt = Annotated[str, typer.Option("--device", help="Torch device: cpu, cuda or cuda:N.", callback=_device)]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object to stdout.")]
 ScaleOpt = Annotated[int | None, typer.Option("--scale", "-s", help="Upscaling factor (2, 3 or 4).", min=2, max=4)]
+
+
+def _backend_help() -> str:
+    ranked = sorted((s for s in BACKENDS.values() if s.auto_rank is not None), key=lambda s: s.auto_rank or 0)
+    names = "; ".join(f"{n}: {s.summary}" for n, s in BACKENDS.items())
+    return f"Packed models: {AUTO} (the first available of {', '.join(s.name for s in ranked)}) or one of: {names}."
+
+
+BackendOpt = Annotated[str, typer.Option("--backend", help=_backend_help())]
+"""The one ``--backend`` option of every command that runs a model (default ``auto``)."""
 DataRootOpt = Annotated[
     Path | None,
     typer.Option("--data-root", help="Folder holding benchmark dataset folders [default: $QUANTSR_DATA/benchmarks]."),

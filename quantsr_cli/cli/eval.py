@@ -8,7 +8,16 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from quantsr_cli.cli.common import DataRootOpt, DeviceOpt, JsonOpt, ScaleOpt, err_console, print_json, progress_bar
+from quantsr_cli.cli.common import (
+    BackendOpt,
+    DataRootOpt,
+    DeviceOpt,
+    JsonOpt,
+    ScaleOpt,
+    err_console,
+    print_json,
+    progress_bar,
+)
 from quantsr_cli.engine.compare import write_comparisons
 from quantsr_cli.engine.evaluate import check_eval_outputs, run_eval
 from quantsr_cli.engine.modelio import load_model, set_depth
@@ -36,7 +45,7 @@ def evaluate(
     tile: Annotated[int, typer.Option("--tile", help="LR tile size for large images (0 = whole image).", min=0)] = 0,
     compare_dir: Annotated[Path | None, typer.Option("--compare-dir", help="Write side-by-side zoomed crops (HR, bicubic, models) here.")] = None,
     compare_model: Annotated[list[str] | None, typer.Option("--compare-model", help="Another model for --compare-dir panels; repeatable.")] = None,
-    backend: Annotated[str, typer.Option("--backend", help="Packed models: torch (reference), cpu, cupy or auto.")] = "torch",
+    backend: BackendOpt = "auto",
     depth: Annotated[str | None, typer.Option("--depth", help="DQA models: full, half or quarter depth.")] = None,
     device: DeviceOpt = "cpu",
 ) -> None:

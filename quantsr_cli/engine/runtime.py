@@ -2,32 +2,41 @@
 
 from __future__ import annotations
 
-from quantsr_cli.backends import resolve_backend, use_backend
+from quantsr_cli.backends import AUTO, BACKENDS, backend_choices, resolve_backend, use_backend
 from quantsr_cli.engine.modelio import LoadedModel
 from quantsr_cli.errors import ConfigError
 
-BACKENDS = ("auto", "torch", "cpu", "cupy")
+PRECISION_ATTR = "quantsr_engine_precision"
+"""Model attribute a backend with float16 glue (``BackendSpec.half``) reads: ``"fp16"`` or None."""
+
+
+def _half_backends() -> str:
+    return ", ".join(f"--backend {n}" for n, s in BACKENDS.items() if s.half)
 
 
 def select_backend(loaded: LoadedModel, name: str, device: str, half: bool = False) -> str:
-    """Attach backend ``name`` to the packed layers of ``loaded``; returns the backend used.
+    """Attach backend ``name`` (``auto`` or a registered name) to the packed layers of ``loaded``;
+    returns the backend used. A backend that needs a device (``cupy``: CUDA) moves the model there.
 
-    Float (``fp``) and fake-quant (``qat``) models always run through torch. ``half``: the GPU engine's
-    float16 precision (``cupy`` only; ConfigError elsewhere).
+    Float (``fp``) and fake-quant (``qat``) models always run through torch; a named backend is still
+    checked, so that one that cannot run here is reported. ``half``: float16 glue, for backends whose
+    spec has ``half`` (the GPU engine); ConfigError elsewhere.
     """
-    if name not in BACKENDS:
-        raise ConfigError(f"--backend {name!r}; choose one of {', '.join(BACKENDS)}")
+    if name != AUTO and name not in BACKENDS:
+        raise ConfigError(f"--backend {name!r}; choose one of {', '.join(backend_choices())}")
     if loaded.kind != "packed":
-        if name == "cupy":
-            resolve_backend("cupy")  # still report a missing GPU/cupy clearly
+        if name != AUTO:
+            resolve_backend(name)
         if half:
-            raise ConfigError("--half runs packed models on the GPU engine (--backend cupy); this model is not packed")
+            raise ConfigError(f"--half runs packed models on the GPU engine ({_half_backends()}); this model is not "
+                              "packed")
         return "torch"
     chosen = resolve_backend(name)
-    if half and chosen != "cupy":
-        raise ConfigError(f"--half runs on the GPU engine (--backend cupy); this run uses the {chosen} backend")
-    object.__setattr__(loaded.model, "quantsr_engine_precision", "fp16" if half else None)
-    if chosen == "cupy" and not str(device).startswith("cuda"):
-        loaded.model.to("cuda")
+    spec = BACKENDS[chosen]
+    if half and not spec.half:
+        raise ConfigError(f"--half runs on the GPU engine ({_half_backends()}); this run uses the {chosen} backend")
+    object.__setattr__(loaded.model, PRECISION_ATTR, "fp16" if half else None)
+    if spec.device is not None and not str(device).startswith(spec.device):
+        loaded.model.to(spec.device)
     use_backend(loaded.model, chosen)
     return chosen
