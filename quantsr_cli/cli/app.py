@@ -1,7 +1,18 @@
 """The ``quantsr`` application: registers every command and turns errors into one-line messages.
 
-Exit codes: 0 ok, 1 user or data error (one line on stderr; ``QUANTSR_DEBUG=1`` adds the traceback),
-2 usage error (Typer's own), 130 interrupted.
+Exit codes:
+
+* 0 ok;
+* 1 a user, data or environment error: a :class:`~quantsr_cli.errors.QuantSRError` (bad option, file,
+  image, dataset, unusable backend), a file-system error naming its file, or running out of memory;
+  one line on stderr;
+* 2 a usage error (Typer's own: unknown option, bad option type);
+* 3 an internal error: any other exception is a bug in quantsr, reported in one line that says so
+  (``QUANTSR_DEBUG=1`` prints the traceback, for every error kind);
+* 130 interrupted.
+
+To add a command: write ``cli/<name>.py`` (a function whose parameters are the Typer options and whose
+work is one call into ``engine``) and add it to the registration tuple below (one line).
 """
 
 from __future__ import annotations
@@ -10,12 +21,24 @@ import os
 import sys
 import traceback
 
+import torch
 import typer
 
+from quantsr_cli.cli import diffusion as diffusion_cmd
+from quantsr_cli.cli import distill as distill_cmd
 from quantsr_cli.cli import eval as eval_cmd
+from quantsr_cli.cli import info as info_cmd
+from quantsr_cli.cli import pack as pack_cmd
 from quantsr_cli.cli import quantize as quantize_cmd
+from quantsr_cli.cli import slim as slim_cmd
+from quantsr_cli.cli import upscale as upscale_cmd
 from quantsr_cli.cli.common import err_console
 from quantsr_cli.errors import QuantSRError
+from quantsr_cli.quant import METHODS
+
+EXIT_ERROR = 1
+EXIT_INTERNAL = 3
+EXIT_INTERRUPTED = 130
 
 app = typer.Typer(
     name="quantsr",
@@ -24,76 +47,66 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-app.command("quantize", help="Quantization-aware training (RBD, RLQ, LSQ, DoReFa, PAMS) at W/A 2, 4 or 8 bits.")(
+
+
+def _first_doc_line(func: object) -> str:
+    return (getattr(func, "__doc__", None) or "").strip().split("\n")[0]
+
+
+app.command("quantize", help=f"Quantization-aware training ({', '.join(METHODS)}) at W/A 2, 4 or 8 bits.")(
     quantize_cmd.quantize
 )
 app.command("eval", help="PSNR/SSIM (Y channel, BasicSR conventions) on Set5/Set14/B100/Urban100/Manga109.")(
     eval_cmd.evaluate
 )
+for _name, _func in (("upscale", upscale_cmd.upscale), ("slim", slim_cmd.slim), ("distill", distill_cmd.distill),
+                     ("pack", pack_cmd.pack), ("info", info_cmd.info)):
+    app.command(_name, help=_first_doc_line(_func))(_func)
+app.add_typer(diffusion_cmd.app, name="diffusion")
 
 
-def _not_built(name: str, issue: str) -> None:
-    def command() -> None:
-        err_console.print(f"quantsr {name}: not available in this version yet ({issue})")
-        raise typer.Exit(2)
-
-    command.__doc__ = f"(not available yet: {issue})"
-    app.command(name, help=f"Not available yet: {issue}.")(command)
+def _say(message: str) -> None:
+    err_console.print(message, highlight=False, markup=False, soft_wrap=True)
 
 
-def _register_optional() -> None:
-    """Commands whose modules may not exist yet in this version."""
-    import importlib
-
-    for name, module, func, issue in (
-        ("upscale", "upscale", "upscale", "packed upscaling"),
-        ("slim", "slim", "slim", "QSA block removal"),
-        ("distill", "distill", "distill", "SFD distillation"),
-        ("pack", "pack", "pack", "packed model format"),
-        ("info", "info", "info", "model report"),
-    ):
-        try:
-            mod = importlib.import_module(f"quantsr_cli.cli.{module}")
-        except ModuleNotFoundError:
-            _not_built(name, issue)
-            continue
-        app.command(name, help=(getattr(mod, func).__doc__ or "").split("\n")[0])(getattr(mod, func))
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:300] if text else type(exc).__name__
 
 
-_register_optional()
-
-
-def _register_diffusion() -> None:
-    from quantsr_cli.cli import diffusion as diffusion_cmd
-
-    app.add_typer(diffusion_cmd.app, name="diffusion")
-
-
-_register_diffusion()
+def _environment_error(exc: BaseException) -> str | None:
+    """The one-line message of an error the user's machine caused (not a bug), else None."""
+    if isinstance(exc, OSError) and exc.filename:  # disk full, permission denied, ...: name the file
+        return f"{exc.filename}: {exc.strerror or _first_line(exc)}"
+    if isinstance(exc, (MemoryError, torch.cuda.OutOfMemoryError)):
+        return f"out of memory ({_first_line(exc)}); use a smaller --tile, --batch-size or --patch-size"
+    return None
 
 
 def main() -> None:
-    """Console entry point."""
+    """Console entry point: runs the app and maps every outcome to an exit code (module docstring)."""
     debug = os.environ.get("QUANTSR_DEBUG", "") not in ("", "0")
     try:
         app()
+    except KeyboardInterrupt:
+        _say("interrupted")
+        sys.exit(EXIT_INTERRUPTED)
+    except SystemExit as exc:
+        if exc.code == EXIT_INTERRUPTED:  # Typer turns Ctrl-C inside a command into a silent exit 130
+            _say("interrupted")
+        raise
     except QuantSRError as exc:
         if debug:
             traceback.print_exc()
-        err_console.print(f"error: {exc}", highlight=False, markup=False, soft_wrap=True)
-        sys.exit(1)
-    except KeyboardInterrupt:
-        err_console.print("interrupted", highlight=False)
-        sys.exit(130)
-    except SystemExit as exc:
-        if exc.code == 130:  # Typer turns Ctrl-C inside a command into a silent exit 130
-            err_console.print("interrupted", highlight=False)
-        raise
-    except (OSError, ValueError, RuntimeError, FloatingPointError) as exc:
+        _say(f"error: {exc}")
+        sys.exit(EXIT_ERROR)
+    except Exception as exc:  # noqa: BLE001 - the one place where unexpected errors are reported
         if debug:
             traceback.print_exc()
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        if isinstance(exc, OSError) and exc.filename:  # name the file, like every other error
-            first = f"{exc.filename}: {exc.strerror or first}"
-        err_console.print(f"error: {first}", highlight=False, markup=False, soft_wrap=True)
-        sys.exit(1)
+        known = _environment_error(exc)
+        if known is not None:
+            _say(f"error: {known}")
+            sys.exit(EXIT_ERROR)
+        _say(f"internal error (a bug in quantsr): {type(exc).__name__}: {_first_line(exc)}; "
+             "run again with QUANTSR_DEBUG=1 for the traceback and report it")
+        sys.exit(EXIT_INTERNAL)

@@ -13,12 +13,13 @@ import typer
 
 from quantsr_cli.cli.common import DeviceOpt, JsonOpt, TrainRenderer, finite, log, print_json, progress_bar
 from quantsr_cli.cli.trainopts import StartModel
-from quantsr_cli.config import METHODS, SCALES, QuantConfig, TrainConfig
+from quantsr_cli.config import SCALES, QuantConfig, TrainConfig
 from quantsr_cli.engine.modelio import read_model_meta
 from quantsr_cli.engine.quantize import QuantizeJob, check_rebuildable, run_quantize
 from quantsr_cli.errors import CheckpointError, ConfigError
 from quantsr_cli.models import ARCHS
 from quantsr_cli.presets import list_presets, load_config_file, load_preset
+from quantsr_cli.quant import METHODS
 
 _TRAIN_FIELDS = {f.name for f in fields(TrainConfig)}
 
@@ -49,13 +50,13 @@ def build_job(opts: dict[str, Any], *, run_dir: Path | None, out: Path | None, r
     """Turn merged options into a validated :class:`QuantizeJob`."""
     arch = opts.get("arch")
     if not arch:
-        raise ConfigError("--arch is required (quantsr-c, srresnet, swinir-s, imdn) unless a --preset or --config sets it")
+        raise ConfigError(f"--arch is required ({', '.join(ARCHS)}) unless a --preset or --config sets it")
     bits = opts.get("bits")
     w_bits = opts.get("w_bits", bits if bits is not None else 4)
     a_bits = opts.get("a_bits", bits if bits is not None else 4)
     if bits == 32:
         w_bits = a_bits = 32
-    quant = QuantConfig(method=opts.get("method", "rbd"), w_bits=int(w_bits), a_bits=int(a_bits),
+    quant = QuantConfig(method=opts.get("method", QuantConfig.method), w_bits=int(w_bits), a_bits=int(a_bits),
                         act_sign=opts.get("act_sign", "min"))
     train_kwargs = {k: v for k, v in opts.items() if k in _TRAIN_FIELDS}
     for key in ("train_data", "milestones"):
@@ -74,14 +75,14 @@ def build_job(opts: dict[str, Any], *, run_dir: Path | None, out: Path | None, r
 
 
 def quantize(
-    arch: Annotated[str | None, typer.Option("--arch", "-a", help="quantsr-c, srresnet, swinir-s or imdn.")] = None,
+    arch: Annotated[str | None, typer.Option("--arch", "-a", help=f"{', '.join(ARCHS)}.")] = None,
     bits: Annotated[int | None, typer.Option("--bits", "-b", help="Weight and activation bits: 2, 4, 8 (32 = full precision).")] = None,
     w_bits: Annotated[int | None, typer.Option("--w-bits", help="Weight bits (overrides --bits).")] = None,
     a_bits: Annotated[int | None, typer.Option("--a-bits", help="Activation bits (overrides --bits).")] = None,
-    method: Annotated[str | None, typer.Option("--method", help=f"Quantizer: {', '.join(METHODS)} [default: rbd].")] = None,
+    method: Annotated[str | None, typer.Option("--method", help=f"Quantizer: {', '.join(METHODS)} [default: {QuantConfig.method}].")] = None,
     scale: Annotated[int | None, typer.Option("--scale", "-s", help="Upscaling factor 2, 3 or 4 [default: 4].")] = None,
     init: Annotated[str | None, typer.Option("--init", help="Full-precision pretrained weights (.pth or safetensors).")] = None,
-    blocks: Annotated[int | None, typer.Option("--blocks", help="Residual blocks (quantsr-c, srresnet) or RSTBs (swinir-s).")] = None,
+    blocks: Annotated[int | None, typer.Option("--blocks", help="Residual blocks of the arch (archs of fixed depth refuse it).")] = None,
     train_data: Annotated[list[str] | None, typer.Option("--train-data", help="HR image folder; repeatable [default: $QUANTSR_DATA/train/*].")] = None,
     val_dataset: Annotated[str | None, typer.Option("--val-dataset", help="Validation benchmark [default: Set5].")] = None,
     iters: Annotated[int | None, typer.Option("--iters", help="Training iterations.")] = None,
@@ -110,11 +111,11 @@ def quantize(
     device: DeviceOpt = "cpu",
     json_out: JsonOpt = False,
 ) -> None:
-    """Quantization-aware training of an SR model at W/A 2, 4 or 8 bits (RBD by default).
+    """Quantization-aware training of an SR model at W/A 2, 4 or 8 bits.
 
     With --model, training continues from a quantsr model instead (arch, scale, method and bits come
-    from the file; a packed lsq/rlq/rbd file or bundled name such as ``default`` is fine-tuned from its
-    codes, see ``quantsr_cli.packing.unpack``).
+    from the file; a packed file of a fine-tunable method or a bundled name such as ``default`` is
+    fine-tuned from its codes, see ``quantsr_cli.packing.unpack``).
     """
     if model is not None and (arch is not None or init is not None or blocks is not None or share_qv_quantizer):
         raise ConfigError("--model continues from a model file; it cannot be combined with --arch, --init, --blocks "
