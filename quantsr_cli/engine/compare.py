@@ -16,12 +16,12 @@ import torch
 from quantsr_cli.data.datasets import BenchmarkDataset, resolve_dataset
 from quantsr_cli.data.imresize import imresize
 from quantsr_cli.data.io import tensor_to_uint8
+from quantsr_cli.engine.evaluate import pair_metrics
 from quantsr_cli.engine.modelio import LoadedModel
 from quantsr_cli.engine.outputs import clean_temp_files
 from quantsr_cli.engine.tiling import upscale_tensor
 from quantsr_cli.errors import ImageError, NumericError
 from quantsr_cli.fileio import atomic_write
-from quantsr_cli.metrics.psnr_ssim import evaluate_pair
 
 
 def _crop_box(hr: np.ndarray, sr: np.ndarray, size: int) -> tuple[int, int]:
@@ -61,7 +61,7 @@ def write_comparisons(
         hr_img = tensor_to_uint8(hr)
         panels_src: list[tuple[str, np.ndarray]] = []
         bic = imresize(lr, scale).clamp(0, 1)
-        psnr, _ = evaluate_pair(bic, hr, scale)
+        psnr, _ = pair_metrics(bic, hr, scale, path / name)
         panels_src.append((f"bicubic {psnr:.2f} dB", tensor_to_uint8(bic)))
         for loaded in models:
             device = next(iter(loaded.model.parameters()), torch.empty(0)).device
@@ -69,7 +69,7 @@ def write_comparisons(
                 sr = upscale_tensor(loaded.model, lr.to(device), scale).cpu()
             except NumericError as exc:
                 raise NumericError(f"{exc} for {path.name}/{name}", loaded.source) from None
-            psnr, _ = evaluate_pair(sr, hr, scale)
+            psnr, _ = pair_metrics(sr, hr, scale, path / name)
             panels_src.append((f"{loaded.label.split(' (')[0]} {psnr:.2f} dB", tensor_to_uint8(sr)))
         h, w = hr_img.shape[:2]
         size = max(16, min(h, w) // 4)

@@ -15,7 +15,7 @@ from quantsr_cli.data.io import tensor_to_uint8, write_image
 from quantsr_cli.engine.modelio import LoadedModel, resolve_model_path
 from quantsr_cli.engine.outputs import check_outputs, clean_temp_files
 from quantsr_cli.engine.tiling import upscale_tensor
-from quantsr_cli.errors import NumericError, QuantSRError
+from quantsr_cli.errors import DatasetError, NumericError, QuantSRError
 from quantsr_cli.metrics.psnr_ssim import evaluate_pair
 
 EventFn = Callable[[dict[str, Any]], None]
@@ -33,6 +33,15 @@ class DatasetResult:
 
     def to_dict(self) -> dict[str, Any]:
         return {"psnr": self.psnr, "ssim": self.ssim, "images": self.images, "bicubic": self.bicubic}
+
+
+def pair_metrics(sr: torch.Tensor, hr: torch.Tensor, scale: int, where: Path) -> tuple[float, float]:
+    """:func:`~quantsr_cli.metrics.psnr_ssim.evaluate_pair`, with images it cannot measure (smaller than
+    SSIM's window after the border crop, SR larger than HR) reported as a DatasetError naming ``where``."""
+    try:
+        return evaluate_pair(sr, hr, scale)
+    except ValueError as exc:
+        raise DatasetError(f"cannot measure this image: {exc}", where) from None
 
 
 def evaluate_model(
@@ -65,11 +74,11 @@ def evaluate_model(
             sr = upscale_tensor(loaded.model, lr.to(device), loaded.scale, tile=tile).cpu()
         except NumericError as exc:
             raise NumericError(f"{exc} for {path.name}/{name}", loaded.source) from None
-        psnr, ssim = evaluate_pair(sr, hr, loaded.scale)
+        psnr, ssim = pair_metrics(sr, hr, loaded.scale, path / name)
         images[name] = {"psnr": psnr, "ssim": ssim}
         if bicubic:
             up = imresize(lr, loaded.scale).clamp(0, 1)
-            bp, bs = evaluate_pair(up, hr, loaded.scale)
+            bp, bs = pair_metrics(up, hr, loaded.scale, path / name)
             bic_psnr.append(bp)
             bic_ssim.append(bs)
         if save_dir is not None:

@@ -266,6 +266,8 @@ def prepare_training(job: QuantizeJob, model: nn.Module, on_event: EventFn | Non
         variants = dqa_variants(model)
         extra["dqa"] = dqa_keep_lists(len(model.block_names()))
     if cfg.slim_to:
+        if arch_spec(job.arch).depth is None:  # the slimmed model is compacted at the end of the run
+            raise ConfigError(f"--slim-to: arch {job.arch!r} has a fixed depth; its blocks cannot be removed")
         hooks.append(SlimHook(model, cfg.slim_to, cfg.iters, cfg.slim_start_ratio))
     if cfg.distill:
         teacher = load_model(cfg.distill, scale=job.scale, device=device)
