@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from fnmatch import fnmatchcase
 
 from quantsr_cli.errors import ConfigError
 
@@ -19,6 +21,58 @@ ACT_SIGN_RULES = ("min", "mse")
 """How learned-step activation quantizers pick signed/unsigned on their first batch (see ``QuantConfig``)."""
 
 SCALES = (2, 3, 4)
+
+FP_BITS = 32
+"""The bit-width that means full precision (no quantizer)."""
+
+MAX_LAYER_RULES = 256
+"""Most per-layer bit rules a config may hold (each is matched against every module name)."""
+
+LayerRule = tuple[str, int, int]
+"""A per-layer bit rule: ``(fnmatch pattern over module names, w_bits, a_bits)``; 32 = full precision."""
+
+
+def parse_layer_bits(value: object) -> tuple[LayerRule, ...]:
+    """Per-layer bit rules from a ``layers:`` mapping ``{pattern: bits}`` (in order; a later rule wins).
+
+    ``bits`` is ``fp`` (or 32): the layer stays full precision; 2, 4 or 8: weights and input activations
+    at that width; or ``"w<b>a<b>"`` (e.g. ``w4a8``) for separate widths. Patterns are ``fnmatch`` patterns
+    over module names as ``quantsr info --layers`` lists them (``*`` also spans dots).
+
+    Raises:
+        ConfigError: not a mapping, an empty or over-long pattern, or a bit-width other than the above.
+    """
+    if isinstance(value, tuple) and all(isinstance(r, tuple) and len(r) == 3 for r in value):
+        value = {p: f"w{w}a{a}" for p, w, a in value}
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"layers must map layer-name patterns to bits (e.g. {{conv_first: fp, 'body.*': 4}}), "
+                          f"got {type(value).__name__}")
+    if len(value) > MAX_LAYER_RULES:
+        raise ConfigError(f"layers holds {len(value)} rules; at most {MAX_LAYER_RULES} are allowed")
+    rules = []
+    for pattern, bits in value.items():
+        if not isinstance(pattern, str) or not pattern or len(pattern) > 200:
+            raise ConfigError(f"layers: {str(pattern)[:40]!r} is not a layer-name pattern")
+        rules.append((pattern, *_rule_bits(pattern, bits)))
+    return tuple(rules)
+
+
+def _rule_bits(pattern: str, bits: object) -> tuple[int, int]:
+    allowed = QUANT_BITS + (FP_BITS,)
+    if isinstance(bits, str):
+        text = bits.strip().lower()
+        if text in ("fp", "fp32", "float", "32"):
+            return FP_BITS, FP_BITS
+        found = re.fullmatch(r"w(\d+)a(\d+)", text) or re.fullmatch(r"(\d+)", text)
+        pair = (int(found.group(1)), int(found.group(found.lastindex or 1))) if found else None
+    elif isinstance(bits, int) and not isinstance(bits, bool):
+        pair = (bits, bits)
+    else:
+        pair = None
+    if pair is None or pair[0] not in allowed or pair[1] not in allowed or (pair[0] == FP_BITS != pair[1]):
+        raise ConfigError(f"layers: {pattern!r}: {str(bits)[:20]!r} is not fp, 2, 4, 8 or w<b>a<b> "
+                          "(e.g. w4a8; bits 2, 4 or 8, activations also 32)")
+    return pair
 
 
 @dataclass(frozen=True)
@@ -36,12 +90,17 @@ class QuantConfig:
             ``"mse"`` (whichever of the signed/unsigned grids, at the LSQ initial step, has the lower
             mean squared error on that batch). Used only at initialisation; the choice is stored in
             each quantizer's ``signed`` buffer. Ignored by ``dorefa`` and ``pams``.
+        layers: per-layer bit rules (:func:`parse_layer_bits`; a ``{pattern: bits}`` mapping is accepted
+            and normalised): a layer a rule matches takes that rule's widths (the last matching rule
+            wins), also when the architecture's rule keeps it full precision; ``fp`` keeps it full
+            precision. Layers no rule matches follow the architecture's rule at ``w_bits``/``a_bits``.
     """
 
     method: str = "rbd"
     w_bits: int = 4
     a_bits: int = 4
     act_sign: str = "min"
+    layers: tuple[LayerRule, ...] = ()
 
     def __post_init__(self) -> None:
         if not isinstance(self.method, str) or not re.fullmatch(r"[A-Za-z0-9_.+-]{1,64}", self.method):
@@ -52,14 +111,36 @@ class QuantConfig:
             bits = getattr(self, name)
             if bits not in QUANT_BITS + (32,):
                 raise ConfigError(f"{name}={bits} is not supported; choose 2, 4 or 8 (32 = full precision)")
+        object.__setattr__(self, "layers", parse_layer_bits(self.layers))
 
     @property
     def full_precision(self) -> bool:
-        """True when neither weights nor activations are quantized (``--bits 32``)."""
-        return self.w_bits == 32 and self.a_bits == 32
+        """True when nothing is quantized: ``--bits 32`` and no per-layer rule quantizes a layer."""
+        return self.w_bits == 32 and self.a_bits == 32 and all(w == a == FP_BITS for _, w, a in self.layers)
+
+    def rule_for(self, name: str) -> LayerRule | None:
+        """The last per-layer rule whose pattern matches module ``name``, or None."""
+        for rule in reversed(self.layers):
+            if fnmatchcase(name, rule[0]):
+                return rule
+        return None
+
+    def bits_for(self, name: str) -> tuple[int, int]:
+        """``(w_bits, a_bits)`` of module ``name`` when quantized: its rule's, else the config's."""
+        rule = self.rule_for(name)
+        return (rule[1], rule[2]) if rule is not None else (self.w_bits, self.a_bits)
 
     def to_dict(self) -> dict[str, object]:
-        return {"method": self.method, "w_bits": self.w_bits, "a_bits": self.a_bits, "act_sign": self.act_sign}
+        out: dict[str, object] = {"method": self.method, "w_bits": self.w_bits, "a_bits": self.a_bits,
+                                  "act_sign": self.act_sign}
+        if self.layers:
+            out["layers"] = layer_bits_dict(self.layers)
+        return out
+
+
+def layer_bits_dict(rules: tuple[LayerRule, ...]) -> dict[str, str]:
+    """The ``layers:`` mapping of ``rules`` (``fp``, or ``w<b>a<b>``), as a config file would write it."""
+    return {p: "fp" if w == FP_BITS else f"w{w}a{a}" for p, w, a in rules}
 
 
 @dataclass(frozen=True)
@@ -105,8 +186,8 @@ class TrainConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
                 raise ConfigError(f"{name}={value!r} must be a finite number")
-        if self.iters < 1:
-            raise ConfigError(f"iters={self.iters} must be at least 1")
+        if self.iters < 0:
+            raise ConfigError(f"iters={self.iters} must not be negative (0 = calibrate and pack only, no training)")
         if self.batch_size < 1:
             raise ConfigError(f"batch_size={self.batch_size} must be at least 1")
         if self.patch_size < 8:
@@ -129,6 +210,11 @@ class TrainConfig:
             raise ConfigError(f"ema_decay={self.ema_decay} must be in [0, 1) (0 = off; BasicSR uses 0.999)")
         if not 0.0 <= self.drop_path_rate < 1.0:
             raise ConfigError(f"drop_path_rate={self.drop_path_rate} must be in [0, 1) (0 = off; SwinIR uses 0.1)")
+        if self.iters == 0:
+            training_only = [n for n in ("dqa", "slim_to", "distill", "ema_decay") if getattr(self, n)]
+            if training_only:
+                raise ConfigError(f"iters=0 calibrates and packs without training; {', '.join(training_only)} "
+                                  "needs training iterations")
         if self.ema_decay and self.slim_to:
             raise ConfigError("ema_decay cannot be combined with slim_to: QSA changes the model while it trains")
 

@@ -48,7 +48,7 @@ def test_debug_env_shows_traceback(tmp_path: Path) -> None:
     assert "Traceback" in result.stderr
 
 
-@pytest.mark.parametrize("args", [["--bits", "3"], ["--scale", "5"], ["--iters", "0"]])
+@pytest.mark.parametrize("args", [["--bits", "3"], ["--scale", "5"], ["--iters", "-1"]])
 def test_bad_numbers_are_rejected(args: list[str]) -> None:
     result = run_cli("quantize", "--arch", "quantsr-c", *args)
     assert result.returncode in (1, 2)

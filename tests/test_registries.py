@@ -70,7 +70,7 @@ def test_arch_specs_detect_their_own_weights_and_only_those(arch: str) -> None:
     model = build_model(arch, upscale=3)
     assert spec.detect(model.state_dict()) is not None and detect_arch(model.state_dict())[0] == arch
     for other in ARCHS.values():
-        if other is not spec:
+        if other is not spec and not other.fallback:  # a fallback family (spandrel's) knows many layouts
             assert other.detect(model.state_dict()) is None, (other.name, arch)
     names = {n for n, _ in model.named_modules()}
     assert all(any(fnmatch.fnmatchcase(n, p) for n in names) for p in model.quant_patterns)

@@ -79,6 +79,15 @@ def progress_bar(enabled: bool = True) -> Iterator[Progress]:
         yield progress
 
 
+def _duration(seconds: float) -> str:
+    """``2 h 05 min``, ``7 min``, ``40 s``."""
+    seconds = max(0.0, seconds)
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    minutes = round(seconds / 60)
+    return f"{minutes // 60} h {minutes % 60:02d} min" if minutes >= 60 else f"{minutes} min"
+
+
 class TrainRenderer:
     """Turns trainer events into a progress bar with loss, PSNR and it/s, and log lines."""
 
@@ -87,9 +96,16 @@ class TrainRenderer:
         self.task = progress.add_task(description, total=total, info="")
         self.psnr = "–"
         self.plain_every = plain_every
+        self.timed = False
 
     def __call__(self, event: dict[str, Any]) -> None:
         kind = event.get("event")
+        if kind == "train" and not self.timed and event.get("it_s", 0) > 0:
+            self.timed = True
+            left = (event["iters"] - event["iter"]) / event["it_s"]
+            self.progress.console.print(f"timing: {event['it_s']:.2f} it/s over the first {event['iter']} iterations; "
+                                        f"{event['iters']} iterations take about {_duration(left)} more "
+                                        "(validation and checkpoints not included)", highlight=False)
         if kind == "train":
             info = f"loss {event['loss']:.4f}  val {self.psnr}  {event['it_s']:.2f} it/s"
             self.progress.update(self.task, completed=event["iter"], info=info)

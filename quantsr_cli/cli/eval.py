@@ -35,7 +35,7 @@ Examples:
 def evaluate(
     model: Annotated[str | None, typer.Option("--model", "-m", help="Model file or bundled name [default: default].")] = None,
     arch: Annotated[str | None, typer.Option("--arch", help="Architecture of --weights (detected when omitted).")] = None,
-    weights: Annotated[Path | None, typer.Option("--weights", help="Foreign .pth/.pt weights (with --arch).")] = None,
+    weights: Annotated[Path | None, typer.Option("--weights", help="Foreign weights (.pth/.pt/.ckpt/.safetensors); the architecture is detected.")] = None,
     dataset: Annotated[list[str] | None, typer.Option("--dataset", "-d", help="Set5, Set14, B100, Urban100, Manga109 or a folder; repeatable.")] = None,
     scale: ScaleOpt = None,
     data_root: DataRootOpt = None,
@@ -54,6 +54,8 @@ def evaluate(
         raise ConfigError("pass either --model or --weights, not both")
     source = str(weights) if weights is not None else (model or "default")
     loaded = load_model(source, arch=arch, scale=scale, device=device)
+    if loaded.detected:
+        err_console.print(loaded.detected, highlight=False, markup=False, soft_wrap=True)
     if depth is not None:
         set_depth(loaded, depth)
     select_backend(loaded, backend, device)

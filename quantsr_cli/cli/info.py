@@ -28,8 +28,10 @@ def info(
     if json_out:
         print_json(report)
         return
+    if report.get("detected"):
+        Console(stderr=True).print(report["detected"], highlight=False, markup=False, soft_wrap=True)
     console = Console()
-    table = Table(title=f"{report['arch']} x{report['scale']} W{report['w_bits']}A{report['a_bits']} ({report['kind']})")
+    table = Table(title=f"{report['label']} x{report['scale']} W{report['w_bits']}A{report['a_bits']} ({report['kind']})")
     table.add_column("quantity")
     table.add_column("value", justify="right")
     table.add_row("params", f"{report['params']:,}")
@@ -45,6 +47,7 @@ def info(
         table.add_row("file size", f"{report['file_bytes']:,} B")
         table.add_row("compression vs FP32", f"{report['compression']:.2f}x")
     console.print(table)
+    _print_full_precision(console, report)
     if layers:
         lt = Table(title="layers")
         for col in ("name", "type", "shape", "W bits", "A bits", "params", "MACs share"):
@@ -53,3 +56,18 @@ def info(
             lt.add_row(r["name"], r["type"], "x".join(map(str, r["shape"])), str(r["w_bits"]), str(r["a_bits"]),
                        f"{r['params']:,}", f"{r['macs_share']:.2%}")
         console.print(lt)
+
+
+def _print_full_precision(console: Console, report: dict) -> None:
+    """What stays full precision, grouped by reason; and the parameters of layers quantsr never packs."""
+    groups: dict[str, list[str]] = {}
+    for name, reason in (report.get("fp_layers") or {}).items():
+        groups.setdefault(reason, []).append(name)
+    for reason, names in groups.items():
+        shown = ", ".join(names[:4]) + (f" (+{len(names) - 4} more)" if len(names) > 4 else "")
+        console.print(f"full precision, {reason}: {shown}", highlight=False, markup=False, soft_wrap=True)
+    other = report.get("other_fp_params") or {}
+    if other:
+        listed = ", ".join(f"{kind} {n:,}" for kind, n in sorted(other.items(), key=lambda kv: -kv[1]))
+        console.print(f"full precision, not packable (params by module type): {listed}", highlight=False,
+                      markup=False, soft_wrap=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shlex
 import sys
 from dataclasses import fields, replace
@@ -15,7 +16,7 @@ from quantsr_cli.cli.common import DeviceOpt, JsonOpt, TrainRenderer, finite, lo
 from quantsr_cli.cli.trainopts import StartModel
 from quantsr_cli.config import SCALES, QuantConfig, TrainConfig
 from quantsr_cli.engine.modelio import read_model_meta
-from quantsr_cli.engine.quantize import QuantizeJob, check_rebuildable, run_quantize
+from quantsr_cli.engine.quantize import QuantizeJob, check_rebuildable, init_arch, run_quantize
 from quantsr_cli.errors import CheckpointError, ConfigError
 from quantsr_cli.models import ARCHS
 from quantsr_cli.presets import list_presets, load_config_file, load_preset
@@ -27,12 +28,21 @@ _TRAIN_FIELDS = {f.name for f in fields(TrainConfig)}
 def resolve_options(cli: dict[str, Any], config: Path | None, preset: str | None) -> tuple[dict[str, Any], str | None]:
     """Merge options with precedence CLI flag > --config file > preset > defaults.
 
+    An ``init`` file decides the architecture and, unless given, the scale: they are detected from it
+    (:func:`~quantsr_cli.engine.quantize.init_arch`), and an ``arch`` that names another architecture is an
+    error naming both (the fallback family's name, e.g. spandrel's, takes a built-in file down the generic
+    path instead).
+
     Returns the merged options and the name of the preset used (auto-selected as
     ``<arch>_x<scale>_w<b>a<b>`` when it exists and none was named).
     """
     given = {k: v for k, v in cli.items() if v is not None}
     file_opts = load_config_file(config) if config is not None else {}
     probe = {**file_opts, **given}
+    found = _detected_init(probe) if probe.get("init") else None
+    if found is not None:
+        given.update(found)
+        probe.update(found)
     if preset is None:
         arch, scale = probe.get("arch"), probe.get("scale", 4)
         wb = probe.get("w_bits", probe.get("bits"))
@@ -43,21 +53,50 @@ def resolve_options(cli: dict[str, Any], config: Path | None, preset: str | None
     preset_opts = load_preset(preset) if preset else {}
     preset_opts.pop("description", None)
     file_opts.pop("description", None)
-    return {**preset_opts, **file_opts, **given}, preset
+    merged = {**preset_opts, **file_opts, **given}
+    if found is None and merged.get("init") and merged.get("init") != probe.get("init"):
+        merged.update(_detected_init(merged))  # the preset's own init: check it against its arch
+    return merged, preset
+
+
+def _detected_init(opts: dict[str, Any]) -> dict[str, Any]:
+    """``arch``, ``scale`` and a run name from the ``init`` file; ConfigError when ``arch`` names another one."""
+    arch, hparams = init_arch(str(opts["init"]))
+    wanted = opts.get("arch")
+    if wanted is not None and wanted != arch:
+        spec = ARCHS.get(wanted)
+        if spec is None or not spec.fallback:
+            raise ConfigError(f"--arch {wanted} conflicts with --init {opts['init']}, which holds "
+                              f"{ARCHS[arch].display(hparams)} weights (omit --arch: it is read from the file)")
+        arch = wanted  # the generic path for a built-in file
+    found: dict[str, Any] = {"arch": arch, "name": _run_label(arch, hparams)}
+    if "upscale" in hparams and opts.get("scale") is None:
+        found["scale"] = int(hparams["upscale"])
+    return found
+
+
+def _run_label(arch: str, hparams: dict[str, Any]) -> str:
+    """A file-name-safe run name for a detected architecture (``esrgan``; a built-in arch: its name)."""
+    spec = ARCHS.get(arch)
+    if spec is None or not spec.fallback:
+        return arch
+    label = re.sub(r"[^a-z0-9]+", "-", spec.display(hparams).lower()).strip("-")
+    return label[:40] or arch
 
 
 def build_job(opts: dict[str, Any], *, run_dir: Path | None, out: Path | None, resume: bool, device: str) -> QuantizeJob:
     """Turn merged options into a validated :class:`QuantizeJob`."""
     arch = opts.get("arch")
     if not arch:
-        raise ConfigError(f"--arch is required ({', '.join(ARCHS)}) unless a --preset or --config sets it")
+        raise ConfigError(f"--arch is required ({', '.join(ARCHS)}) unless --init FILE, a --preset or --config "
+                          "sets it")
     bits = opts.get("bits")
     w_bits = opts.get("w_bits", bits if bits is not None else 4)
     a_bits = opts.get("a_bits", bits if bits is not None else 4)
     if bits == 32:
         w_bits = a_bits = 32
     quant = QuantConfig(method=opts.get("method", QuantConfig.method), w_bits=int(w_bits), a_bits=int(a_bits),
-                        act_sign=opts.get("act_sign", "min"))
+                        act_sign=opts.get("act_sign", "min"), layers=opts.get("layers", ()))
     train_kwargs = {k: v for k, v in opts.items() if k in _TRAIN_FIELDS}
     for key in ("train_data", "milestones"):
         if key in train_kwargs:
@@ -70,7 +109,7 @@ def build_job(opts: dict[str, Any], *, run_dir: Path | None, out: Path | None, r
         arch=arch, scale=scale, quant=quant, train=train, init=opts.get("init"), blocks=opts.get("blocks"),
         run_dir=run_dir, out=out, resume=resume, device=device,
         command=shlex.join(["quantsr", *sys.argv[1:]]),
-        share_qv_quantizer=bool(opts.get("share_qv_quantizer", False)),
+        share_qv_quantizer=bool(opts.get("share_qv_quantizer", False)), name=str(opts.get("name") or ""),
     )
 
 
@@ -81,11 +120,11 @@ def quantize(
     a_bits: Annotated[int | None, typer.Option("--a-bits", help="Activation bits (overrides --bits).")] = None,
     method: Annotated[str | None, typer.Option("--method", help=f"Quantizer: {', '.join(METHODS)} [default: {QuantConfig.method}].")] = None,
     scale: Annotated[int | None, typer.Option("--scale", "-s", help="Upscaling factor 2, 3 or 4 [default: 4].")] = None,
-    init: Annotated[str | None, typer.Option("--init", help="Full-precision pretrained weights (.pth or safetensors).")] = None,
+    init: Annotated[str | None, typer.Option("--init", help="Full-precision pretrained weights (.pth/.pt/.ckpt/.safetensors); the architecture and scale are detected from it.")] = None,
     blocks: Annotated[int | None, typer.Option("--blocks", help="Residual blocks of the arch (archs of fixed depth refuse it).")] = None,
     train_data: Annotated[list[str] | None, typer.Option("--train-data", help="HR image folder; repeatable [default: $QUANTSR_DATA/train/*].")] = None,
     val_dataset: Annotated[str | None, typer.Option("--val-dataset", help="Validation benchmark [default: Set5].")] = None,
-    iters: Annotated[int | None, typer.Option("--iters", help="Training iterations.")] = None,
+    iters: Annotated[int | None, typer.Option("--iters", help="Training iterations (0 = post-training quantization: calibrate with bias correction and pack, no training; needs --init).")] = None,
     batch_size: Annotated[int | None, typer.Option("--batch-size", help="Patches per iteration.")] = None,
     patch_size: Annotated[int | None, typer.Option("--patch-size", help="HR patch side in pixels.")] = None,
     lr: Annotated[float | None, typer.Option("--lr", help="Adam learning rate [default: 2e-4].", callback=finite)] = None,

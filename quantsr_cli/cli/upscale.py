@@ -40,6 +40,8 @@ def upscale(
     if threads:
         torch.set_num_threads(threads)
     loaded = load_model(model, device=device)
+    if loaded.detected:
+        err_console.print(loaded.detected, highlight=False, markup=False, soft_wrap=True)
     used = select_backend(loaded, backend, device, half=half)
     err_console.print(f"model: {loaded.label}, backend: {used}{' (float16)' if half else ''}", highlight=False)
     with progress_bar() as progress:

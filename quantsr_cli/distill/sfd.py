@@ -6,6 +6,11 @@ before the residual add for SwinIR), the norm is the Frobenius norm of the whole
 squared, not normalised), the weight defaults to 1e-4, and a block removed by QSA (``skip``) and its
 successor are left out. The teacher is frozen, in eval mode, and sees the same LR batch.
 
+Models without the residual-block contract (spandrel's architectures: no ``feature_points``) cannot
+be matched block by block; with such a student or teacher the extra term is the L1 distance between
+the student's and the teacher's outputs (plain output distillation, weight 1; ``--feature-weight``
+does not apply).
+
 Block mapping (teacher and student may differ in depth): with S student and T teacher blocks,
 student block i is matched to teacher block ``(i + 1) * T // S - 1`` (the last block of the i-th of S
 equal segments) when ``T`` is a multiple of ``S``; equal depths map one to one. Any other depth pair,
@@ -50,7 +55,10 @@ class FeatureDistillHook:
 
     def __init__(self, student: nn.Module, teacher: nn.Module, weight: float = 1e-4) -> None:
         s_points, t_points = student.feature_points(), teacher.feature_points()
-        self.mapping = block_mapping(len(s_points), len(t_points))
+        self.output_only = not s_points or not t_points
+        if self.output_only:
+            s_points = t_points = []
+        self.mapping = [] if self.output_only else block_mapping(len(s_points), len(t_points))
         self.student, self.teacher, self.weight = student, teacher, weight
         teacher.eval()
         for p in teacher.parameters():
@@ -59,7 +67,7 @@ class FeatureDistillHook:
         self.t_caps = [_Capture() for _ in t_points]
         self.handles = [student.get_submodule(n).register_forward_pre_hook(c) for n, c in zip(s_points, self.s_caps)]
         self.handles += [teacher.get_submodule(n).register_forward_pre_hook(c) for n, c in zip(t_points, self.t_caps)]
-        self.s_blocks = [student.get_submodule(n) for n in student.block_names()]
+        self.s_blocks = [] if self.output_only else [student.get_submodule(n) for n in student.block_names()]
 
     def state_dict(self) -> dict[str, Any]:
         return {}
@@ -94,7 +102,9 @@ class FeatureDistillHook:
 
     def extra_loss(self, trainer: Any, lr: torch.Tensor, hr: torch.Tensor, sr: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
-            self.teacher(lr)
+            target = self.teacher(lr)
+        if self.output_only:
+            return (sr - target).abs().mean()
         return self.feature_loss()
 
     def close(self) -> None:

@@ -18,9 +18,10 @@ import torch
 from torch import nn
 
 from quantsr_cli.config import QUANT_BITS
-from quantsr_cli.errors import CheckpointError, ConfigError, QuantSRError
-from quantsr_cli.models import build_model, check_fits, probe_model
-from quantsr_cli.models.loading import detect_arch, load_weights, read_state_dict
+from quantsr_cli.errors import CheckpointError, QuantSRError
+from quantsr_cli.models import ARCHS, arch_spec
+from quantsr_cli.models.loading import model_from_state, read_state_dict
+from quantsr_cli.packing import foreign as packing_foreign
 from quantsr_cli.packing import io as packing_io
 
 BUNDLED_MODELS: dict[str, str] = {
@@ -43,6 +44,7 @@ class LoadedModel:
         kind: ``"fp"`` (float weights), ``"qat"`` (fake-quant) or ``"packed"`` (bit-packed codes).
         source: what the user passed (path or bundled name).
         meta: the safetensors metadata (decoded JSON values), empty for ``.pth`` files.
+        detected: for a foreign checkpoint, one line saying what it was detected as (else None).
     """
 
     model: nn.Module
@@ -51,6 +53,7 @@ class LoadedModel:
     kind: str
     source: str
     meta: dict[str, Any] = field(default_factory=dict)
+    detected: str | None = None
 
     @property
     def label(self) -> str:
@@ -60,7 +63,10 @@ class LoadedModel:
             src = self.meta.get("quant_spec") if isinstance(self.meta.get("quant_spec"), dict) else self.meta
             method = self.meta.get("method", "qartsr" if self.kind == "diffusion-qat" else "")
             bits = f" W{src.get('w_bits', '?')}A{src.get('a_bits', '?')} {method}"
-        return f"{self.arch} x{self.scale}{bits} ({self.kind})"
+        name = self.arch
+        if isinstance(self.meta.get("hparams"), dict) and self.arch in ARCHS:
+            name = ARCHS[self.arch].display(self.meta["hparams"])
+        return f"{name} x{self.scale}{bits} ({self.kind})"
 
 
 def bundled_model_path(name: str) -> Path | None:
@@ -93,12 +99,17 @@ def load_model(
     hparams: dict[str, Any] | None = None,
     device: str | torch.device = "cpu",
 ) -> LoadedModel:
-    """Load a model from a bundled name, a quantsr safetensors file or a foreign ``.pth``/``.pt``.
+    """Load a model from a bundled name, a quantsr safetensors file or a foreign checkpoint.
+
+    Foreign checkpoints (``.pth/.pt/.ckpt``, weights-only; or plain ``.safetensors``) are detected from
+    their keys (:func:`quantsr_cli.models.loading.detect_arch`: quantsr's architectures, then spandrel's);
+    ``LoadedModel.detected`` says what was found.
 
     Args:
         source: bundled name (``default``), or a file path.
-        arch: architecture for ``.pth`` files; detected from the keys when None. For safetensors files
-            it is checked against the file's metadata.
+        arch: expected architecture; a foreign file holding another one is an error naming both (the
+            fallback family's name takes a built-in file down the generic path). For quantsr files it is
+            checked against the file's metadata.
         scale: expected upscaling factor; a mismatch is a CheckpointError. Detected when None.
         hparams: extra builder arguments for ``.pth`` files (e.g. ``{"num_block": 32}``).
         device: where to put the model.
@@ -122,7 +133,8 @@ def loading(path: str | Path) -> Iterator[None]:
 
 def _load(path: Path, source: str, arch: str | None, scale: int | None, hparams: dict[str, Any] | None,
           device: str | torch.device) -> LoadedModel:
-    if path.suffix.lower() in SAFETENSORS_SUFFIXES:
+    detected = None
+    if path.suffix.lower() in SAFETENSORS_SUFFIXES and packing_foreign.is_quantsr_file(path):
         meta = decode_meta(packing_io.read_metadata(path))
         if str(meta.get("kind", "")).startswith("diffusion-"):
             from quantsr_cli.diffusion.ckpt import load_model as load_diffusion_model
@@ -136,36 +148,32 @@ def _load(path: Path, source: str, arch: str | None, scale: int | None, hparams:
             raise CheckpointError(f"file holds a {file_arch!r} model, not {arch!r}", path)
         kind = str(meta.get("kind", "fp"))
     else:
-        state = read_state_dict(path)
-        if arch is None:
-            file_arch, detected = detect_arch(state)
-            params = {**detected, **(hparams or {})}
-        else:
-            file_arch = arch
-            params = dict(hparams or {})
-            try:
-                _, detected = detect_arch(state)
-                for key, value in detected.items():
-                    params.setdefault(key, value)
-            except CheckpointError:
-                pass
-        if scale is not None and "upscale" in params and int(params["upscale"]) != scale:
-            raise CheckpointError(f"weights are for x{params['upscale']}, not x{scale}", path)
-        if scale is not None:
-            params.setdefault("upscale", scale)
-        try:  # shapes first, on the meta device: the real model is only built once the file backs it
-            check_fits(probe_model(file_arch, **params), state, path)
-            model = build_model(file_arch, **params)
-        except ConfigError as exc:
-            raise CheckpointError(f"cannot build {file_arch!r} for these weights: {exc}", path) from None
-        load_weights(model, state, path)
+        state = (packing_foreign.read_state_dict_file(path) if path.suffix.lower() in SAFETENSORS_SUFFIXES
+                 else read_state_dict(path))
+        model = model_from_state(state, path, arch, **(hparams or {}))
+        file_arch = str(model.arch)
         file_scale = int(model.hparams["upscale"])
         meta = {"arch": file_arch, "hparams": dict(model.hparams), "scale": file_scale, "kind": "fp"}
         kind = "fp"
+        detected = detection_line(model, path)
     if scale is not None and file_scale != scale:
         raise CheckpointError(f"model is x{file_scale}, not x{scale} (pass --scale {file_scale})", path)
     model.eval().to(device)
-    return LoadedModel(model=model, arch=file_arch, scale=file_scale, kind=kind, source=source, meta=meta)
+    return LoadedModel(model=model, arch=file_arch, scale=file_scale, kind=kind, source=source, meta=meta,
+                       detected=detected)
+
+
+def detection_line(model: nn.Module, path: Path) -> str:
+    """One line saying what a foreign checkpoint was detected as, e.g.
+    ``detected ESRGAN (spandrel) x4 in model.pth: num_filters=64, num_blocks=23, ...``."""
+    hparams = dict(getattr(model, "hparams", {}))
+    name = arch_spec(model.arch).display(hparams)
+    shown = hparams.get("params") if isinstance(hparams.get("params"), dict) else hparams
+    items = [f"{k}={v}" for k, v in shown.items() if k not in ("upscale", "learnable_shortcut") and v is not None]
+    extra = ", ".join(items[:6]) + (", ..." if len(items) > 6 else "")
+    quantized = len(getattr(model, "quant_patterns", ()))
+    return f"detected {name} x{hparams.get('upscale')} in {path.name}" + (f": {extra}" if extra else "") + (
+        "" if "params" not in hparams else f" ({quantized} layers quantizable by the generic rule)")
 
 
 def _checked_meta(meta: dict[str, Any], model: nn.Module, path: Path) -> int:

@@ -27,17 +27,22 @@ from quantsr_cli.config import QuantConfig, TrainConfig
 from quantsr_cli.distill import FeatureDistillHook
 from quantsr_cli.data import TrainDataset, check_patch_size, shared_data_dir
 from quantsr_cli.engine.evaluate import evaluate_model
-from quantsr_cli.engine.modelio import LoadedModel, load_model, loading, resolve_model_path
+from quantsr_cli.engine.initmodel import (  # noqa: F401 (re-exported: the start of a run)
+    build_initial_model,
+    init_arch,
+    load_into_deeper,
+    load_start_model,
+    random_init_notice,
+)
+from quantsr_cli.engine.modelio import LoadedModel, load_model, resolve_model_path
 from quantsr_cli.engine.outputs import check_model_output, check_outputs, check_run_dir, clean_temp_files
 from quantsr_cli.engine.runlock import RunDirLock
 from quantsr_cli.engine.trainer import Trainer
 from quantsr_cli.errors import ConfigError, QuantSRError
 from quantsr_cli.fileio import write_json
-from quantsr_cli.models import ARCHS, arch_spec, block_hparams, build_model
-from quantsr_cli.models.loading import detect_arch, read_state_dict
-from quantsr_cli.packing import PackedModule
+from quantsr_cli.models import ARCHS, arch_spec, build_model
 from quantsr_cli.packing import io as packing_io
-from quantsr_cli.packing.unpack import check_rebuildable, to_qat  # noqa: F401 (check_rebuildable: for the CLI)
+from quantsr_cli.packing.unpack import check_rebuildable  # noqa: F401 (for the CLI)
 from quantsr_cli.quant import calibrate_, method_spec, quantize_
 from quantsr_cli.slim import SlimHook, compact_state_dict, dqa_keep_lists, dqa_variants
 
@@ -69,102 +74,23 @@ class QuantizeJob:
     start_model: str | None = None
     share_qv_quantizer: bool = False
 
+    name: str = ""
+
     def __post_init__(self) -> None:
         method_spec(self.quant.method)  # an unknown method is refused before anything is loaded
+        if self.train.iters == 0 and self.start_model is not None:
+            raise ConfigError("iters=0 calibrates and packs FP weights (--init); --model continues training a "
+                              "quantized model, so give it --iters N")
+        if self.train.iters == 0 and not self.init:
+            raise ConfigError("iters=0 (calibrate and pack, no training) needs pretrained weights: pass --init FILE")
+        if self.train.iters == 0 and self.quant.full_precision:
+            raise ConfigError("iters=0 with 32 bits has nothing to calibrate; choose --bits 2, 4 or 8")
 
     @property
     def run_name(self) -> str:
+        """``<arch or name>_x<scale>_w<b>a<b>`` (``name``: a detected foreign architecture, e.g. ``esrgan``)."""
         bits = "fp32" if self.quant.full_precision else f"w{self.quant.w_bits}a{self.quant.a_bits}"
-        return f"{self.arch}_x{self.scale}_{bits}"
-
-
-def load_start_model(source: str) -> nn.Module:
-    """The trainable model ``--model`` names: a qat file as is, a packed file rebuilt by ``to_qat``."""
-    path = resolve_model_path(source)
-    with loading(path):
-        model = packing_io.load_model_file(path)
-        if any(isinstance(m, PackedModule) for m in model.modules()):
-            model = to_qat(model, path=path)
-    return model
-
-
-def share_qv_hparams(arch: str, share: bool) -> dict[str, Any]:
-    """Builder argument for ``share_qv_quantizer`` (empty when off); ConfigError for an arch without it."""
-    if not share:
-        return {}
-    spec = ARCHS.get(arch)
-    if spec is None or "share_qv_quantizer" not in spec.defaults:
-        having = ", ".join(n for n, s in ARCHS.items() if "share_qv_quantizer" in s.defaults)
-        raise ConfigError(f"share_qv_quantizer applies to window attention ({having}), not to arch {arch!r}")
-    return {"share_qv_quantizer": True}
-
-
-def with_shared_qv(model: nn.Module) -> nn.Module:
-    """``model`` rebuilt with ``share_qv_quantizer=True`` and the same weights (the FP state dict is the same)."""
-    if model.hparams.get("share_qv_quantizer"):
-        return model
-    with torch.random.fork_rng(devices=[]):  # the throw-away init must not move the run's random stream
-        new = build_model(model.arch, **{**model.hparams, "share_qv_quantizer": True})
-    new.load_state_dict(model.state_dict(), strict=True)
-    return new
-
-
-def build_initial_model(job: QuantizeJob) -> nn.Module:
-    """The FP model the quantizers are attached to: pretrained from ``--init`` or freshly initialised."""
-    shared = share_qv_hparams(job.arch, job.share_qv_quantizer)
-    model = _initial_fp_model(job, {**block_hparams(job.arch, job.blocks), **shared})
-    return with_shared_qv(model) if shared else model  # a safetensors --init keeps its file's hparams
-
-
-def _initial_fp_model(job: QuantizeJob, extra: dict[str, Any]) -> nn.Module:
-    """Pretrained from ``--init`` (into a deeper model when ``--blocks`` asks) or fresh, with ``extra`` hparams."""
-    if job.init and job.blocks:
-        state = read_state_dict(Path(job.init))
-        try:
-            _, found = detect_arch(state)
-        except Exception:  # noqa: BLE001 - fall back to the strict loader's own error
-            found = {}
-        if blocks_in(job.arch, found) not in (None, job.blocks):
-            return load_into_deeper(job, state, extra)
-    if job.init:
-        loaded = load_model(job.init, arch=job.arch, scale=job.scale, hparams=extra or None)
-        if loaded.kind != "fp":
-            raise ConfigError(f"--init {job.init}: expected full-precision weights, got a {loaded.kind} model")
-        return loaded.model
-    return build_model(job.arch, upscale=job.scale, **extra)
-
-
-def blocks_in(arch: str, hparams: dict[str, Any]) -> int | None:
-    """Number of residual blocks described by ``hparams`` (None when unknown or the depth is fixed)."""
-    spec = ARCHS.get(arch)
-    return None if spec is None else spec.block_count(hparams)
-
-
-def load_into_deeper(job: QuantizeJob, state: dict[str, torch.Tensor], extra: dict[str, Any]) -> nn.Module:
-    """Load pretrained weights of a shallower model into the first blocks of a deeper one.
-
-    QuantSR+-T starts from an 8-RSTB SwinIR with the official 4-RSTB SwinIR-S weights in RSTBs 0-3
-    (``strict_load_g: false`` in the released yml); the extra blocks keep their fresh initialisation.
-    Only missing keys of the extra blocks are tolerated; anything else is a CheckpointError.
-    """
-    from quantsr_cli.errors import CheckpointError
-
-    model = build_model(job.arch, upscale=job.scale, **extra)
-    try:
-        result = model.load_state_dict(state, strict=False)
-    except RuntimeError as exc:  # shape mismatches raise even with strict=False
-        lines = [ln.strip() for ln in str(exc).splitlines() if "size mismatch" in ln]
-        detail = lines[0] if lines else str(exc).splitlines()[0]
-        raise CheckpointError(f"weights do not fit {job.arch} x{job.scale} with {job.blocks} blocks: {detail[:200]}",
-                              job.init) from None
-    prefix = model.block_names()[0].rsplit(".", 1)[0]
-    have = {int(k.split(".")[1]) for k in state if k.startswith(prefix + ".")}
-    bad_missing = [k for k in result.missing_keys
-                   if not (k.startswith(prefix + ".") and int(k.split(".")[1]) not in have)]
-    if bad_missing or result.unexpected_keys:
-        keys = (bad_missing + list(result.unexpected_keys))[:5]
-        raise CheckpointError(f"weights do not fit {job.arch} with {job.blocks} blocks: {', '.join(keys)}", job.init)
-    return model
+        return f"{self.name or self.arch}_x{self.scale}_{bits}"
 
 
 def compact_model(model: nn.Module, quant: QuantConfig, keep: list[int]) -> nn.Module:
@@ -271,6 +197,8 @@ def prepare_training(job: QuantizeJob, model: nn.Module, on_event: EventFn | Non
         hooks.append(SlimHook(model, cfg.slim_to, cfg.iters, cfg.slim_start_ratio))
     if cfg.distill:
         teacher = load_model(cfg.distill, scale=job.scale, device=device)
+        if teacher.detected and on_event is not None:
+            on_event({"event": "log", "message": f"teacher: {teacher.detected}"})
         if teacher.kind != "fp":
             raise ConfigError(f"--distill {cfg.distill}: the teacher must be a full-precision model, not {teacher.kind}")
         hooks.append(FeatureDistillHook(model, teacher.model, cfg.feature_weight))
@@ -360,7 +288,11 @@ def _run_locked(job: QuantizeJob, on_event: EventFn | None) -> dict[str, Any]:
             raise ConfigError(f"--model {job.start_model} quantizes attention v with its own quantizer; "
                               "share_qv_quantizer applies to a fresh model only")
     else:
-        model = build_initial_model(job)
+        model = build_initial_model(job, on_event)
+    if job.train.iters == 0:
+        from quantsr_cli.engine.ptq import run_ptq  # PTQ reuses this module's writers
+
+        return run_ptq(job, model, on_event)
     trainer = prepare_training(job, model, on_event)
     extra = json.loads(trainer.model_meta["extra"])
 

@@ -13,7 +13,6 @@ Counting conventions (the QuantSR papers'):
 
 from __future__ import annotations
 
-import fnmatch
 import json
 from pathlib import Path
 from typing import Any
@@ -26,66 +25,114 @@ from quantsr_cli.engine.modelio import LoadedModel, load_model, loading, resolve
 from quantsr_cli.engine.outputs import check_model_output, check_outputs, clean_temp_files
 from quantsr_cli.errors import CheckpointError, ConfigError
 from quantsr_cli.metrics.complexity import count_macs
-from quantsr_cli.models import block_hparams, build_model
+from quantsr_cli.models import arch_spec, block_hparams, build_model
+from quantsr_cli.packing import PackedModule
 from quantsr_cli.packing import io as packing_io
-from quantsr_cli.quant import method_spec
+from quantsr_cli.quant import ActQuant, QConv2d, QLinear, layer_plan, method_spec
 
 INPUT_SHAPE = (1, 3, 256, 256)
 
 
-def _quantized_names(model: nn.Module) -> set[str]:
-    """Conv/linear layers (and attention points) selected by the model's ``quant_patterns``."""
-    names = set()
-    for name, _ in model.named_modules():
-        if any(fnmatch.fnmatchcase(name, p) for p in model.quant_patterns):
-            names.add(name)
-    return names
+def layer_bits_of(model: nn.Module) -> dict[str, tuple[int, int]]:
+    """``{name: (w_bits, a_bits)}`` of the quantized layers of a loaded QAT or packed model (activation
+    points: ``w_bits`` 32); read from the layers themselves, which packing checked against the file's config."""
+    out = {}
+    for name, m in model.named_modules():
+        if isinstance(m, PackedModule) or isinstance(m, (QConv2d, QLinear, ActQuant)):
+            out[name] = (int(getattr(m, "w_bits", 32) or 32), int(getattr(m, "a_bits", 32) or 32))
+    return out
 
 
-def layer_table(fp_model: nn.Module, quantized: set[str], w_bits: int, a_bits: int) -> tuple[list[dict[str, Any]], dict[str, int]]:
+def layer_table(fp_model: nn.Module, bits: dict[str, tuple[int, int]]) -> tuple[list[dict[str, Any]], dict[str, int]]:
     """Per-layer rows (name, type, shape, bits, params, MACs) and MAC totals at :data:`INPUT_SHAPE`."""
     macs = count_macs(fp_model, INPUT_SHAPE)
     rows = []
     for name, module in fp_model.named_modules():
         if isinstance(module, (nn.Conv2d, nn.Linear)) or name in macs["layers"]:
-            q = name in quantized
+            w, a = bits.get(name, (32, 32))
             weight = getattr(module, "weight", None)
             rows.append({
                 "name": name, "type": type(module).__name__,
                 "shape": list(weight.shape) if weight is not None else [],
-                "w_bits": w_bits if q and weight is not None else 32,
-                "a_bits": a_bits if q else 32,
+                "w_bits": w if weight is not None else 32,
+                "a_bits": a,
                 "params": sum(p.numel() for p in module.parameters(recurse=False)),
                 "macs": int(macs["layers"].get(name, 0)),
             })
+    for name, count in macs["layers"].items():
+        if name not in {r["name"] for r in rows}:
+            rows.append({"name": name, "type": "matmul", "shape": [], "w_bits": 32, "a_bits": 32, "params": 0,
+                         "macs": int(count)})
     return rows, macs
 
 
-def describe(arch: str, hparams: dict[str, Any], w_bits: int = 32, a_bits: int = 32) -> dict[str, Any]:
-    """Params/MACs/equivalent-ops report of an architecture with its quantized layers at ``w_bits``/``a_bits``."""
+def fp_reasons(fp_model: nn.Module, bits: dict[str, tuple[int, int]], quant: QuantConfig | None) -> dict[str, str]:
+    """Why each Conv2d/Linear that is not quantized stays full precision."""
+    arch = getattr(fp_model, "arch", "")
+    known = {**getattr(fp_model, "fp_layers", {}),
+             **{n: f"cannot be packed: {r}" for n, r in getattr(fp_model, "unquantizable", {}).items()}}
+    out = {}
+    for name, module in fp_model.named_modules():
+        if type(module) not in (nn.Conv2d, nn.Linear) or name in bits:
+            continue
+        rule = quant.rule_for(name) if quant is not None else None
+        if rule is not None and rule[1] == 32:
+            out[name] = f"per-layer rule {rule[0]!r}: fp"
+        else:
+            out[name] = known.get(name, f"the {arch} rule keeps it full precision")
+    return out
+
+
+def other_fp_params(fp_model: nn.Module) -> dict[str, int]:
+    """Parameters outside Conv2d/Linear layers (PReLU, norms, attention tables, custom layers) by module
+    type: operations quantsr does not pack, which stay full precision."""
+    out: dict[str, int] = {}
+    for module in fp_model.modules():
+        if type(module) in (nn.Conv2d, nn.Linear):
+            continue
+        n = sum(p.numel() for p in module.parameters(recurse=False))
+        if n:
+            out[type(module).__name__] = out.get(type(module).__name__, 0) + n
+    return out
+
+
+def describe(arch: str, hparams: dict[str, Any], w_bits: int = 32, a_bits: int = 32,
+             bits: dict[str, tuple[int, int]] | None = None, quant: QuantConfig | None = None) -> dict[str, Any]:
+    """Params/MACs/equivalent-ops report of an architecture with its quantized layers: ``bits``
+    (``{name: (w, a)}``, a loaded model's) or, by default, the plan of ``quant`` (the arch's rule at
+    ``w_bits``/``a_bits`` plus per-layer rules)."""
     fp_model = build_model(arch, **hparams).eval()
     bits_w, bits_a = (32, 32) if w_bits == a_bits == 32 else (w_bits, a_bits)
-    quantized = _quantized_names(fp_model) if bits_w < 32 else set()
+    if bits is None:
+        if quant is None and bits_w < 32:
+            quant = QuantConfig(w_bits=bits_w, a_bits=bits_a)
+        bits = layer_plan(fp_model, quant) if quant is not None and not quant.full_precision else {}
     with torch.no_grad():
-        rows, macs = layer_table(fp_model, quantized, bits_w, bits_a)
+        rows, macs = layer_table(fp_model, bits)
     total_params = sum(p.numel() for p in fp_model.parameters())
+    q_rows = [r for r in rows if r["w_bits"] < 32]
     q_params = sum(r["params"] - (r["shape"][0] if r["type"] != "Identity" and r["shape"] else 0)
-                   for r in rows if r["w_bits"] < 32)  # quantized weights; their biases stay FP
+                   for r in q_rows)  # quantized weights; their biases stay FP
+    eq_q_params = sum((r["params"] - (r["shape"][0] if r["shape"] else 0)) * r["w_bits"] / 32 for r in q_rows)
     q_macs = sum(r["macs"] for r in rows if r["a_bits"] < 32)
+    eq_q_macs = sum(r["macs"] * (r["w_bits"] if r["shape"] else bits_w) / 32 for r in rows if r["a_bits"] < 32)
     fp_macs = int(macs["total"]) - q_macs
-    ratio = bits_w / 32
-    eq_params = (total_params - q_params) + q_params * ratio
-    eq_ops = fp_macs + q_macs * ratio
+    eq_params = (total_params - q_params) + eq_q_params
+    eq_ops = fp_macs + eq_q_macs
     for r in rows:
         r["macs_share"] = r["macs"] / max(int(macs["total"]), 1)
+    spec = arch_spec(arch)
     return {
-        "arch": arch, "scale": int(hparams.get("upscale", 0)), "hparams": hparams,
+        "arch": arch, "label": spec.display(hparams), "scale": int(hparams.get("upscale", 0)), "hparams": hparams,
         "w_bits": bits_w, "a_bits": bits_a,
         "params": total_params, "quantized_params": q_params, "fp_params": total_params - q_params,
         "fp32_bytes": total_params * 4,
         "macs": int(macs["total"]), "quantized_macs": q_macs, "input_shape": list(INPUT_SHAPE),
         "equivalent_params": eq_params, "equivalent_ops": eq_ops,
         "params_reduction": 1 - eq_params / total_params, "ops_reduction": 1 - eq_ops / max(int(macs["total"]), 1),
+        "quantized_layers": len([r for r in rows if r["name"] in bits]),
+        "fp_layers": fp_reasons(fp_model, bits, quant) if bits else {},
+        "other_fp_params": other_fp_params(fp_model),
         "layers": rows,
         **attention_v_quantizer(fp_model.hparams, bits_a),
     }
@@ -112,9 +159,12 @@ def model_info(
     if source is not None:
         loaded: LoadedModel = load_model(source)
         file_bits = (32, 32)
+        quant = getattr(loaded.model, "quant_config", None)
         if loaded.kind != "fp":
             file_bits = (int(loaded.meta.get("w_bits", 32)), int(loaded.meta.get("a_bits", 32)))
-        report = describe(loaded.arch, dict(loaded.model.hparams), *file_bits)
+        report = describe(loaded.arch, dict(loaded.model.hparams), *file_bits, bits=layer_bits_of(loaded.model),
+                          quant=quant if isinstance(quant, QuantConfig) else None)
+        report["detected"] = loaded.detected
         report["kind"] = loaded.kind
         report["method"] = loaded.meta.get("method")
         path = resolve_model_path(source)
@@ -130,7 +180,7 @@ def model_info(
         if bits is not None:
             quant = QuantConfig(**({"method": method} if method else {}), w_bits=bits, a_bits=bits)
             method_spec(quant.method)
-        report = describe(arch, hparams, *((quant.w_bits, quant.a_bits) if quant else (32, 32)))
+        report = describe(arch, hparams, *((quant.w_bits, quant.a_bits) if quant else (32, 32)), quant=quant)
         report["kind"] = "architecture"
         report["method"] = quant.method if quant is not None else None
         report["file_bytes"] = None

@@ -18,6 +18,11 @@ MACs (multiply-accumulates) counted per call of a module, summed over calls:
   A ``q`` point called again before its attention module's ``attn`` point is ``v`` going through q's
   quantizer (SwinIR ``share_qv_quantizer``): that call is not a matmul and is not counted.
 
+A model that declares no activation points (a foreign network, e.g. spandrel's SwinIR, HAT or DAT) gets
+its attention matmuls counted from the tensor operations themselves: every ``matmul``/``bmm``/``@`` and
+``scaled_dot_product_attention`` outside conv/linear layers, as ``numel(output) * K`` (under the name
+``<matmul>``).
+
 Bias additions, activations, normalisation, softmax and pixel-shuffle are not counted (the usual
 convention of SR papers' "Multi-Adds"). Report MACs together with the input size.
 """
@@ -25,10 +30,14 @@ convention of SR papers' "Multi-Adds"). Report MACs together with the input size
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Sequence
+
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
 
 __all__ = ["count_params", "count_macs"]
 
@@ -78,6 +87,28 @@ def _kernel_elems(m: nn.Module) -> int:
     for v in k:
         n *= int(v)
     return n
+
+
+class _MatmulSpy(TorchFunctionMode):
+    """Counts the MACs of matrix products (see the module docstring) through ``add(macs)``."""
+
+    _MATMULS = (torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__, torch.Tensor.__rmatmul__, torch.bmm,
+                torch.Tensor.bmm)
+
+    def __init__(self, add: Callable[[int], None]) -> None:
+        super().__init__()
+        self.add = add
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple[Any, ...] = (),
+                           kwargs: dict[str, Any] | None = None) -> Any:
+        out = func(*args, **(kwargs or {}))
+        if func in self._MATMULS and len(args) == 2 and torch.is_tensor(out):
+            a = args[1] if func is torch.Tensor.__rmatmul__ else args[0]
+            self.add(out.numel() * int(a.shape[-1]) if a.dim() else 0)
+        elif func is F.scaled_dot_product_attention and len(args) >= 3:
+            q, k, v = args[:3]
+            self.add(q.numel() * int(k.shape[-2]) + out.numel() * int(k.shape[-2]))
+        return out
 
 
 def count_macs(
@@ -160,6 +191,7 @@ def count_macs(
 
             handles.append(m.register_forward_hook(linear_hook))
 
+    spy = _MatmulSpy(lambda macs: add("<matmul>", "matmul", macs)) if not qk_points and not av_points else None
     was_training = model.training
     try:
         if x is None:
@@ -169,7 +201,11 @@ def count_macs(
             x = torch.zeros(tuple(input_shape), device=device, dtype=dtype)
         model.eval()
         with torch.no_grad():
-            model(x)
+            if spy is None:
+                model(x)
+            else:
+                with spy:
+                    model(x)
     finally:
         model.train(was_training)
         for h in handles:

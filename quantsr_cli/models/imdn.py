@@ -167,4 +167,5 @@ def detect(sd: StateDict) -> Hparams | None:
     }
 
 
-SPEC = ArchSpec("imdn", IMDN, "IMDN (Hui et al. 2019), 64 ch, 6 IMDBs", detect=detect, quant_rule=quant_rule)
+SPEC = ArchSpec("imdn", IMDN, "IMDN (Hui et al. 2019), 64 ch, 6 IMDBs", detect=detect, quant_rule=quant_rule,
+                pretrained="IMDN_x{2,3,4}.pth from github.com/Zheng222/IMDN (checkpoints/; $QUANTSR_DATA/weights holds them)")

@@ -21,13 +21,16 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from quantsr_cli.errors import CheckpointError
+from quantsr_cli.errors import CheckpointError, ConfigError
 from quantsr_cli.models.pthcheck import check_archive, check_tensor
-from quantsr_cli.models.registry import ARCHS, build_model
+from quantsr_cli.models.registry import ARCHS, arch_spec, build_model, probe_model
 from quantsr_cli.models.spec import LayoutNotSupported
 
-WRAPPER_KEYS = ("params_ema", "params", "state_dict", "model")
-"""Container keys unwrapped in this order of preference (BasicSR EMA weights first)."""
+WRAPPER_KEYS = ("params_ema", "params-ema", "params", "model_state_dict", "state_dict", "model", "net")
+"""Container keys unwrapped in this order of preference (BasicSR EMA weights first; the rest as spandrel)."""
+
+COMMON_PREFIXES = ("module.", "netG.")
+"""Key prefixes removed when every key has them (``nn.DataParallel``, BasicSR/ESRGAN generator dumps)."""
 
 _SHOW = 5  # how many offending keys an error message lists
 
@@ -35,8 +38,8 @@ _SHOW = 5  # how many offending keys an error message lists
 def read_state_dict(path: str | Path) -> dict[str, Tensor]:
     """Read a checkpoint file into a flat ``{key: tensor}`` state dict on the CPU.
 
-    Unwraps ``params_ema`` (preferred), ``params``, ``state_dict`` or ``model`` containers and strips a
-    leading ``module.`` (``nn.DataParallel``) from every key.
+    Unwraps the usual containers (:data:`WRAPPER_KEYS`, ``params_ema`` preferred) and strips a leading
+    ``module.`` (``nn.DataParallel``) from every key; see :func:`canonical_state_dict`.
 
     Raises:
         CheckpointError: the file is missing, unreadable/truncated, needs unsafe unpickling, or holds
@@ -67,10 +70,25 @@ def read_state_dict(path: str | Path) -> dict[str, Tensor]:
     except Exception as exc:  # torch raises RuntimeError, EOFError, OSError, zip errors... for bad files
         reason = f"{type(exc).__name__}: {_first_line(exc)}"
         raise CheckpointError(f"not a readable PyTorch checkpoint ({reason})", path) from exc
+    return canonical_state_dict(obj, path)
+
+
+def canonical_state_dict(obj: object, path: str | Path | None = None) -> dict[str, Tensor]:
+    """The flat ``{key: tensor}`` state dict inside a loaded checkpoint object.
+
+    Unwraps up to three containers (a :data:`WRAPPER_KEYS` entry holding a mapping, or a mapping's only
+    value), strips ``module.`` from each key and a :data:`COMMON_PREFIXES` prefix shared by all keys, and
+    checks every tensor (:func:`~quantsr_cli.models.pthcheck.check_tensor`).
+
+    Raises:
+        CheckpointError: something other than a non-empty mapping of string keys to tensors.
+    """
     for _ in range(3):
         if not isinstance(obj, Mapping):
             break
         inner = next((obj[k] for k in WRAPPER_KEYS if isinstance(obj.get(k), Mapping)), None)
+        if inner is None and len(obj) == 1 and isinstance(next(iter(obj.values())), Mapping):
+            inner = next(iter(obj.values()))
         if inner is None:
             break
         obj = inner
@@ -83,6 +101,9 @@ def read_state_dict(path: str | Path) -> dict[str, Tensor]:
         key = key.removeprefix("module.")
         check_tensor(key, value, path)
         state[key] = value
+    for prefix in COMMON_PREFIXES:
+        if all(k.startswith(prefix) for k in state):
+            state = {k[len(prefix):]: v for k, v in state.items()}
     return state
 
 
@@ -145,13 +166,15 @@ def load_weights(model: nn.Module, state_dict: Mapping[str, Tensor], path: str |
 def detect_arch(state_dict: Mapping[str, Tensor], path: str | Path | None = None) -> tuple[str, dict[str, object]]:
     """The registered architecture and its hyperparameters, from key names and shapes.
 
-    Asks each :data:`~quantsr_cli.models.registry.ARCHS` spec's ``detect`` in registry order; the first
-    that recognises the weights wins. A spec that recognises them as a variant it does not support
-    (:class:`~quantsr_cli.models.spec.LayoutNotSupported`) or finds its keys malformed does not stop the
-    search; its message is the error when no other spec recognises them.
+    Asks each :data:`~quantsr_cli.models.registry.ARCHS` spec's ``detect`` in registry order, ``fallback``
+    families (spandrel's architectures) last; the first that recognises the weights wins. A spec that
+    recognises them as a variant it does not support (:class:`~quantsr_cli.models.spec.LayoutNotSupported`)
+    or finds its keys malformed does not stop the search; its message is the error when no other spec
+    recognises them.
 
     Returns:
-        ``(arch, hparams)`` such that ``build_model(arch, **hparams)`` fits the state dict (e.g.
+        ``(arch, hparams)`` such that ``build_model(arch, **hparams)`` fits the state dict in the
+        architecture's own layout (``spec.convert``) (e.g.
         ``("imdn", {"upscale": 4, "num_feat": 64, "num_modules": 6, "learnable_shortcut": False})``).
         Hyperparameters that leave no trace in the weights (``res_scale``) are left at their defaults.
 
@@ -159,7 +182,8 @@ def detect_arch(state_dict: Mapping[str, Tensor], path: str | Path | None = None
         CheckpointError: no registered architecture recognises the weights, naming why when one nearly did.
     """
     hint = None
-    for spec in ARCHS.values():
+    specs = sorted(ARCHS.values(), key=lambda spec: spec.fallback)
+    for spec in specs:
         try:
             hparams = spec.detect(state_dict)
         except LayoutNotSupported as exc:
@@ -177,20 +201,53 @@ def detect_arch(state_dict: Mapping[str, Tensor], path: str | Path | None = None
                           f"supported: {', '.join(ARCHS)}", path)
 
 
-def model_from_file(path: str | Path, arch: str | None = None, **hparams: object) -> nn.Module:
-    """Read a checkpoint, detect its architecture, build the model and load the weights strictly.
+def detect_as(state_dict: Mapping[str, Tensor], arch: str | None, path: str | Path | None = None) -> tuple[str, dict[str, object]]:
+    """:func:`detect_arch`, checked against an expected ``arch``: a file holding another architecture is a
+    CheckpointError naming both. ``arch`` = a ``fallback`` family (spandrel's) takes the file down that
+    family's generic path even when a built-in architecture knows it."""
+    if arch is not None and arch_spec(arch).fallback:
+        try:
+            found = arch_spec(arch).detect(state_dict)
+        except LayoutNotSupported as exc:
+            raise CheckpointError(str(exc), path) from None
+        if found is None:
+            raise CheckpointError(f"{arch} does not recognise these weights", path)
+        return arch, found
+    found_arch, hparams = detect_arch(state_dict, path)
+    if arch is not None and arch != found_arch:
+        raise CheckpointError(f"holds {arch_spec(found_arch).display(hparams)} weights, not {arch} "
+                              f"(drop --arch: the architecture is detected from the file)", path)
+    return found_arch, hparams
 
-    Args:
-        path: ``.pth``/``.pt`` file.
-        arch: expected architecture; a file holding another one raises :class:`CheckpointError`.
-        **hparams: overrides of the detected hyperparameters (e.g. ``res_scale``).
+
+def model_from_state(state: Mapping[str, Tensor], path: str | Path | None = None, arch: str | None = None,
+                     **overrides: object) -> nn.Module:
+    """Detect (or check ``arch``), convert to the model's layout, check shapes on the meta device, build,
+    and load strictly. ``overrides`` replace detected hyperparameters (e.g. ``res_scale``).
+
+    Raises:
+        CheckpointError: unrecognised weights, another architecture than ``arch``, or weights that do not
+            fit (ConfigError from a builder is reported as a CheckpointError naming the file).
     """
-    state = read_state_dict(path)
-    found, detected = detect_arch(state, path)
-    if arch is not None and arch != found:
-        raise CheckpointError(f"holds {found} weights, not {arch}", path)
-    model = build_model(found, **{**detected, **hparams})
+    found, detected = detect_as(state, arch, path)
+    spec = arch_spec(found)
+    params = {**detected, **overrides}
+    if spec.convert is not None:
+        try:
+            state = spec.convert(state, params)
+        except LayoutNotSupported as exc:
+            raise CheckpointError(str(exc), path) from None
+    try:  # shapes first, on the meta device: the real model is only built once the file backs it
+        check_fits(probe_model(found, **params), state, path)
+        model = build_model(found, **params)
+    except ConfigError as exc:
+        raise CheckpointError(f"cannot build {spec.display(params)} for these weights: {exc}", path) from None
     return load_weights(model, state, path)
+
+
+def model_from_file(path: str | Path, arch: str | None = None, **hparams: object) -> nn.Module:
+    """Read a ``.pth``/``.pt`` checkpoint and :func:`model_from_state` it."""
+    return model_from_state(read_state_dict(path), path, arch, **hparams)
 
 
 def _fmt(hparams: Mapping[str, object]) -> str:

@@ -10,7 +10,9 @@ Layout (state-dict keys, BasicSR EDSR naming plus one scalar per block)::
     conv_last.{weight,bias}                  F -> 3, 3x3
 
 A model built with ``learnable_shortcut=False`` has exactly the BasicSR ``EDSR`` keys, so BasicSR EDSR
-checkpoints (e.g. EDSR-M, ``num_feat=64, num_block=16``) load strictly.
+checkpoints (e.g. EDSR-M, ``num_feat=64, num_block=16``) load strictly; EDSR-PyTorch checkpoints
+(``head``/``body``/``tail`` names) are renamed to them on load (:func:`convert`). ``res_scale`` leaves no
+trace in the weights: EDSR-L (256 ch, 32 blocks) needs ``res_scale=0.1`` passed explicitly.
 """
 
 from __future__ import annotations
@@ -123,11 +125,37 @@ def quant_rule(model: SRModel) -> tuple[str, ...]:
     return ("body.*.conv1", "body.*.conv2")
 
 
+def _edsr_pytorch(sd: StateDict) -> bool:
+    """EDSR-PyTorch naming (``head.0``, ``body.i.body.0/2``, ``body.N``, ``tail.0.*``, ``tail.1``); RCAN, whose
+    keys also start with ``head``/``body``/``tail``, has ``body.i.body.j.body.k`` instead."""
+    return {"head.0.weight", "body.0.body.0.weight", "tail.1.weight"} <= set(sd)
+
+
+def _detect_edsr_pytorch(sd: StateDict) -> Hparams:
+    """sanghyun-son/EDSR-PyTorch ``EDSR`` keys: the same network under other names, plus the fixed
+    ``sub_mean``/``add_mean`` convs, which must be the DIV2K mean at RGB range 255 (what this model applies)."""
+    num_feat = sd["head.0.weight"].shape[0]
+    num_block = len(key_indices(sd, r"body\.(\d+)\.body\.0\.weight"))
+    if f"body.{num_block}.weight" not in sd:
+        raise ValueError("EDSR-PyTorch weights without the conv after the body")
+    if "tail.0.4.weight" in sd:
+        raise LayoutNotSupported("EDSR-PyTorch x8 weights; quantsr supports x2, x3 and x4")
+    upscale = 4 if "tail.0.2.weight" in sd else shuffle_scale(sd["tail.0.0.weight"].shape[0], num_feat)
+    mean = torch.tensor(DIV2K_RGB_MEAN) * IMG_RANGE
+    for key, sign in (("sub_mean", -1.0), ("add_mean", 1.0)):
+        if f"{key}.weight" in sd:
+            w, b = sd[f"{key}.weight"].float().reshape(3, 3), sd[f"{key}.bias"].float()
+            if not (torch.allclose(w, torch.eye(3), atol=1e-4) and torch.allclose(b, sign * mean, atol=1e-2)):
+                raise LayoutNotSupported(f"EDSR-PyTorch {key} is not the DIV2K mean at RGB range 255")
+    return {"upscale": upscale, "num_block": num_block, "num_feat": num_feat, "learnable_shortcut": False}
+
+
 def detect(sd: StateDict) -> Hparams | None:
-    """BasicSR EDSR keys (``conv_first``, ``body.i.conv1/2``, ``conv_after_body``, ``upsample.0``)."""
+    """BasicSR EDSR keys (``conv_first``, ``body.i.conv1/2``, ``conv_after_body``, ``upsample.0``), or
+    EDSR-PyTorch's (converted by :func:`convert`)."""
+    if _edsr_pytorch(sd):
+        return _detect_edsr_pytorch(sd)
     if not {"conv_after_body.weight", "body.0.conv1.weight", "upsample.0.weight"} <= set(sd):
-        if "head.0.weight" in sd and "tail.0.0.weight" in sd:
-            raise LayoutNotSupported("EDSR-PyTorch naming (head/body/tail) is not supported; use BasicSR EDSR keys")
         return None
     num_feat = sd["conv_first.weight"].shape[0]
     if "upsample.4.weight" in sd:
@@ -141,5 +169,34 @@ def detect(sd: StateDict) -> Hparams | None:
     }
 
 
+def convert(sd: StateDict, hparams: Hparams) -> StateDict:
+    """EDSR-PyTorch keys renamed to this model's (``head.0`` -> ``conv_first``, ``body.i.body.0/2`` ->
+    ``body.i.conv1/2``, ``body.N`` -> ``conv_after_body``, ``tail.0.k`` -> ``upsample.k``, ``tail.1`` ->
+    ``conv_last``; the mean-shift convs dropped); any other layout unchanged."""
+    if not _edsr_pytorch(sd):
+        return sd
+    n = int(hparams["num_block"])
+    out = {}
+    for key, value in sd.items():
+        name, _, leaf = key.rpartition(".")
+        parts = name.split(".")
+        if parts[0] in ("sub_mean", "add_mean"):
+            continue
+        if name == "head.0":
+            name = "conv_first"
+        elif name == f"body.{n}":
+            name = "conv_after_body"
+        elif parts[0] == "body" and len(parts) == 4 and parts[2] == "body":
+            name = f"body.{parts[1]}.conv{1 if parts[3] == '0' else 2}"
+        elif name.startswith("tail.0."):
+            name = "upsample." + name[len("tail.0."):]
+        elif name == "tail.1":
+            name = "conv_last"
+        out[f"{name}.{leaf}"] = value
+    return out
+
+
 SPEC = ArchSpec("quantsr-c", QuantSRC, "QuantSR(+)-C: EDSR-baseline-style conv net, 64 ch, N blocks",
-                detect=detect, quant_rule=quant_rule, depth=num_block_depth())
+                detect=detect, quant_rule=quant_rule, depth=num_block_depth(), convert=convert,
+                pretrained="BasicSR's EDSR_Mx4_f64b16_DIV2K_official-0c287733.pth "
+                           "(github.com/XPixelGroup/BasicSR, docs/ModelZoo.md) or EDSR-PyTorch's edsr_baseline_x4")

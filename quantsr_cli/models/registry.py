@@ -2,7 +2,8 @@
 
 Each architecture file defines its model class and its :class:`~quantsr_cli.models.spec.ArchSpec`
 (``SPEC``: build, detect, quantization rule, depth); registering it is one line in :data:`ARCHS`.
-Detection (:func:`~quantsr_cli.models.loading.detect_arch`) tries the specs in this order.
+Detection (:func:`~quantsr_cli.models.loading.detect_arch`) tries the specs in this order, ``fallback``
+families (spandrel's architectures, :mod:`~quantsr_cli.models.foreign`) after all others.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from typing import Any
 import torch
 
 from quantsr_cli.errors import ConfigError
-from quantsr_cli.models import imdn, quantsr_c, srresnet, swinir
+from quantsr_cli.models import foreign, imdn, quantsr_c, srresnet, swinir
 from quantsr_cli.models.common import SRModel
 from quantsr_cli.models.spec import ArchSpec
 
@@ -21,6 +22,7 @@ ARCHS: dict[str, ArchSpec] = {spec.name: spec for spec in (
     srresnet.SPEC,
     swinir.SPEC,
     imdn.SPEC,
+    foreign.SPEC,
 )}
 """Registered architectures by name (``--arch`` values)."""
 

@@ -71,6 +71,14 @@ class ArchSpec:
             the paper and the authors' released code. :func:`~quantsr_cli.models.registry.build_model` sets
             ``model.quant_patterns`` from it.
         depth: how ``--blocks`` and block removal change the hyperparameters; ``None`` for a fixed depth.
+        convert: ``(state_dict, hparams) -> state_dict`` in the model's own key layout, for files ``detect``
+            recognises in another official layout (EDSR-PyTorch's ``head/body/tail`` names); ``None``: the
+            file's keys are the model's.
+        fallback: a family that recognises the files of many architectures (spandrel's): detection asks it
+            after every other spec, so a built-in architecture keeps its own files.
+        label: ``hparams -> str``, the architecture as users know it (``"ESRGAN (spandrel)"``); default: ``name``.
+        pretrained: where the official full-precision weights come from (printed when a run starts from
+            random weights); empty when there are none.
     """
 
     name: str
@@ -79,6 +87,19 @@ class ArchSpec:
     detect: Callable[[StateDict], Hparams | None]
     quant_rule: Callable[[SRModel], tuple[str, ...]]
     depth: DepthRule | None = None
+    convert: Callable[[StateDict, Hparams], StateDict] | None = None
+    fallback: bool = False
+    label: Callable[[Mapping[str, Any]], str] | None = None
+    pretrained: str = ""
+
+    def display(self, hparams: Mapping[str, Any]) -> str:
+        """The architecture name for messages: ``label(hparams)`` or ``name``."""
+        if self.label is not None:
+            try:
+                return self.label(hparams)
+            except (KeyError, TypeError, ValueError):
+                pass
+        return self.name
 
     @property
     def defaults(self) -> dict[str, object]:

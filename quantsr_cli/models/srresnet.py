@@ -134,4 +134,6 @@ def detect(sd: StateDict) -> Hparams | None:
 
 
 SPEC = ArchSpec("srresnet", MSRResNet, "BasicSR MSRResNet, 64 ch, 16 blocks, bilinear base",
-                detect=detect, quant_rule=quant_rule, depth=num_block_depth())
+                detect=detect, quant_rule=quant_rule, depth=num_block_depth(),
+                pretrained="BasicSR's 001_MSRResNet_x4_f64b16_DIV2K_1000k_B16G1_wandb-6a8c0a8e.pth "
+                           "(github.com/XPixelGroup/BasicSR, docs/ModelZoo.md)")

@@ -392,4 +392,6 @@ DEPTH = DepthRule(
 """Blocks are RSTBs (``layers.i``)."""
 
 SPEC = ArchSpec("swinir-s", SwinIR, "lightweight SwinIR (SwinIR-S), 60 ch, 4x6 Swin blocks, window 8",
-                detect=detect, quant_rule=quant_rule, depth=DEPTH)
+                detect=detect, quant_rule=quant_rule, depth=DEPTH,
+                pretrained="002_lightweightSR_DIV2K_s64w8_SwinIR-S_x{2,3,4}.pth from "
+                           "github.com/JingyunLiang/SwinIR/releases (model_zoo v0.0)")

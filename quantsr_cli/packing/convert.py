@@ -2,7 +2,7 @@
 
 Files are read and written by :mod:`quantsr_cli.packing.io` (which re-exports these functions); this
 module never touches the disk. Metadata values are strings (safetensors rule); JSON-valued keys are
-``hparams``, ``layers``, ``skip_blocks`` and ``extra``.
+``hparams``, ``layers``, ``layer_bits``, ``skip_blocks`` and ``extra``.
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any
 
@@ -140,15 +141,19 @@ def model_metadata(model: nn.Module, kind: str, config: Any = None, extra: dict[
     }
     if config is None:
         config = getattr(model, "quant_config", None)
+    rules = tuple(getattr(config, "layers", ()) or ()) if config is not None else ()
     if kind == "packed":
         layers = packed_layer_specs(model)
         meta["layers"] = encode_layers(layers)
         if config is not None:
-            bad = check_layer_bits(layers, int(config.w_bits), int(config.a_bits))
+            bad = check_layer_bits(layers, int(config.w_bits), int(config.a_bits), rules)
             if bad:
-                raise ConfigError(f"{bad}, but the quantization config says W{config.w_bits}A{config.a_bits}")
+                raise ConfigError(f"{bad}, but the quantization config says W{config.w_bits}A{config.a_bits}"
+                                  + (" with its per-layer rules" if rules else ""))
     if config is not None:
         meta.update(method=str(config.method), w_bits=str(config.w_bits), a_bits=str(config.a_bits))
+        if rules:
+            meta[LAYER_BITS_KEY] = _dumps([list(r) for r in rules])
     elif kind != "fp":
         meta["method"] = "unknown"
     if callable(getattr(model, "block_names", None)):
@@ -160,17 +165,41 @@ def model_metadata(model: nn.Module, kind: str, config: Any = None, extra: dict[
     return meta
 
 
-def check_layer_bits(layers: list[dict[str, Any]], w_bits: int, a_bits: int) -> str | None:
-    """The first packed layer (metadata ``layers`` rows) whose bits are not ``w_bits``/``a_bits``, described
-    in words, or None when all agree. Every quantized layer of a model has the config's bits; this is
-    the one place a per-layer bit rule (mixed precision) would enter."""
+LAYER_BITS_KEY = "layer_bits"
+"""Metadata key of the per-layer bit rules (``QuantConfig.layers``): JSON ``[[pattern, w_bits, a_bits], ...]``."""
+
+
+def check_layer_bits(layers: list[dict[str, Any]], w_bits: int, a_bits: int,
+                     rules: tuple[tuple[str, int, int], ...] = ()) -> str | None:
+    """The first packed layer (metadata ``layers`` rows) whose bits are not the config's, described in
+    words, or None when all agree. A layer's bits are ``w_bits``/``a_bits`` unless one of the per-layer
+    ``rules`` (``(pattern, w, a)``, the last match wins) matches its name; a layer a rule keeps full
+    precision must not be packed. Bits always come from the config, never from the codes."""
     for entry in layers:
+        name = str(entry.get("name"))
+        rule = next((r for r in reversed(rules) if fnmatchcase(name, r[0])), None)
+        want_w, want_a = (rule[1], rule[2]) if rule is not None else (w_bits, a_bits)
         w, a = entry.get("w_bits"), entry.get("a_bits")
-        if entry.get("type") != "act" and w != w_bits:
-            return f"layer {entry.get('name')} holds {w}-bit weight codes"
-        if a != a_bits:
-            return f"layer {entry.get('name')} quantizes its input at {a} bits"
+        if rule is not None and want_w == want_a == 32:
+            return f"layer {name} is packed, but its rule {rule[0]!r} keeps it full precision"
+        if entry.get("type") != "act" and w != want_w:
+            return f"layer {name} holds {w}-bit weight codes"
+        if a != want_a:
+            return f"layer {name} quantizes its input at {a} bits"
     return None
+
+
+def decode_layer_bits(meta: dict[str, str], path: Path | str | None = None) -> tuple[tuple[str, int, int], ...]:
+    """The per-layer bit rules a file's metadata records (``()`` when it has none); CheckpointError if malformed."""
+    if LAYER_BITS_KEY not in meta:
+        return ()
+    rules = _json(meta, LAYER_BITS_KEY, path)
+    ok = isinstance(rules, list) and len(rules) <= 256 and all(
+        isinstance(r, list) and len(r) == 3 and isinstance(r[0], str) and 0 < len(r[0]) <= 200
+        and all(type(b) is int and b in (2, 4, 8, 32) for b in r[1:]) for r in rules)
+    if not ok:
+        raise CheckpointError(f"metadata {LAYER_BITS_KEY!r} is not a list of [pattern, w_bits, a_bits] rules", path)
+    return tuple((r[0], r[1], r[2]) for r in rules)
 
 
 def state_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -289,9 +318,11 @@ def _check_file_bits(layers: list[dict[str, Any]], meta: dict[str, str], path: P
         if not (value.isascii() and value.isdigit() and int(value) in (2, 4, 8, 32)):
             raise CheckpointError(f"metadata {key} {value[:20]!r} is not one of 2, 4, 8, 32", path)
         bits.append(int(value))
-    bad = check_layer_bits(layers, bits[0], bits[1])
+    rules = decode_layer_bits(meta, path)
+    bad = check_layer_bits(layers, bits[0], bits[1], rules)
     if bad:
-        raise CheckpointError(f"{bad}, but the file's metadata says w_bits={bits[0]}, a_bits={bits[1]}", path)
+        extra = f" and {len(rules)} per-layer rules" if rules else ""
+        raise CheckpointError(f"{bad}, but the file's metadata says w_bits={bits[0]}, a_bits={bits[1]}{extra}", path)
 
 
 def load_tensors_strict(model: nn.Module, tensors: dict[str, torch.Tensor], path: Path | str | None) -> None:

@@ -5,7 +5,8 @@ A file is a standard safetensors file whose ``__metadata__`` (string -> string) 
 * ``format`` = ``"quantsr"``, ``format_version`` = ``"1"`` (a newer version is refused with
   :class:`FormatVersionError`), ``data_sha256`` (SHA-256 of the data section, checked on read);
 * for models: ``kind`` (``"packed"`` | ``"qat"`` | ``"fp"``), ``arch``, ``hparams`` (JSON builder kwargs),
-  ``scale``, ``w_bits``, ``a_bits``, ``method``; optional ``skip_blocks`` (JSON list of skipped
+  ``scale``, ``w_bits``, ``a_bits``, ``method``; optional ``layer_bits`` (JSON ``[[pattern, w_bits, a_bits],
+  ...]``: the per-layer bit rules of the config, the last match wins), ``skip_blocks`` (JSON list of skipped
   residual blocks) and ``extra`` (free JSON: training command, slim history, ...);
 * packed files store each packed layer as ``<layer>.qweight`` (uint8 codes, see
   :class:`~quantsr_cli.packing.layout.PackFormat`) and ``<layer>.qparams`` (float32
@@ -41,6 +42,7 @@ from quantsr_cli.packing.convert import (
     FORMAT_VERSION,
     KINDS,
     build_packed_model,
+    decode_layer_bits,
     decode_layers,
     load_tensors_strict,
     model_metadata,
@@ -306,7 +308,7 @@ def _quant_config(meta: dict[str, str], path: Path | None) -> Any:
 
     try:
         config = QuantConfig(method=meta.get("method", ""), w_bits=int(meta.get("w_bits", "")),
-                             a_bits=int(meta.get("a_bits", "")))
+                             a_bits=int(meta.get("a_bits", "")), layers=decode_layer_bits(meta, path))
         method_spec(config.method)
         return config
     except (QuantSRError, ValueError) as exc:

@@ -9,7 +9,8 @@ A preset is a flat YAML mapping of ``quantsr quantize`` options, e.g. ``presets/
     init: ${QUANTSR_DATA}/weights/IMDN_x4.pth
     iters: 4000
 
-Keys are the option names of the training commands (with ``-`` or ``_``); an unknown or repeated key, a
+Keys are the option names of the training commands (with ``-`` or ``_``), plus ``layers``, the per-layer
+bit rules (``{pattern: fp | 2 | 4 | 8 | w<b>a<b>}``, see :func:`quantsr_cli.config.parse_layer_bits`); an unknown or repeated key, a
 value of the wrong type or a YAML tag such as ``!!python/object`` is a :class:`~quantsr_cli.errors.ConfigError`
 naming the file and the key. ``--preset`` takes only the name of a bundled preset. Files are read with ``yaml.safe_load`` only. ``${QUANTSR_DATA}`` in string
 values expands to the shared data folder (see :func:`expand_data_vars`).
@@ -26,6 +27,7 @@ from typing import Any
 
 import yaml
 
+from quantsr_cli.config import parse_layer_bits
 from quantsr_cli.errors import ConfigError
 
 # Element type of the list-valued keys.
@@ -66,6 +68,7 @@ PRESET_KEYS: dict[str, type | tuple[type, ...]] = {
     "bias_correction": bool,
     "ema_decay": float,
     "drop_path_rate": float,
+    "layers": dict,
     "description": str,
 }
 
@@ -181,6 +184,11 @@ def validate_options(data: dict[Any, Any], path: str | Path | None = None) -> di
             raise ConfigError(f"key {key!r} must be a list of {item.__name__}, got {_short(value)}", path)
         if isinstance(value, str):
             value = expand_data_vars(value)
+        if key == "layers":
+            try:
+                parse_layer_bits(value)
+            except ConfigError as exc:
+                raise ConfigError(str(exc), path) from None
         out[key] = value
     return out
 

@@ -22,7 +22,14 @@ from quantsr_cli.quant.act import (
     RBDActQuantizer,
     RLQActQuantizer,
 )
-from quantsr_cli.quant.api import param_groups, quant_summary, quantize_, quantized_layers, quantizer_parameters
+from quantsr_cli.quant.api import (
+    layer_plan,
+    param_groups,
+    quant_summary,
+    quantize_,
+    quantized_layers,
+    quantizer_parameters,
+)
 from quantsr_cli.quant.base import ActParams, ActQuantizer, WeightParams, WeightQuantizer, apply_act_params
 from quantsr_cli.quant.calibrate import calibrate_, correct_biases_, initialize_quantizers
 from quantsr_cli.quant.layers import ActQuant, QConv2d, QLinear, make_act_quantizer, make_weight_quantizer
@@ -60,6 +67,7 @@ __all__ = [
     "calibrate_",
     "correct_biases_",
     "initialize_quantizers",
+    "layer_plan",
     "make_act_quantizer",
     "make_weight_quantizer",
     "method_names",

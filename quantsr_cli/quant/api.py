@@ -6,6 +6,7 @@ patterns over ``named_modules()`` names) and never imports :mod:`quantsr_cli.mod
 
 from __future__ import annotations
 
+from dataclasses import replace
 from fnmatch import fnmatchcase
 
 import torch
@@ -19,14 +20,14 @@ from quantsr_cli.quant.methods import method_spec
 
 _QUANTIZABLE = (nn.Conv2d, nn.Linear, nn.Identity)
 _QUANTIZED = (QConv2d, QLinear, ActQuant)
+_GLOB = frozenset("*?[")
 
 
-def _matches(model: nn.Module, pattern: str) -> list[tuple[str, nn.Module]]:
-    return [
-        (name, m)
-        for name, m in model.named_modules()
-        if name and type(m) in _QUANTIZABLE and fnmatchcase(name, pattern)
-    ]
+def _matches(modules: dict[str, nn.Module], pattern: str) -> list[str]:
+    """Names in ``modules`` that ``pattern`` matches (a pattern without wildcards is looked up directly)."""
+    if not _GLOB & set(pattern):
+        return [pattern] if pattern in modules else []
+    return [name for name in modules if fnmatchcase(name, pattern)]
 
 
 def _model_device(model: nn.Module) -> torch.device:
@@ -35,18 +36,61 @@ def _model_device(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
+def layer_plan(model: nn.Module, config: QuantConfig,
+               patterns: tuple[str, ...] | None = None) -> dict[str, tuple[int, int]]:
+    """The modules :func:`quantize_` swaps and their ``(w_bits, a_bits)`` (architecture patterns' order, then rules').
+
+    The architecture's layers (``patterns``, default ``model.quant_patterns``: ``nn.Conv2d``/``nn.Linear``
+    layers and ``nn.Identity`` activation points) take the config's bits; then ``config.layers`` rules
+    (last match wins) change a matched layer's bits, keep it full precision (``fp``), or quantize a
+    Conv2d/Linear the architecture keeps full precision. Rules reach activation points only where the
+    architecture declares them. Layers a model lists in ``model.unquantizable`` (``{name: reason}``, e.g.
+    a layer whose weights its network reads outside the layer's own forward) are never quantized; a rule
+    that matches only such layers is an error naming the reason. ``(32, 32)`` layers are left out.
+
+    Raises:
+        ConfigError: no patterns, an architecture pattern or a rule that matches no layer.
+    """
+    pats = patterns if patterns is not None else getattr(model, "quant_patterns", None)
+    if isinstance(pats, str):
+        pats = (pats,)
+    if not pats and not config.layers:
+        raise ConfigError(f"{type(model).__name__} has no quant_patterns: nothing to quantize")
+    modules = {name: m for name, m in model.named_modules() if name and type(m) in _QUANTIZABLE}
+    layers = {name: m for name, m in modules.items() if not isinstance(m, nn.Identity)}
+    chosen: dict[str, tuple[int, int]] = {}
+    for pattern in pats or ():
+        hits = _matches(modules, pattern)
+        if not hits:
+            raise ConfigError(f"quant pattern {pattern!r} matches no Conv2d, Linear or Identity module")
+        chosen.update((name, (config.w_bits, config.a_bits)) for name in hits)
+    points = {name for name in chosen if isinstance(modules[name], nn.Identity)}
+    blocked: dict[str, str] = dict(getattr(model, "unquantizable", None) or {})
+    for pattern, w, a in config.layers:
+        hits = [n for n in _matches(modules, pattern) if n in layers or n in points]
+        usable = [n for n in hits if n not in blocked]
+        if not usable:
+            why = f"; {hits[0]} cannot be quantized ({blocked[hits[0]]})" if hits else ""
+            raise ConfigError(f"layers: pattern {pattern!r} matches no quantizable Conv2d, Linear or activation "
+                              f"point{why} (quantsr info --layers lists the layer names)")
+        for name in usable:
+            chosen[name] = (w, a)
+    return {name: bits for name, bits in chosen.items() if bits != (32, 32) and name not in blocked}
+
+
 def quantize_(model: nn.Module, config: QuantConfig, patterns: tuple[str, ...] | None = None) -> nn.Module:
-    """Swap, in place, the modules selected by ``patterns`` for their quantized versions.
+    """Swap, in place, the modules :func:`layer_plan` selects for their quantized versions.
 
     Matching (``fnmatch.fnmatchcase`` over ``named_modules()`` names; ``*`` also spans dots):
     ``nn.Conv2d`` → :class:`QConv2d`, ``nn.Linear`` → :class:`QLinear` (weights reused, not
-    copied), ``nn.Identity`` → :class:`ActQuant`. Modules of other types that a pattern matches are
-    ignored. With ``config.a_bits == 32`` activation points stay ``nn.Identity`` and layers get
-    ``act_q = None``; with ``w_bits == 32`` layers get ``w_q = None``.
+    copied), ``nn.Identity`` → :class:`ActQuant`, each at its own bits (``config.bits_for``: the
+    config's, or a matching ``config.layers`` rule's). Modules of other types that a pattern matches
+    are ignored. At ``a_bits == 32`` activation points stay ``nn.Identity`` and layers get
+    ``act_q = None``; at ``w_bits == 32`` layers get ``w_q = None``.
 
     Args:
         model: any ``nn.Module``; modified in place.
-        config: method and bit-widths. ``config.full_precision`` returns ``model`` unchanged.
+        config: method, bit-widths and per-layer rules. ``config.full_precision`` returns ``model`` unchanged.
         patterns: overrides ``model.quant_patterns``.
 
     Returns:
@@ -54,36 +98,28 @@ def quantize_(model: nn.Module, config: QuantConfig, patterns: tuple[str, ...] |
         metadata: the one record of the method and bits of a quantized model).
 
     Raises:
-        ConfigError: an unknown method, no patterns, a pattern that matches no Conv2d/Linear/Identity
-            module, or a model that is already quantized.
+        ConfigError: an unknown method, no patterns, a pattern or rule that matches no quantizable
+            module (see :func:`layer_plan`), or a model that is already quantized.
     """
     if config.full_precision:
         return model
     method_spec(config.method)
-    pats = patterns if patterns is not None else getattr(model, "quant_patterns", None)
-    if isinstance(pats, str):
-        pats = (pats,)
-    if not pats:
-        raise ConfigError(f"{type(model).__name__} has no quant_patterns: nothing to quantize")
     if quantized_layers(model):
         raise ConfigError(f"{type(model).__name__} is already quantized")
-    targets: dict[str, nn.Module] = {}
-    for pattern in pats:
-        hits = _matches(model, pattern)
-        if not hits:
-            raise ConfigError(f"quant pattern {pattern!r} matches no Conv2d, Linear or Identity module")
-        targets.update(hits)
+    plan = layer_plan(model, config, patterns)
     device = _model_device(model)
-    for name, module in targets.items():
+    for name, (w_bits, a_bits) in plan.items():
+        module = model.get_submodule(name)
+        layer_config = replace(config, w_bits=w_bits, a_bits=a_bits, layers=())
         new: nn.Module
         if isinstance(module, nn.Conv2d):
-            new = QConv2d.from_float(module, config)
+            new = QConv2d.from_float(module, layer_config)
         elif isinstance(module, nn.Linear):
-            new = QLinear.from_float(module, config)
-        elif config.a_bits == 32:
+            new = QLinear.from_float(module, layer_config)
+        elif a_bits == 32:
             continue
         else:
-            new = ActQuant(config).to(device)
+            new = ActQuant(layer_config).to(device)
             new.train(module.training)
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
