@@ -136,7 +136,8 @@ def build(net: str = DEFAULT_NET[0], cls: str = "", params: dict[str, Any] | Non
             inner = _construct(_model_class(net, cls), params)
     except (TypeError, ValueError, AssertionError, AttributeError, KeyError) as exc:
         raise ConfigError(f"{NAME} {net} rejects its hyperparameters ({type(exc).__name__}: {exc})") from None
-    inner.__class__ = _sr_class(type(inner))
+    if not net.startswith(BUILTIN):  # a built-in model already has the contract (and its blocks)
+        inner.__class__ = _sr_class(type(inner))
     hparams = {"net": net, "cls": cls, "params": params, "upscale": upscale, "size": [minimum, multiple, square]}
     for key, value in (("arch", NAME), ("hparams", hparams), ("upscale", upscale),
                        ("size_req", (minimum, multiple, square)), ("quant_patterns", ()), ("derived_keys", ()),

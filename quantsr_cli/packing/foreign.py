@@ -7,6 +7,7 @@ checks as a foreign ``.pth``: a size bound and plain, finite, real-valued tensor
 
 from __future__ import annotations
 
+import json
 import struct
 from pathlib import Path
 
@@ -15,22 +16,28 @@ from safetensors.torch import load as _st_load
 
 from quantsr_cli.errors import CheckpointError, FormatVersionError
 from quantsr_cli.models.pthcheck import MAX_CHECKPOINT_BYTES, check_tensor
-from quantsr_cli.packing.io import MAX_HEADER_BYTES, _open_bytes, _parse_header
+from quantsr_cli.packing.io import FORMAT, MAX_HEADER_BYTES, _open_bytes, _parse_header
 
 __all__ = ["is_quantsr_file", "read_state_dict_file"]
 
 
 def is_quantsr_file(path: str | Path) -> bool:
-    """True when ``path`` is a safetensors file written by quantsr (its metadata says ``format=quantsr``);
-    False for any other file, including plain safetensors weights of a foreign model."""
+    """True when ``path`` is a safetensors file whose metadata says ``format=quantsr`` (well-formed or not:
+    the quantsr reader then names what is wrong with it); False for any other file, including plain
+    safetensors weights of a foreign model."""
     path = Path(path)
+    raw, size = _open_bytes(path, limit=MAX_HEADER_BYTES)
     try:
-        raw, size = _open_bytes(path, limit=MAX_HEADER_BYTES)
         _parse_header(raw, size, path)
     except FormatVersionError:
         return True
     except CheckpointError:
-        return False
+        try:
+            (n,) = struct.unpack("<Q", raw[:8])
+            meta = json.loads(raw[8:8 + n].decode("utf-8")).get("__metadata__")
+        except Exception:  # noqa: BLE001 - not even a safetensors header: not ours
+            return False
+        return isinstance(meta, dict) and meta.get("format") == FORMAT
     return True
 
 

@@ -87,7 +87,7 @@ def serialize(tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> bytes:
         raise TypeError("metadata must map str to str (JSON-encode other values)")
     meta = {k: v for k, v in meta.items() if k != "data_sha256"}
     if meta.setdefault("format", FORMAT) != FORMAT or meta.setdefault("format_version", str(FORMAT_VERSION)) != str(FORMAT_VERSION):
-        raise ValueError(f"cannot write format={meta['format']!r} version {meta['format_version']!r}")
+        raise ValueError(f"cannot write format={meta.get('format')!r} version {meta.get('format_version')!r}")
     tensors = _prepare(tensors)
     first = _st_save(tensors, metadata=meta)
     (n,) = struct.unpack("<Q", first[:8])

@@ -19,6 +19,7 @@ from quantsr_cli.quant.primitives import (
     grad_scale,
     lsq_grad_factor,
     lsq_init_step,
+    mse_step,
     phi_surrogate,
     signed_range,
     ste_surrogate,
@@ -89,6 +90,10 @@ class LearnedStepActQuantizer(ActQuantizer):
         self.shift = None if shift_shape is None else nn.Parameter(torch.zeros(shift_shape))
         self.register_buffer("signed", torch.zeros((), dtype=torch.bool))
 
+    step_search = False
+    """When True (set by ``calibrate_(..., step_search=True)``), the step is initialised by :func:`mse_step`
+    on the first batch (after the sign rule), instead of LSQ's ``2·mean|x|/sqrt(Qp)``."""
+
     @property
     def qrange(self) -> tuple[int, int]:
         """``(qmin, qmax)`` for the current signedness."""
@@ -104,6 +109,9 @@ class LearnedStepActQuantizer(ActQuantizer):
             signed = _mse_of_grid(x, *signed_range(self.bits)) < _mse_of_grid(x, *unsigned_range(self.bits))
         self.signed.fill_(signed)
         self.step.copy_(lsq_init_step(x, self.qrange[1]).to(self.step))
+        if self.step_search:
+            qmin, qmax = self.qrange
+            self.step.copy_(mse_step(x, self.step, lambda t, s: fake_quant(t, s, qmin, qmax, None, ste_surrogate)))
         self.initialized.fill_(True)
 
     def forward(self, x: Tensor) -> Tensor:

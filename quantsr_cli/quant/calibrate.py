@@ -92,7 +92,7 @@ def correct_biases_(model: nn.Module, batch: Tensor) -> int:
 
 
 @torch.no_grad()
-def calibrate_(model: nn.Module, batch: Tensor, bias_correction: bool = True) -> None:
+def calibrate_(model: nn.Module, batch: Tensor, bias_correction: bool = True, step_search: bool = False) -> None:
     """Calibrate a freshly quantized model on one batch, in training mode (left in training mode).
 
     With ``bias_correction`` this is a single :func:`correct_biases_` pass, so each quantizer
@@ -102,9 +102,19 @@ def calibrate_(model: nn.Module, batch: Tensor, bias_correction: bool = True) ->
         model: a model after :func:`~quantsr_cli.quant.quantize_`, quantizers not yet initialised.
         batch: ``(N, 3, h, w)`` LR images in [0, 1].
         bias_correction: whether to correct the FP biases in the same pass.
+        step_search: initialise learned steps (rbd, rlq, lsq) by a mean-squared-error search
+            (:func:`~quantsr_cli.quant.primitives.mse_step`) instead of LSQ's rule of thumb, in the same
+            pass: post-training quantization, where no training moves the steps afterwards.
     """
-    if bias_correction:
-        model.train()
-        correct_biases_(model, batch)
-    else:
-        initialize_quantizers(model, batch)
+    quantizers = [m for m in model.modules() if hasattr(type(m), "step_search")]
+    for q in quantizers:
+        q.step_search = step_search
+    try:
+        if bias_correction:
+            model.train()
+            correct_biases_(model, batch)
+        else:
+            initialize_quantizers(model, batch)
+    finally:
+        for q in quantizers:
+            q.__dict__.pop("step_search", None)

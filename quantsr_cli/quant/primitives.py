@@ -93,7 +93,10 @@ def sign_ste(x: Tensor) -> Tensor:
         Same shape and dtype, values exactly ``±1``.
     """
     value = torch.where(x.detach() >= 0, 1.0, -1.0).to(x.dtype)
-    return _straight_through(value, torch.clamp(x, -1.0, 1.0))
+    # An explicit mask, not clamp(x, -1, 1): clamp's gradient at x = ±1 exactly differs between torch
+    # releases (torch 2.14 gives 0 at the lower bound), and on-grid RBD weights sit exactly there.
+    inside = (x.detach().abs() <= 1.0).to(x.dtype)
+    return _straight_through(value, x * inside)
 
 
 def fake_quant(
@@ -153,3 +156,32 @@ def signed_range(bits: int) -> tuple[int, int]:
 def unsigned_range(bits: int) -> tuple[int, int]:
     """``(0, 2**b − 1)``: the unsigned integer grid."""
     return 0, 2**bits - 1
+
+
+STEP_SEARCH_FACTORS = tuple(float(f) for f in torch.logspace(math.log10(0.25), math.log10(6.0), 48))
+"""Multiples of the LSQ initial step tried by :func:`mse_step` (0.25 to 6, geometric)."""
+
+STEP_SEARCH_ELEMENTS = 1 << 18
+"""Elements a step search looks at: larger tensors are subsampled evenly (the search is a 1-D fit)."""
+
+
+@torch.no_grad()
+def mse_step(x: Tensor, step: Tensor, quantize: Callable[[Tensor, Tensor], Tensor]) -> Tensor:
+    """The step ``step * f`` (``f`` in :data:`STEP_SEARCH_FACTORS`) with the least mean squared error
+    ``mean((quantize(x, s) - x)**2)``: the MSE calibration of post-training quantization, where no
+    training moves a step set by the LSQ rule of thumb. ``quantize(x, s)`` is the quantizer's own grid.
+
+    Returns:
+        Detached tensor shaped like ``step``.
+    """
+    flat = x.detach().reshape(-1)
+    if flat.numel() > STEP_SEARCH_ELEMENTS:
+        flat = flat[:: flat.numel() // STEP_SEARCH_ELEMENTS + 1]
+    base = step.detach().reshape(1)
+    best, best_err = base, float("inf")
+    for f in STEP_SEARCH_FACTORS:
+        candidate = base * f
+        err = float((quantize(flat, candidate) - flat).square().mean())
+        if err < best_err:
+            best, best_err = candidate, err
+    return best.reshape(step.shape).clone()

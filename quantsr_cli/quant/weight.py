@@ -17,6 +17,7 @@ from quantsr_cli.quant.primitives import (
     grad_scale,
     lsq_grad_factor,
     lsq_init_step,
+    mse_step,
     phi_surrogate,
     sign_ste,
     signed_range,
@@ -33,11 +34,20 @@ class _StepWeightQuantizer(WeightQuantizer):
         self.qp = 2 ** (bits - 1) - 1
         self.step = nn.Parameter(torch.ones(1))
 
+    step_search = False
+    """When True (set by ``calibrate_(..., step_search=True)``), the step is initialised by :func:`mse_step`."""
+
     @torch.no_grad()
     def _maybe_init(self, weight: Tensor) -> None:
         if not bool(self.initialized):
             self.step.copy_(lsq_init_step(weight, self.qp))
+            if self.step_search:
+                self.step.copy_(mse_step(weight, self.step, self._grid))
             self.initialized.fill_(True)
+
+    def _grid(self, weight: Tensor, step: Tensor) -> Tensor:
+        """``weight`` on this quantizer's grid of step ``step`` (the forward without the step's gradient scale)."""
+        raise NotImplementedError
 
     def _scaled_step(self, weight: Tensor) -> Tensor:
         self._maybe_init(weight)
@@ -73,9 +83,12 @@ class LSQWeightQuantizer(_StepWeightQuantizer):
 
     def forward(self, weight: Tensor) -> Tensor:
         """Fake-quantize a weight of any shape; returns the same shape."""
+        return self._grid(weight, self._scaled_step(weight))
+
+    def _grid(self, weight: Tensor, step: Tensor) -> Tensor:
         qmin, qmax = signed_range(self.bits)
         surrogate = phi_surrogate if self.surrogate == "phi" else ste_surrogate
-        return fake_quant(weight, self._scaled_step(weight), qmin, qmax, None, surrogate)
+        return fake_quant(weight, step, qmin, qmax, None, surrogate)
 
     @torch.no_grad()
     def export(self, weight: Tensor) -> WeightParams:
@@ -166,7 +179,9 @@ class RBDWeightQuantizer(_StepWeightQuantizer):
 
     def forward(self, weight: Tensor) -> Tensor:
         """Fake-quantize a weight of any shape; returns the same shape."""
-        step = self._scaled_step(weight)
+        return self._grid(weight, self._scaled_step(weight))
+
+    def _grid(self, weight: Tensor, step: Tensor) -> Tensor:
         return step * self.levels(weight, step)
 
     @torch.no_grad()

@@ -68,7 +68,7 @@ def _safetensors_cases(packed: Path, folder: Path) -> dict[str, tuple[Path, str]
     from safetensors.torch import save_file
 
     save_file({"w": torch.zeros(2)}, str(foreign), metadata={"format": "pt"})
-    out["not_quantsr"] = (foreign, "not a quantsr file")
+    out["not_quantsr"] = (foreign, "cannot recognise the architecture")  # foreign weights: keys unknown
     out["folder"] = (fresh_dir(folder / "dir.safetensors"), "folder")
     return out
 
