@@ -165,10 +165,11 @@ def training_options() -> tuple[Declared, ...]:
     ``bits`` is the one alias: in a flag set or file it sets both ``w_bits`` and ``a_bits`` unless that same
     layer sets them itself.
     """
-    bits = describe("bits", int, 4, Option("Weight and activation bits: 2, 4 or 8 (32 = full precision).",
-                                           commands=("quantize", "slim"), short="-b", panel="Quantization"),
-                    sets=("w_bits", "a_bits"))
-    return (*declared(ModelConfig), bits, *declared(QuantConfig), *declared(TrainConfig))
+    bits = Option("Weight and activation bits: 2, 4 or 8 (32 = full precision).", commands=("quantize", "slim"),
+                  short="-b", choices=QUANT_BITS + (32,), allowed="2, 4 or 8 (32 = full precision)",
+                  panel="Quantization")
+    return (*declared(ModelConfig), describe("bits", int, 4, bits, sets=("w_bits", "a_bits")),
+            *declared(QuantConfig), *declared(TrainConfig))
 
 
 @dataclass(frozen=True)
