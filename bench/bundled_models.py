@@ -56,6 +56,7 @@ def measure(weights: Path) -> dict[str, Any]:
     fp2 = _metrics(str(weights / "IMDN_x2.pth"), ("Set5",))
     rows: dict[str, Any] = {
         "imdn_x4": {"label": "IMDN x4 (FP32, published weights)", "scale": 4, "bits": "32/32",
+                    "params": sum(p.numel() for p in load_model(str(weights / "IMDN_x4.pth")).model.parameters()),
                     "file_bytes": (weights / "IMDN_x4.pth").stat().st_size,
                     **{k: {"psnr": v["psnr"], "ssim": v["ssim"]} for k, v in fp4.items()}},
         "imdn_x2": {"label": "IMDN x2 (FP32, published weights)", "scale": 2, "bits": "32/32",
