@@ -1,13 +1,15 @@
 """What every benchmark result records: the code version that measured it and the machine it ran on.
 
-``code_version()`` is ``git describe --always --dirty`` of this checkout plus the package version; cached
-rows are reused only when it is the same (a ``-dirty`` tree measures with uncommitted code, so its rows
-are its own). Imported by the bench scripts as a sibling module (``python bench/<script>.py`` puts
-``bench/`` first on ``sys.path``).
+``code_version()`` is ``git describe --always`` of this checkout plus the package version; uncommitted
+changes to the code (``quantsr_cli/``, ``kernels/``, ``presets/``, the bench scripts; not
+``bench/results/``, which the scripts write themselves) add ``-dirty-<hash of the changes>``. Cached rows are
+reused only when it is the same. Imported by the bench scripts as a sibling module
+(``python bench/<script>.py`` puts ``bench/`` first on ``sys.path``).
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import platform
 import subprocess
@@ -15,6 +17,13 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
+CODE_PATHS = ("quantsr_cli", "kernels", "presets", "bench", ":(exclude)bench/results")
+"""What "the code" is for the version: everything that can change a measurement, not the results."""
+
+
+def _git(*args: str) -> str:
+    return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=60,
+                          check=True).stdout
 
 
 def code_version() -> dict[str, str]:
@@ -22,8 +31,13 @@ def code_version() -> dict[str, str]:
     from quantsr_cli import __version__
 
     try:
-        git = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=ROOT, capture_output=True, text=True,
-                             timeout=30, check=True).stdout.strip() or "unknown"
+        git = _git("describe", "--always").strip() or "unknown"
+        changes = hashlib.sha256(_git("diff", "HEAD", "--binary", "--", *CODE_PATHS).encode())
+        new_files = _git("ls-files", "--others", "--exclude-standard", "--", *CODE_PATHS).split()
+        for name in sorted(new_files):
+            changes.update(name.encode() + b"\0" + (ROOT / name).read_bytes())
+        if changes.hexdigest() != hashlib.sha256(b"").hexdigest():
+            git += "-dirty-" + changes.hexdigest()[:8]
     except (OSError, subprocess.SubprocessError):
         git = "unknown"  # not a git checkout (an installed copy): the package version alone
     return {"git": git, "package": __version__}

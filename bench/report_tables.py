@@ -64,7 +64,8 @@ def eval_reference(b: dict[str, Any]) -> list[str]:
     out = []
     for kind, label in (("imdn", "IMDN (FP32, published weights)"), ("bicubic", "bicubic (MATLAB-exact `imresize`)")):
         x4, x2, p4, p2 = rows[f"{kind}_x4"], rows[f"{kind}_x2"], pub[f"{kind}_x4"], pub[f"{kind}_x2"]
-        published = f"{p4['Set5']['psnr']:.2f} / {p4['Set5']['ssim']:.4f}, {p4['Set14']['psnr']:.2f}, {p2['Set5']['psnr']:.2f}"
+        published = (f"{p4['Set5']['psnr']:.2f} / {p4['Set5']['ssim']:.4f}, {p4['Set14']['psnr']:.2f}, "
+                     f"{p2['Set5']['psnr']:.2f}")
         out.append([label, _pair(x4["Set5"]), f"{x4['Set14']['psnr']:.2f}", f"{x2['Set5']['psnr']:.2f}", published])
     return table(["model", "Set5 x4 PSNR / SSIM", "Set14 x4 PSNR", "Set5 x2 PSNR", "published"], out) + source(
         "bundled_models", b)
@@ -193,7 +194,8 @@ def cpu_inference(c: dict[str, Any]) -> list[str]:
     return out + ["<sub>`bench/results/cpu_inference.json`.</sub>"]
 
 
-QARTSR_LABELS = {"ptq-minmax": "naive PTQ (min-max)", "lsq": "LSQ-style QAT, same parameters, {budget} steps end to end",
+QARTSR_LABELS = {"ptq-minmax": "naive PTQ (min-max)",
+                 "lsq": "LSQ-style QAT, same parameters, {budget} steps end to end",
                  "rpq-forward": "RPQ forward order (ablation)", "rpq": "RPQ (reverse)", "rpq+et": "RPQ + ET",
                  "trq+rpq+et": "TRQ + RPQ + ET (T={t} selected)"}
 
@@ -222,7 +224,8 @@ def qartsr_sweep(q: dict[str, Any]) -> list[str]:
     for t, r in w4.items():
         fp = trq["fp_eval"].get(str(t))
         amp = r["amplification"]
-        out.append([f"{t} ({amp:.3g})" if amp >= 1 else f"{t} ({amp:.2g})", f"{r['zh_rmse']:.3f}", f"{r['image_psnr_vs_fp']:.2f}",
+        out.append([f"{t} ({amp:.3g})" if amp >= 1 else f"{t} ({amp:.2g})", f"{r['zh_rmse']:.3f}",
+                    f"{r['image_psnr_vs_fp']:.2f}",
                     f"{r['image_psnr_vs_ref']:.2f}", f"{w2[t]['image_psnr_vs_ref']:.2f}" if t in w2 else NA,
                     f"{fp['Set5']['psnr']:.2f}" if fp else NA])
     return table(["T (amplification)", "z_H RMSE W4A4", "W4A4 PTQ vs own FP", "W4A4 PTQ vs original FP",

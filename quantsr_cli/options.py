@@ -154,9 +154,9 @@ def coerce(decl: Declared, value: Any) -> Any:
     if kind is tuple:
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"key {decl.name!r} must be of type list, got {type(value).__name__} {short(value)}")
-        item = decl.item
-        if not all(isinstance(v, item) and not isinstance(v, bool) for v in value):  # type: ignore[arg-type]
-            raise ConfigError(f"key {decl.name!r} must be a list of {item.__name__}, got {short(value)}")  # type: ignore[union-attr]
+        item: type = decl.item or object
+        if not all(isinstance(v, item) and not isinstance(v, bool) for v in value):
+            raise ConfigError(f"key {decl.name!r} must be a list of {item.__name__}, got {short(value)}")
         return tuple(value)
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
         raise ConfigError(f"key {decl.name!r} must be of type {kind.__name__}, got {type(value).__name__} "

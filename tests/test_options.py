@@ -160,7 +160,8 @@ def test_precedence_flag_over_config_over_preset_over_default(tmp_path: Path) ->
     assert used == "imdn_x4_w2a2"
     assert job.train.iters == 7 and opts.source("iters") == "flag"
     assert job.train.patch_size == 64 and job.train.lr == 1e-3 and opts.source("patch_size") == f"--config {config}"
-    assert job.quant.act_sign == "mse" and job.train.save_every == 50 and opts.source("act_sign") == "preset imdn_x4_w2a2"
+    assert job.quant.act_sign == "mse" and job.train.save_every == 50
+    assert opts.source("act_sign") == "preset imdn_x4_w2a2"
     assert job.train.ema_decay == TrainConfig().ema_decay and opts.source("ema_decay") == "default"
     assert job.arch == "imdn" and job.quant.w_bits == job.quant.a_bits == 2
     table = {name: (value, source) for name, value, source in opts.table()}
