@@ -11,7 +11,8 @@ Results are Y-channel PSNR/SSIM on Set5/Set14 (BasicSR conventions) for W4A4 and
 
 Resumable at every level: the FP model's training (``train_osd_tiny`` checkpoints), TRQ-retrained models
 (``--state-dir``) and each finished (method, bits) row of ``--out`` are reused when the settings match
-(the TRQ settings only gate the ``trq+rpq+et`` rows and the sweeps).
+(the TRQ settings only gate the ``trq+rpq+et`` rows and the sweeps; the settings include the code version,
+``git describe`` + package version, so rows of other code are measured again).
 Writes ``bench/results/qartsr_x4.json`` and ``bench/results/qartsr_x4.md``. Several processes may share one
 ``--out`` (e.g. ``--bits 4`` and ``--bits 2`` on two cores once the FP model exists): each row is merged into
 the file under a lock, and each TRQ model is retrained by whichever process gets there first.
@@ -38,6 +39,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from benchinfo import code_version, machine
 
 from quantsr_cli.diffusion.ckpt import load_model, save_model
 from quantsr_cli.diffusion.data_local import PairedImages
@@ -127,6 +129,7 @@ def _commit(out: Path, results: dict, rows: dict | None = None, trq: dict | None
         merged = _read(out, results["settings"], results["trq_settings"])
         merged["rows"].update(rows or {})
         merged.setdefault("trq", {}).update(trq or {})
+        merged["machine"] = machine()
         _write(out, merged)
     results.clear()
     results.update(merged)
@@ -240,7 +243,8 @@ def main() -> None:
     model_sha = hashlib.sha256(fp_path.read_bytes()).hexdigest()[:16]
     settings = {"budget": a.budget, "et_frac": a.et_frac, "batch": a.batch, "calib_patches": a.calib_patches,
                 "patch": a.patch, "lowrank": a.lowrank, "lora": a.lora, "seed": a.seed, "max_images": a.max_images,
-                "model": fp_path.name, "model_sha256": model_sha, "perceptual": perceptual.name}
+                "model": fp_path.name, "model_sha256": model_sha, "perceptual": perceptual.name,
+                "code_version": code_version()}  # rows of another code version are measured again
     trq_settings = {"trq_timesteps": a.trq_timesteps, "trq_iters": a.trq_iters, "trq_target": a.trq_target}
     results = _read(out, settings, trq_settings)
     data = _calib(a)

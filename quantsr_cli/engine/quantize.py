@@ -16,14 +16,14 @@ import json
 import math
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from quantsr_cli.config import QuantConfig, TrainConfig
+from quantsr_cli.config import ModelConfig, QuantConfig, TrainConfig
 from quantsr_cli.distill import FeatureDistillHook
 from quantsr_cli.data import TrainDataset, check_patch_size, shared_data_dir
 from quantsr_cli.engine.evaluate import evaluate_model
@@ -48,26 +48,23 @@ RUN_FILES = ("qat_last.safetensors", "qat_best.safetensors", "summary.json", "tr
 
 
 @dataclass(frozen=True)
-class QuantizeJob:
+class QuantizeJob(ModelConfig):
     """Everything ``quantsr quantize`` needs, after option precedence has been applied.
 
-    ``share_qv_quantizer`` builds the fresh model with attention v quantized by q's quantizer (the
-    released QuantSR code; ``swinir-s`` only); a ``start_model`` keeps whatever its file says.
+    The model options (``arch``, ``scale``, ``init``, ``blocks``, ``share_qv_quantizer``) are declared on
+    :class:`~quantsr_cli.config.ModelConfig`; ``share_qv_quantizer`` builds the fresh model with attention v
+    quantized by q's quantizer (the released QuantSR code; ``swinir-s`` only); a ``start_model`` keeps
+    whatever its file says.
     """
 
-    arch: str
-    scale: int
-    quant: QuantConfig
-    train: TrainConfig
-    init: str | None = None
-    blocks: int | None = None
+    quant: QuantConfig = field(default_factory=QuantConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
     run_dir: Path | None = None
     out: Path | None = None
     resume: bool = False
     device: str = "cpu"
     command: str = ""
     start_model: str | None = None
-    share_qv_quantizer: bool = False
 
     def __post_init__(self) -> None:
         method_spec(self.quant.method)  # an unknown method is refused before anything is loaded
