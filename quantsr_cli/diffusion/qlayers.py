@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from quantsr_cli.diffusion.quantizers import LBQuantizer, LSQQuantizer, RangeObserver, make_quantizer
+from quantsr_cli.diffusion.quantizers import RangeObserver, RangeQuantizer, make_quantizer
 
 
 @dataclass(frozen=True)
@@ -62,7 +62,7 @@ def _quantizer(opts: LayerOptions, bits: int, channels: int, axis: int | None, w
 
 
 def _initialized(q: nn.Module) -> bool:
-    return not isinstance(q, (LBQuantizer, LSQQuantizer)) or bool(q.initialized)
+    return not isinstance(q, RangeQuantizer) or bool(q.initialized)
 
 
 class _QuantLayerMixin:
@@ -169,9 +169,9 @@ class _QuantLayerMixin:
                 v = v / phi
             self.lr_u.copy_(u[:, :r] * root[None, :])
             self.lr_v.copy_(v.reshape(r, -1))
-        if isinstance(self.w_q, (LBQuantizer, LSQQuantizer)):
+        if isinstance(self.w_q, RangeQuantizer):
             self.w_q.init_from_tensor(self.quant_input_weight())
-        if isinstance(self.act_q, (LBQuantizer, LSQQuantizer)):
+        if isinstance(self.act_q, RangeQuantizer):
             lo, hi = obs.range(opts.act_init)
             if self.log_phi is not None:
                 phi = torch.exp(self.log_phi)
@@ -274,7 +274,7 @@ class ActPoint(nn.Module):
     def init_quantization(self) -> None:
         if self.observer is None or not self.observer.ready:
             raise RuntimeError("init_quantization() needs an observed calibration pass first")
-        if isinstance(self.act_q, (LBQuantizer, LSQQuantizer)):
+        if isinstance(self.act_q, RangeQuantizer):
             lo, hi = self.observer.range(self.options.act_init)
             self.act_q.init_range(lo.amin(), hi.amax())
         self.observer = None

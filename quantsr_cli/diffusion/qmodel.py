@@ -18,9 +18,8 @@ import torch
 from torch import nn
 
 from quantsr_cli.diffusion.qlayers import QUANT_LAYER_TYPES, ActPoint, LayerOptions, QuantConv2d, QuantLinear
+from quantsr_cli.diffusion.quantizers import QUANTIZERS
 from quantsr_cli.errors import ConfigError
-
-QUANTIZERS = ("lbq", "lsq")
 
 
 @dataclass(frozen=True)
@@ -83,12 +82,6 @@ def _match(name: str, patterns: Iterable[str]) -> bool:
     return any(fnmatch(name, p) for p in patterns)
 
 
-def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, new)
-
-
 def quantize_model(model: nn.Module, spec: QuantSpec, patterns: Sequence[str] | None = None) -> dict[str, nn.Module]:
     """Replace, in place, the layers matched by ``model.quant_patterns`` with fake-quantized wrappers.
 
@@ -118,7 +111,7 @@ def quantize_model(model: nn.Module, spec: QuantSpec, patterns: Sequence[str] | 
             new = QuantLinear.from_float(mod, opts)
         else:
             new = ActPoint(opts).to(device)
-        _set_submodule(model, name, new)
+        model.set_submodule(name, new)
     for p in finetune_parameters(model):
         p.requires_grad_(True)
     return quant_layers(model)
@@ -223,7 +216,7 @@ def dequantize_model(model: nn.Module, merge_lora: bool = True) -> nn.Module:
     out = copy.deepcopy(model)
     for name, layer in list(quant_layers(out).items()):
         if isinstance(layer, ActPoint):
-            _set_submodule(out, name, nn.Identity())
+            out.set_submodule(name, nn.Identity())
             continue
         weight = layer.merged_weight() if merge_lora else layer.weight
         if isinstance(layer, QuantConv2d):
@@ -235,7 +228,7 @@ def dequantize_model(model: nn.Module, merge_lora: bool = True) -> nn.Module:
         plain.weight = nn.Parameter(weight.detach().clone())
         plain.bias = None if layer.bias is None else nn.Parameter(layer.bias.detach().clone())
         plain.train(layer.training)
-        _set_submodule(out, name, plain)
+        out.set_submodule(name, plain)
     out.requires_grad_(False)
     return out
 
