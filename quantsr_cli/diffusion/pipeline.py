@@ -15,10 +15,10 @@ from torch import nn
 
 from quantsr_cli.diffusion.losses import make_perceptual
 from quantsr_cli.diffusion.qmodel import QuantSpec, calibrate, quantize_model, set_quant_enabled
-from quantsr_cli.diffusion.schedule import amplification_factor
 from quantsr_cli.diffusion.stages import CalibData, LogFn, run_e2e, run_rpq
 from quantsr_cli.diffusion.trq import TRQ_TARGETS, retrain_timestep
 from quantsr_cli.errors import ConfigError
+from quantsr_cli.models.onestep import amplification_factor
 
 
 @dataclass(frozen=True)

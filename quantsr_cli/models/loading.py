@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from quantsr_cli.config import SCALES
 from quantsr_cli.errors import CheckpointError
 from quantsr_cli.models.pthcheck import check_archive, check_tensor
-from quantsr_cli.models.registry import ARCHS, build_model
+from quantsr_cli.models.registry import arch_names, build_model
 
 WRAPPER_KEYS = ("params_ema", "params", "state_dict", "model")
 """Container keys unwrapped in this order of preference (BasicSR EMA weights first)."""
@@ -177,7 +177,7 @@ def detect_arch(state_dict: Mapping[str, Tensor], path: str | Path | None = None
     if "head.0.weight" in keys and "tail.0.0.weight" in keys:
         raise CheckpointError("EDSR-PyTorch naming (head/body/tail) is not supported; use BasicSR EDSR keys", path)
     first = ", ".join(sorted(keys)[:3])
-    supported = ", ".join(ARCHS)
+    supported = ", ".join(arch_names("sr"))
     raise CheckpointError(f"cannot recognise the architecture from its keys ({first}, ...); supported: {supported}",
                           path)
 

@@ -11,6 +11,7 @@ import torch
 from quantsr_cli.errors import ConfigError
 from quantsr_cli.models.common import SRModel
 from quantsr_cli.models.imdn import IMDN
+from quantsr_cli.models.osd_tiny import OSDSRTiny
 from quantsr_cli.models.quantsr_c import QuantSRC
 from quantsr_cli.models.srresnet import MSRResNet
 from quantsr_cli.models.swinir import SwinIR
@@ -24,11 +25,16 @@ class ArchSpec:
         name: registry key (``--arch`` value), equal to the built model's ``arch``.
         builder: callable taking the hyperparameters as keyword arguments and returning the model.
         description: one line for help texts.
+        family: which contract the built model follows: ``"sr"`` (the SR model contract of
+            DEVELOPERS.md: block names, feature points, learnable shortcuts; ``quantsr quantize``,
+            ``slim``, ``distill``) or ``"one-step-diffusion"`` (the one-step SR contract of
+            :mod:`quantsr_cli.diffusion`; ``quantsr diffusion``). Every family loads and evaluates alike.
     """
 
     name: str
     builder: Callable[..., SRModel]
     description: str
+    family: str = "sr"
 
     @property
     def defaults(self) -> dict[str, object]:
@@ -42,7 +48,14 @@ ARCHS: dict[str, ArchSpec] = {
     "srresnet": ArchSpec("srresnet", MSRResNet, "BasicSR MSRResNet, 64 ch, 16 blocks, bilinear base"),
     "swinir-s": ArchSpec("swinir-s", SwinIR, "lightweight SwinIR (SwinIR-S), 60 ch, 4x6 Swin blocks, window 8"),
     "imdn": ArchSpec("imdn", IMDN, "IMDN (Hui et al. 2019), 64 ch, 6 IMDBs"),
+    "osd-sr-tiny": ArchSpec("osd-sr-tiny", OSDSRTiny, "one-step diffusion SR (OSEDiff-shaped, small, CPU-trained)",
+                            family="one-step-diffusion"),
 }
+
+
+def arch_names(family: str = "sr") -> list[str]:
+    """Registered architectures of one ``family`` (:attr:`ArchSpec.family`), in registry order."""
+    return [name for name, spec in ARCHS.items() if spec.family == family]
 
 
 def build_model(arch: str, **hparams: object) -> SRModel:
