@@ -266,13 +266,13 @@ def test_perceptual_is_pluggable_and_named():
 
 
 def test_imresize_matches_benchmark_lr():
-    from quantsr_cli.diffusion.data_local import imresize_down, load_benchmark
+    from quantsr_cli.data import BenchmarkDataset, matlab_lr
 
     if not (DATA / "benchmarks" / "Set5").is_dir():
         pytest.skip(f"benchmark data not found under {DATA}")
-    _, lr, hr = load_benchmark(DATA / "benchmarks", "Set5", 4)[0]
-    diff = (imresize_down(hr, 4).astype(int) - lr.astype(int))
-    assert abs(diff).max() <= 1 and (diff != 0).mean() < 0.01
+    _, lr, hr = BenchmarkDataset(DATA / "benchmarks" / "Set5", 4)[0]
+    diff = matlab_lr((hr[0] * 255).round().int(), 4) - (lr[0] * 255).round().int()
+    assert diff.abs().max() <= 1 and (diff != 0).float().mean() < 0.01
 
 
 # ----------------------------------------------------------------------------- diffusers adapter

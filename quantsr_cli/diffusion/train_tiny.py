@@ -30,8 +30,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from quantsr_cli.diffusion.ckpt import save_model
-from quantsr_cli.diffusion.data_local import PairedImages
 from quantsr_cli.diffusion.losses import SSIMGradLoss
+from quantsr_cli.diffusion.stages import sample_patches
+from quantsr_cli.data import TrainDataset
 from quantsr_cli.errors import CheckpointError, ConfigError
 from quantsr_cli.fileio import dumps
 from quantsr_cli.models import build_model, load_weights
@@ -128,7 +129,7 @@ def train_osd_tiny(out_dir: str | Path, train_dirs: Sequence[str | Path],
     if start >= total:
         save_model(model.eval(), final, extra={"step": str(start)})
         return final
-    data = PairedImages.from_folders(train_dirs, scale, min_size=options.patch_size)
+    data = TrainDataset(list(train_dirs), scale, patch_size=options.patch_size)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.Adam(params, lr=options.lr, betas=(0.9, 0.99))
     if state is not None:
@@ -144,7 +145,7 @@ def train_osd_tiny(out_dir: str | Path, train_dirs: Sequence[str | Path],
         model.vae.decoder.requires_grad_(ae_phase or not options.freeze_decoder)
         for group in opt.param_groups:
             group["lr"] = _cosine(step, total, options.lr, options.eta_min)
-        lr_t, hr_t = data.sample(options.batch_size, options.patch_size, np.random.default_rng([options.seed, step]))
+        lr_t, hr_t = sample_patches(data, options.batch_size, np.random.default_rng([options.seed, step]))
         if ae_phase:
             x = hr_t * 2 - 1
             loss = F.l1_loss(model.vae.decoder(model.vae.encoder(x)), x)
