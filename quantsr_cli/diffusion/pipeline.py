@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import copy
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 
 from torch import nn
 
@@ -81,9 +81,8 @@ class QArtSRConfig:
         self.quant_spec()  # validates bits/quantizer
 
     def quant_spec(self) -> QuantSpec:
-        return QuantSpec(w_bits=self.w_bits, a_bits=self.a_bits, quantizer=self.quantizer, smooth=self.smooth,
-                         smooth_alpha=self.smooth_alpha, lowrank=self.lowrank, lora=self.lora,
-                         keep_bits=self.keep_bits)
+        """The :class:`QuantSpec` of the fields both share (bits, quantizer, finetuning components)."""
+        return QuantSpec(**{f.name: getattr(self, f.name) for f in fields(QuantSpec) if hasattr(self, f.name)})
 
 
 @dataclass
