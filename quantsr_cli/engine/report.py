@@ -27,7 +27,7 @@ from quantsr_cli.engine.outputs import check_model_output, check_outputs, clean_
 from quantsr_cli.engine.quantize import block_hparams
 from quantsr_cli.errors import CheckpointError, ConfigError
 from quantsr_cli.metrics.complexity import count_macs
-from quantsr_cli.models import build_model
+from quantsr_cli.models import ARCHS, build_model
 from quantsr_cli.packing import io as packing_io
 
 INPUT_SHAPE = (1, 3, 256, 256)
@@ -63,6 +63,9 @@ def layer_table(fp_model: nn.Module, quantized: set[str], w_bits: int, a_bits: i
 
 def describe(arch: str, hparams: dict[str, Any], quant: QuantConfig | None) -> dict[str, Any]:
     """Params/MACs/equivalent-ops report of an architecture at the given quantization."""
+    family = getattr(ARCHS.get(arch), "family", "sr")
+    if family != "sr":  # its MAC input (and quantization rule) is the SR one: a diffusion model would not fit
+        raise ConfigError(f"`quantsr info` describes SR models; {arch!r} is a {family} model")
     fp_model = build_model(arch, **hparams).eval()
     bits_w = quant.w_bits if quant and not quant.full_precision else 32
     bits_a = quant.a_bits if quant and not quant.full_precision else 32
