@@ -17,6 +17,7 @@ from quantsr_cli.diffusion.ckpt import load_model, save_model
 from quantsr_cli.diffusion.qmodel import QuantSpec, calibrate, quant_layers, quantize_model, set_quant_enabled
 from quantsr_cli.diffusion.stages import calibration_data, sample_patches
 from quantsr_cli.engine.quantize import QuantizeJob
+from quantsr_cli.engine.report import model_info
 from quantsr_cli.errors import CheckpointError, ConfigError
 from quantsr_cli.models import ARCHS, arch_names, build_model, probe_model
 from quantsr_cli.packing import io as packing_io
@@ -55,6 +56,8 @@ def test_osd_sr_tiny_is_a_registered_one_step_arch() -> None:
         assert model(torch.rand(1, 3, 5, 7)).shape == (1, 3, 20, 28)
     with pytest.raises(ConfigError, match="diffusion quantize"):
         QuantizeJob(arch="osd-sr-tiny", scale=4, quant=QuantConfig(), train=TrainConfig())
+    with pytest.raises(ConfigError, match="describes SR models"):
+        model_info(arch="osd-sr-tiny")  # its MAC input would be a 1024x1024 diffusion pass
 
 
 @pytest.mark.parametrize("change", ["missing", "unexpected", "mis-shaped"])
