@@ -27,7 +27,7 @@ Public API (import from the submodules; nothing runs at import time, diffusers i
 - :mod:`.trq`: ``retrain_timestep``, ``measure_latent_error``, ``timestep_sweep``, ``select_timestep``
 - :mod:`.qmodel`: ``QuantSpec``, ``quantize_model``, ``calibrate``, ``set_quant_enabled``,
   ``finetune_parameters``, ``snapshot_original``, ``changed_originals``, ``dequantize_model``
-- :mod:`.qlayers`: ``QuantConv2d``, ``QuantLinear``, ``ActPoint``, ``LayerOptions``
+- :mod:`.qlayers`: ``QuantConv2d``, ``QuantLinear``, ``ActPoint`` (built from a layer's ``QuantSpec``)
 - :mod:`.quantizers`: ``RangeQuantizer``, ``QUANTIZERS`` (``lbq``, ``lsq``), ``make_quantizer``
 - :mod:`.train_tiny`: ``train_osd_tiny``, ``TinyTrainOptions``; :mod:`.ckpt`: ``save_model``, ``load_model``
 - :mod:`.losses`: ``make_perceptual``

@@ -17,7 +17,7 @@ from fnmatch import fnmatch
 import torch
 from torch import nn
 
-from quantsr_cli.diffusion.qlayers import QUANT_LAYER_TYPES, ActPoint, LayerOptions, QuantConv2d, QuantLinear
+from quantsr_cli.diffusion.qlayers import QUANT_LAYER_TYPES, ActPoint, QuantConv2d, QuantLinear
 from quantsr_cli.diffusion.quantizers import QUANTIZERS
 from quantsr_cli.errors import ConfigError
 
@@ -65,12 +65,12 @@ class QuantSpec:
         """Plain min-max PTQ: no smoothing, no low-rank branch, no LoRA."""
         return cls(w_bits=w_bits, a_bits=a_bits, smooth=False, lowrank=0, lora=0, act_init="minmax")
 
-    def layer_options(self, keep: bool) -> LayerOptions:
+    def layer_options(self, keep: bool) -> QuantSpec:
+        """What one layer is built with: this spec, or for a keep-list layer ``keep_bits`` and no
+        smoothing, low-rank branch or LoRA."""
         if keep:
-            return LayerOptions(self.keep_bits, self.keep_bits, self.quantizer, False, self.smooth_alpha,
-                                0, 0, self.act_init)
-        return LayerOptions(self.w_bits, self.a_bits, self.quantizer, self.smooth, self.smooth_alpha,
-                            self.lowrank, self.lora, self.act_init)
+            return replace(self, w_bits=self.keep_bits, a_bits=self.keep_bits, smooth=False, lowrank=0, lora=0)
+        return self
 
     def to_dict(self) -> dict[str, object]:
         d = dict(self.__dict__)
@@ -232,7 +232,3 @@ def dequantize_model(model: nn.Module, merge_lora: bool = True) -> nn.Module:
     out.requires_grad_(False)
     return out
 
-
-def with_options(spec: QuantSpec, **changes: object) -> QuantSpec:
-    """``dataclasses.replace`` for :class:`QuantSpec` (re-validated)."""
-    return replace(spec, **changes)
