@@ -82,6 +82,12 @@ def _match(name: str, patterns: Iterable[str]) -> bool:
     return any(fnmatch(name, p) for p in patterns)
 
 
+def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+    """``model.set_submodule(name, new)``, which torch 2.4 (our minimum) does not have yet."""
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+
+
 def quantize_model(model: nn.Module, spec: QuantSpec, patterns: Sequence[str] | None = None) -> dict[str, nn.Module]:
     """Replace, in place, the layers matched by ``model.quant_patterns`` with fake-quantized wrappers.
 
@@ -111,7 +117,7 @@ def quantize_model(model: nn.Module, spec: QuantSpec, patterns: Sequence[str] | 
             new = QuantLinear.from_float(mod, opts)
         else:
             new = ActPoint(opts).to(device)
-        model.set_submodule(name, new)
+        _set_submodule(model, name, new)
     for p in finetune_parameters(model):
         p.requires_grad_(True)
     return quant_layers(model)
@@ -216,7 +222,7 @@ def dequantize_model(model: nn.Module, merge_lora: bool = True) -> nn.Module:
     out = copy.deepcopy(model)
     for name, layer in list(quant_layers(out).items()):
         if isinstance(layer, ActPoint):
-            out.set_submodule(name, nn.Identity())
+            _set_submodule(out, name, nn.Identity())
             continue
         weight = layer.merged_weight() if merge_lora else layer.weight
         if isinstance(layer, QuantConv2d):
@@ -228,7 +234,7 @@ def dequantize_model(model: nn.Module, merge_lora: bool = True) -> nn.Module:
         plain.weight = nn.Parameter(weight.detach().clone())
         plain.bias = None if layer.bias is None else nn.Parameter(layer.bias.detach().clone())
         plain.train(layer.training)
-        out.set_submodule(name, plain)
+        _set_submodule(out, name, plain)
     out.requires_grad_(False)
     return out
 

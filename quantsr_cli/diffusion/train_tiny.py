@@ -29,10 +29,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from quantsr_cli.data import TrainDataset
 from quantsr_cli.diffusion.ckpt import save_model
 from quantsr_cli.diffusion.losses import SSIMGradLoss
 from quantsr_cli.diffusion.stages import sample_patches
-from quantsr_cli.data import TrainDataset
 from quantsr_cli.errors import CheckpointError, ConfigError
 from quantsr_cli.fileio import dumps
 from quantsr_cli.models import build_model, load_weights
