@@ -42,14 +42,14 @@ import torch
 from benchinfo import code_version, machine
 
 from quantsr_cli.diffusion.ckpt import load_model, save_model
-from quantsr_cli.diffusion.data_local import PairedImages
-from quantsr_cli.diffusion.evaluate import bicubic_baseline, evaluate_sr
 from quantsr_cli.diffusion.losses import make_perceptual
 from quantsr_cli.diffusion.pipeline import QArtSRConfig, run_lsq, run_ptq_minmax, run_qartsr
 from quantsr_cli.diffusion.qmodel import QuantSpec, calibrate, quantize_model, set_quant_enabled
-from quantsr_cli.diffusion.stages import CalibData
+from quantsr_cli.diffusion.stages import CalibData, calibration_data
 from quantsr_cli.diffusion.train_tiny import TinyTrainOptions, train_osd_tiny
 from quantsr_cli.diffusion.trq import TRQ_TARGETS, measure_latent_error, retrain_timestep, select_timestep
+from quantsr_cli.engine.evaluate import evaluate_model
+from quantsr_cli.engine.modelio import LoadedModel
 
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = ("ptq-minmax", "qartsr-init", "lsq", "rpq-forward", "rpq", "rpq+et", "trq+rpq+et")
@@ -166,13 +166,31 @@ def _fp_model(a: argparse.Namespace) -> tuple[torch.nn.Module, Path]:
 
 def _calib(a: argparse.Namespace) -> CalibData:
     data = Path(a.data) / "train"
-    pairs = PairedImages.from_folders([data / "T91", data / "BSD200"], 4, min_size=a.patch)
-    lr, hr = pairs.sample(a.calib_patches, a.patch, np.random.default_rng([a.seed, 12345]))
-    return CalibData(lr, hr, batch_size=a.batch, seed=a.seed)
+    return calibration_data([data / "T91", data / "BSD200"], a.calib_patches, a.patch, a.batch, a.seed)
+
+
+class TorchBicubic(torch.nn.Module):
+    """torch bicubic x4 upsampling: the one-step model's own input, the reference row ``bicubic``."""
+
+    arch, hparams = "bicubic", {"upscale": 4}
+
+    def forward(self, lr: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.interpolate(lr, scale_factor=4.0, mode="bicubic", align_corners=False)
 
 
 def _eval(model, a: argparse.Namespace) -> dict:
-    return evaluate_sr(model, Path(a.data) / "benchmarks", ("Set5", "Set14"), 4, a.max_images)
+    """Y PSNR/SSIM on Set5/Set14 through ``quantsr eval``'s path (:func:`quantsr_cli.engine.evaluate.evaluate_model`);
+    the means are numpy's over the per-image values, as in the committed results."""
+    loaded = LoadedModel(model.eval(), str(model.arch), 4, "fp", "bench")
+    out = {}
+    for name in ("Set5", "Set14"):
+        t0 = time.time()
+        res = evaluate_model(loaded, str(Path(a.data) / "benchmarks" / name), bicubic=False, max_images=a.max_images)
+        values = list(res.images.values())
+        out[name] = {"psnr": float(np.mean([v["psnr"] for v in values])),
+                     "ssim": float(np.mean([v["ssim"] for v in values])), "images": len(values),
+                     "seconds": round(time.time() - t0, 2)}
+    return out
 
 
 def _trq_models(fp, a, data, perceptual, model_sha: str) -> dict[int, torch.nn.Module]:
@@ -248,7 +266,7 @@ def main() -> None:
     trq_settings = {"trq_timesteps": a.trq_timesteps, "trq_iters": a.trq_iters, "trq_target": a.trq_target}
     results = _read(out, settings, trq_settings)
     data = _calib(a)
-    for name, model in (("bicubic", bicubic_baseline), ("fp", fp)):
+    for name, model in (("bicubic", TorchBicubic()), ("fp", fp)):
         if name not in results["rows"]:
             _commit(out, results, rows={name: {"metrics": _eval(model, a)}})
     trq_models: dict[int, torch.nn.Module] = {}

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from quantsr_cli.errors import CheckpointError, ConfigError
-from quantsr_cli.models import ARCHS, build_model, detect_arch, load_weights, read_state_dict
+from quantsr_cli.models import ARCHS, arch_names, build_model, detect_arch, load_weights, read_state_dict
 from quantsr_cli.models.loading import model_from_file
 from quantsr_cli.models.swinir import shifted_window_mask
 
@@ -55,7 +55,7 @@ def _psnr(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 @pytest.mark.parametrize("scale", SCALES)
-@pytest.mark.parametrize("arch", sorted(ARCHS))
+@pytest.mark.parametrize("arch", sorted(arch_names("sr")))
 def test_output_shape_odd_input(arch: str, scale: int) -> None:
     torch.manual_seed(0)
     model = build_model(arch, upscale=scale)
@@ -178,7 +178,7 @@ def test_quantsr_c_layout() -> None:
     assert len(edsr_m) == 74 and sum(v.numel() for v in edsr_m.values()) == 1_517_571
 
 
-@pytest.mark.parametrize("arch", sorted(ARCHS))
+@pytest.mark.parametrize("arch", sorted(arch_names("sr")))
 def test_state_dict_round_trip_and_hparams_rebuild(arch: str) -> None:
     torch.manual_seed(0)
     model = build_model(arch, upscale=3, **SMALL[arch])
@@ -230,7 +230,7 @@ def test_attention_activation_points_see_q_k_v_and_softmax() -> None:
 # ------------------------------------------------------------------------------------- blocks and skip
 
 
-@pytest.mark.parametrize("arch", sorted(ARCHS))
+@pytest.mark.parametrize("arch", sorted(arch_names("sr")))
 def test_block_skip_returns_scaled_input(arch: str) -> None:
     torch.manual_seed(0)
     model = build_model(arch, upscale=2, learnable_shortcut=True, **SMALL[arch]).eval()
@@ -267,7 +267,7 @@ def test_default_shortcut_is_fixed_buffer(arch: str) -> None:
     assert not any("learnable_shortcut" in k for k in model.state_dict())
 
 
-@pytest.mark.parametrize("arch", sorted(ARCHS))
+@pytest.mark.parametrize("arch", sorted(arch_names("sr")))
 def test_feature_points_fire_once_per_block(arch: str) -> None:
     model = build_model(arch, upscale=2, **SMALL[arch])
     shapes = []

@@ -69,6 +69,11 @@ class QuantizeJob(ModelConfig):
     def __post_init__(self) -> None:
         method_spec(self.quant.method)  # an unknown method is refused before anything is loaded
 
+    def __post_init__(self) -> None:
+        spec = ARCHS.get(self.arch)
+        if spec is not None and spec.family != "sr":  # unknown names are refused when the model is built
+            raise ConfigError(f"arch {self.arch!r} is a {spec.family} model: use `quantsr diffusion quantize`")
+
     @property
     def run_name(self) -> str:
         bits = "fp32" if self.quant.full_precision else f"w{self.quant.w_bits}a{self.quant.a_bits}"

@@ -26,7 +26,7 @@ from quantsr_cli.engine.modelio import LoadedModel, load_model, loading, resolve
 from quantsr_cli.engine.outputs import check_model_output, check_outputs, clean_temp_files
 from quantsr_cli.errors import CheckpointError, ConfigError
 from quantsr_cli.metrics.complexity import count_macs
-from quantsr_cli.models import block_hparams, build_model
+from quantsr_cli.models import ARCHS, block_hparams, build_model
 from quantsr_cli.packing import io as packing_io
 from quantsr_cli.quant import method_spec
 
@@ -63,6 +63,9 @@ def layer_table(fp_model: nn.Module, quantized: set[str], w_bits: int, a_bits: i
 
 def describe(arch: str, hparams: dict[str, Any], w_bits: int = 32, a_bits: int = 32) -> dict[str, Any]:
     """Params/MACs/equivalent-ops report of an architecture with its quantized layers at ``w_bits``/``a_bits``."""
+    family = getattr(ARCHS.get(arch), "family", "sr")
+    if family != "sr":  # its MAC input (and quantization rule) is the SR one: a diffusion model would not fit
+        raise ConfigError(f"`quantsr info` describes SR models; {arch!r} is a {family} model")
     fp_model = build_model(arch, **hparams).eval()
     bits_w, bits_a = (32, 32) if w_bits == a_bits == 32 else (w_bits, a_bits)
     quantized = _quantized_names(fp_model) if bits_w < 32 else set()

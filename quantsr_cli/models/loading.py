@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from quantsr_cli.errors import CheckpointError
 from quantsr_cli.models.pthcheck import check_archive, check_tensor
-from quantsr_cli.models.registry import ARCHS, build_model
+from quantsr_cli.models.registry import ARCHS, arch_names, build_model
 from quantsr_cli.models.spec import LayoutNotSupported
 
 WRAPPER_KEYS = ("params_ema", "params", "state_dict", "model")
@@ -174,7 +174,7 @@ def detect_arch(state_dict: Mapping[str, Tensor], path: str | Path | None = None
         raise CheckpointError(hint, path)
     first = ", ".join(sorted(state_dict)[:3])
     raise CheckpointError(f"cannot recognise the architecture from its keys ({first}, ...); "
-                          f"supported: {', '.join(ARCHS)}", path)
+                          f"supported: {', '.join(arch_names('sr'))}", path)
 
 
 def model_from_file(path: str | Path, arch: str | None = None, **hparams: object) -> nn.Module:

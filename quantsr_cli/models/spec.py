@@ -71,6 +71,10 @@ class ArchSpec:
             the paper and the authors' released code. :func:`~quantsr_cli.models.registry.build_model` sets
             ``model.quant_patterns`` from it.
         depth: how ``--blocks`` and block removal change the hyperparameters; ``None`` for a fixed depth.
+        family: which contract the built model follows: ``"sr"`` (the SR model contract of DEVELOPERS.md:
+            block names, feature points, learnable shortcuts; ``quantize``, ``slim``, ``distill``, ``info``)
+            or ``"one-step-diffusion"`` (the one-step SR contract of :mod:`quantsr_cli.diffusion`;
+            ``quantsr diffusion``). Every family loads and evaluates alike.
     """
 
     name: str
@@ -79,6 +83,7 @@ class ArchSpec:
     detect: Callable[[StateDict], Hparams | None]
     quant_rule: Callable[[SRModel], tuple[str, ...]]
     depth: DepthRule | None = None
+    family: str = "sr"
 
     @property
     def defaults(self) -> dict[str, object]:
