@@ -10,7 +10,8 @@ trains for the same ``--iters`` with the same data, seed, batch and patch:
 - ``RBD+QSA+SFD``: both (the full QuantSR+ recipe).
 
 Each row reports Set5/Set14 PSNR/SSIM, params and MACs (3x256x256) of the written packed model.
-Every run lives in ``--work-dir`` and resumes; finished runs are not retrained. Results:
+Every run lives in ``--work-dir`` and resumes; finished runs of the same code version are not retrained
+(``--any-version``: of any version). Results, with the code version and machine:
 ``bench/results/ablation_quantsr_plus.json`` and ``.md``.
 
     python bench/ablation_quantsr_plus.py --threads 2                     # the CPU-sized ablation
@@ -21,20 +22,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Any
 
 import torch
+from benchinfo import code_version, machine
+from compare_methods import evaluate, row  # sibling bench script (``python bench/...`` puts bench/ on sys.path)
+from compare_methods import train as train_run
 
 from quantsr_cli.config import QuantConfig
 from quantsr_cli.data import shared_data_dir
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-from compare_methods import evaluate, row  # noqa: E402  (sibling bench script)
-from compare_methods import train as train_run  # noqa: E402
 
 DEFAULT_FEATURE_WEIGHT = 1e-4
 VARIANTS = (("RBD", False, False), ("RBD+SFD", True, False), ("RBD+QSA", False, True), ("RBD+QSA+SFD", True, True))
@@ -82,6 +82,7 @@ def main() -> None:
                         help="SFD weight (released: 1e-4); other values get their own run names and labels")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=0)
+    parser.add_argument("--any-version", action="store_true", help="reuse finished runs of another code version")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -102,7 +103,7 @@ def main() -> None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps({"rows": rows}, indent=2))  # partial results survive a stop
     result = {"rows": rows, "settings": vars(args) | {"work_dir": str(args.work_dir), "out": str(args.out)},
-              "machine": f"{os.cpu_count()} CPU cores, torch {torch.__version__}"}
+              "code_version": code_version(), "machine": machine(args.threads or None)}
     args.out.write_text(json.dumps(result, indent=2))
     md = markdown(rows, args)
     args.out.with_suffix(".md").write_text(md)

@@ -6,8 +6,10 @@ FP weights), each method (rbd, rlq, lsq, dorefa, pams) and each bit-width (W2A2,
 bicubic rows and a QuantSR DQA experiment (one ``--dqa`` model at three depths vs separately trained
 models of those depths, all from the FP32 model). Every run lives in ``--work-dir`` and resumes, so the script can be stopped
 and restarted; finished runs are not retrained, and each finished row is kept in ``--rows-dir``
-(committed) so the comparison also continues in a later session on a fresh machine. Results:
-``bench/results/methods_x4.json`` and ``bench/results/methods_x4.md``.
+(committed) so the comparison also continues in a later session on a fresh machine. Rows and finished runs are
+keyed on the code version (``git describe`` + package version): another version's row is measured again
+(``--any-version`` reuses it, and the table names each row's version). Results, with the code version and
+machine: ``bench/results/methods_x4.json`` and ``bench/results/methods_x4.md``.
 
     python bench/compare_methods.py                 # the full CPU-sized comparison (hours)
     python bench/compare_methods.py --iters 4 --imdn-iters 2 --blocks 1 --work-dir /tmp/cmp   # smoke
@@ -18,13 +20,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import time
-from pathlib import Path
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
+from benchinfo import code_version, machine, version_text
 
 from quantsr_cli.config import QuantConfig, TrainConfig
 from quantsr_cli.data import shared_data_dir
@@ -64,6 +68,7 @@ def train(args: argparse.Namespace, name: str, arch: str, quant: QuantConfig, it
     """
     run_dir = args.work_dir / name
     out = run_dir / "model.safetensors"
+    claim_run_dir(args, run_dir)
     if (run_dir / "summary.json").is_file() and out.is_file():
         log(f"{name}: done, reusing {out}")
         return out
@@ -76,6 +81,24 @@ def train(args: argparse.Namespace, name: str, arch: str, quant: QuantConfig, it
     log(f"{name}: training {iters} iterations")
     run_quantize(job)
     return out
+
+
+def claim_run_dir(args: argparse.Namespace, run_dir: Path) -> None:
+    """Mark ``run_dir`` as this code version's; a run (finished or not) of another version is moved aside.
+
+    Its checkpoints would otherwise be resumed, or its model reused, by code that did not train it.
+    """
+    marker = run_dir / "bench_code_version.json"
+    current = code_version()
+    if run_dir.is_dir() and not args.any_version:
+        saved = json.loads(marker.read_text()) if marker.is_file() else None
+        if saved != current:
+            stale = run_dir.with_name(run_dir.name + ".stale")
+            shutil.rmtree(stale, ignore_errors=True)
+            run_dir.rename(stale)
+            log(f"{run_dir.name}: trained by code {version_text(saved)}, not {version_text(current)}; moved to {stale}")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    marker.write_text(json.dumps(current))
 
 
 def row(label: str, arch: str, method: str, bits: str, source: str | None, metrics: dict[str, Any]) -> dict[str, Any]:
@@ -112,6 +135,9 @@ def markdown(rows: list[dict[str, Any]], dqa_rows: list[dict[str, Any]], args: a
             text += f"| {r['label']} | {r['blocks']} | {r['Set5']['psnr']:.2f} | {r['Set14']['psnr']:.2f} |\n"
     if args.missing:
         text += f"\nNot measured yet: {', '.join(args.missing)}.\n"
+    versions = sorted(set(args.versions.values()))
+    if versions:
+        text += f"\nCode version{'s' if len(versions) > 1 else ''} of these rows: {', '.join(versions)}.\n"
     text += (f"\nquantsr-c: {args.blocks} blocks; the FP32 model is trained from scratch for {args.fp_iters} "
              f"iterations and every method (and each DQA row: the DQA model, and separate models from the FP blocks "
              f"their depth keeps) starts from it and trains {args.iters} iterations, batch {args.batch}, HR patch "
@@ -129,24 +155,28 @@ def measured(args: argparse.Namespace, name: str, settings: dict[str, Any], comp
     ``--archs quantsr-c``); a last run with every arch reuses them all and writes the full table.
     """
     path = args.rows_dir / f"{name}.json"
+    current = code_version()
     if path.is_file():
         saved = json.loads(path.read_text())
-        if saved.get("settings") == settings:
-            log(f"{name}: measured before ({path}), reusing")
+        version = {k: v for k, v in (saved.get("code_version") or {}).items() if k in ("git", "package")}
+        if saved.get("settings") == settings and (version == current or args.any_version):
+            log(f"{name}: measured before ({path}, code {version_text(version or None)}), reusing")
+            args.versions[name] = version_text(version or None)
             return saved["value"]
-        log(f"{name}: {path} was measured with other settings; measuring again")
+        why = "other settings" if saved.get("settings") != settings else f"code {version_text(version or None)}"
+        log(f"{name}: {path} was measured with {why}; measuring again")
     if args.report_only:
         args.missing.append(name)
         return None
     start = time.time()
     value = compute()
     record = {"settings": settings, "value": value, "seconds": round(time.time() - start, 1),
-              "machine": f"{os.cpu_count()} CPU cores, {args.threads or torch.get_num_threads()} threads, "
-                         f"torch {torch.__version__}"}
+              "machine": machine(args.threads or None), "code_version": current}
     args.rows_dir.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(record, indent=2) + "\n")
     os.replace(tmp, path)
+    args.versions[name] = version_text(current)
     return value
 
 
@@ -211,8 +241,11 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--report-only", action="store_true",
                         help="train nothing: tabulate the rows measured so far and list the missing ones")
+    parser.add_argument("--any-version", action="store_true",
+                        help="reuse rows and runs measured by another code version (the table names each row's)")
     args = parser.parse_args()
     args.missing = []
+    args.versions = {}
     if args.threads:
         torch.set_num_threads(args.threads)
     data = shared_data_dir()
@@ -261,8 +294,10 @@ def main() -> None:
     dqa_rows = dqa_rows or []
     if args.missing:
         log(f"not measured yet: {', '.join(args.missing)}")
-    result = {"rows": rows, "dqa": dqa_rows, "missing": args.missing, "settings": vars(args) | {"work_dir": str(args.work_dir),
-              "out": str(args.out), "rows_dir": str(args.rows_dir)}, "machine": f"{os.cpu_count()} CPU cores, torch {torch.__version__}"}
+    result = {"rows": rows, "dqa": dqa_rows, "missing": args.missing, "row_versions": args.versions,
+              "settings": {k: v for k, v in vars(args).items() if k != "versions"}
+              | {"work_dir": str(args.work_dir), "out": str(args.out), "rows_dir": str(args.rows_dir)},
+              "code_version": code_version(), "machine": machine(args.threads or None)}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))
     md = markdown(rows, dqa_rows, args)

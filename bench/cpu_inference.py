@@ -10,20 +10,26 @@ on the same input image, one forward of:
 * ``cpu``         the packed model on the ``cpu`` backend (oneDNN int8 on the codes).
 
 Prints per-image seconds (best and median of ``--repeat`` round-robin runs; the machine may be shared), the ratios, the max |cpu - reference| and, last,
-``speedup_vs_fp32=<fp32 / cpu>``. Example::
+``speedup_vs_fp32=<fp32 / cpu>``. With ``--out FILE`` the run (seconds, speedups, code version, machine) is
+appended to FILE's ``runs`` (``bench/results/cpu_inference.json`` holds the published ones). Example::
 
-    python bench/cpu_inference.py --size 256 --repeat 2 --threads 2
+    python bench/cpu_inference.py --size 256 --repeat 3 --threads 2 --out bench/results/cpu_inference.json
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import json
+import os
 import statistics
 import time
 from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 import torch
+from benchinfo import code_version, machine
 from torch import nn
 
 from quantsr_cli.backends import use_backend
@@ -69,11 +75,11 @@ def build(args: argparse.Namespace) -> tuple[nn.Module, nn.Module]:
     return fp, to_packed(qat.eval())
 
 
-def _one_layer(fp: nn.Module, fast: nn.Module, size: int, args: argparse.Namespace) -> None:
+def _one_layer(fp: nn.Module, fast: nn.Module, size: int, args: argparse.Namespace) -> dict[str, float]:
     """Context: the first quantized conv alone, FP32 (NCHW, channels-last) vs the cpu backend."""
     name = next((n for n, m in fast.named_modules() if type(m).__name__ == "PackedConv2d"), None)
     if name is None:
-        return
+        return {}
     conv, packed = fp.get_submodule(name), fast.get_submodule(name)
     feat = torch.rand(1, conv.in_channels, size, size) * 4
     feat_cl = feat.contiguous(memory_format=torch.channels_last)
@@ -83,6 +89,16 @@ def _one_layer(fp: nn.Module, fast: nn.Module, size: int, args: argparse.Namespa
     print(f"one conv {name} {tuple(conv.weight.shape)} at {size}x{size}: "
           + ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in best.items())
           + f"; fp32/cpu = {best['fp32'] / best['cpu']:.2f}x, fp32_cl/cpu = {best['fp32_cl'] / best['cpu']:.2f}x")
+    return {k: round(v * 1e3, 2) for k, v in best.items()}
+
+
+def append_run(path: Path, record: dict[str, Any]) -> None:
+    """Add ``record`` to the ``runs`` of the JSON file ``path`` (created when missing), atomically."""
+    data = json.loads(path.read_text()) if path.is_file() else {"benchmark": "cpu_inference", "runs": []}
+    data["runs"].append(record)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(data, indent=1, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
 
 
 def main() -> None:
@@ -98,6 +114,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=None, help="append this run to a results JSON file")
     args = parser.parse_args()
     if args.arch != "quantsr-c" and args.num_block == 16:
         args.num_block = 0
@@ -119,13 +136,24 @@ def main() -> None:
     print(f"seconds per image: best (median) of {args.repeat} interleaved runs")
     for name, seconds in times.items():
         print(f"{name:10s} {seconds:8.3f} s ({medians[name]:.3f})   fp32/{name} = {times['fp32'] / seconds:5.2f}x")
-    _one_layer(fp, fast, x.shape[-1], args)
+    conv_ms = _one_layer(fp, fast, x.shape[-1], args)
     diff = (y_cpu - y_ref).abs()
     print(f"max|cpu - torch_ref| = {diff.max().item():.2e}  (pixels > 1e-4: {(diff > 1e-4).float().mean().item():.2e}); "
           f"max|torch_ref - fp32| = {(y_ref - y_fp).abs().max().item():.2e}")
     print(f"layers on reference fallback: {len(fallbacks)}" + "".join(f"\n  {n}: {v}" for n, v in fallbacks.items()))
     print(f"speedup_vs_fp32_channels_last={times['fp32_cl'] / times['cpu']:.2f}")
     print(f"speedup_vs_fp32={times['fp32'] / times['cpu']:.2f}")
+    if args.out is not None:
+        append_run(args.out, {
+            "label": f"{args.arch}" + (f" {args.num_block} blocks" if args.num_block else ""),
+            "code_version": code_version(), "machine": machine(args.threads), "arch": args.arch,
+            "blocks": args.num_block or None, "scale": args.scale, "bits": f"{args.w_bits}/{args.a_bits}",
+            "method": args.method, "size": args.size, "threads": args.threads, "repeat": args.repeat,
+            "seconds": {k: round(v, 3) for k, v in times.items()},
+            "speedup_vs_fp32": round(times["fp32"] / times["cpu"], 2),
+            "speedup_vs_fp32_cl": round(times["fp32_cl"] / times["cpu"], 2),
+            **({"one_conv_ms": {"fp32": conv_ms["fp32"], "cpu": conv_ms["cpu"]},
+                "one_conv_speedup": round(conv_ms["fp32"] / conv_ms["cpu"], 1)} if conv_ms else {})})
 
 
 if __name__ == "__main__":

@@ -11,7 +11,8 @@ Results are Y-channel PSNR/SSIM on Set5/Set14 (BasicSR conventions) for W4A4 and
 
 Resumable at every level: the FP model's training (``train_osd_tiny`` checkpoints), TRQ-retrained models
 (``--state-dir``) and each finished (method, bits) row of ``--out`` are reused when the settings match
-(the TRQ settings only gate the ``trq+rpq+et`` rows and the sweeps).
+(the TRQ settings only gate the ``trq+rpq+et`` rows and the sweeps; the settings include the code version,
+``git describe`` + package version, so rows of other code are measured again).
 Writes ``bench/results/qartsr_x4.json`` and ``bench/results/qartsr_x4.md``. Several processes may share one
 ``--out`` (e.g. ``--bits 4`` and ``--bits 2`` on two cores once the FP model exists): each row is merged into
 the file under a lock, and each TRQ model is retrained by whichever process gets there first.
@@ -38,16 +39,17 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from benchinfo import code_version, machine
 
 from quantsr_cli.diffusion.ckpt import load_model, save_model
-from quantsr_cli.diffusion.data_local import PairedImages
-from quantsr_cli.diffusion.evaluate import bicubic_baseline, evaluate_sr
 from quantsr_cli.diffusion.losses import make_perceptual
 from quantsr_cli.diffusion.pipeline import QArtSRConfig, run_lsq, run_ptq_minmax, run_qartsr
 from quantsr_cli.diffusion.qmodel import QuantSpec, calibrate, quantize_model, set_quant_enabled
-from quantsr_cli.diffusion.stages import CalibData
+from quantsr_cli.diffusion.stages import CalibData, calibration_data
 from quantsr_cli.diffusion.train_tiny import TinyTrainOptions, train_osd_tiny
 from quantsr_cli.diffusion.trq import TRQ_TARGETS, measure_latent_error, retrain_timestep, select_timestep
+from quantsr_cli.engine.evaluate import evaluate_model
+from quantsr_cli.engine.modelio import LoadedModel
 
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = ("ptq-minmax", "qartsr-init", "lsq", "rpq-forward", "rpq", "rpq+et", "trq+rpq+et")
@@ -127,6 +129,7 @@ def _commit(out: Path, results: dict, rows: dict | None = None, trq: dict | None
         merged = _read(out, results["settings"], results["trq_settings"])
         merged["rows"].update(rows or {})
         merged.setdefault("trq", {}).update(trq or {})
+        merged["machine"] = machine()
         _write(out, merged)
     results.clear()
     results.update(merged)
@@ -163,13 +166,31 @@ def _fp_model(a: argparse.Namespace) -> tuple[torch.nn.Module, Path]:
 
 def _calib(a: argparse.Namespace) -> CalibData:
     data = Path(a.data) / "train"
-    pairs = PairedImages.from_folders([data / "T91", data / "BSD200"], 4, min_size=a.patch)
-    lr, hr = pairs.sample(a.calib_patches, a.patch, np.random.default_rng([a.seed, 12345]))
-    return CalibData(lr, hr, batch_size=a.batch, seed=a.seed)
+    return calibration_data([data / "T91", data / "BSD200"], a.calib_patches, a.patch, a.batch, a.seed)
+
+
+class TorchBicubic(torch.nn.Module):
+    """torch bicubic x4 upsampling: the one-step model's own input, the reference row ``bicubic``."""
+
+    arch, hparams = "bicubic", {"upscale": 4}
+
+    def forward(self, lr: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.interpolate(lr, scale_factor=4.0, mode="bicubic", align_corners=False)
 
 
 def _eval(model, a: argparse.Namespace) -> dict:
-    return evaluate_sr(model, Path(a.data) / "benchmarks", ("Set5", "Set14"), 4, a.max_images)
+    """Y PSNR/SSIM on Set5/Set14 through ``quantsr eval``'s path (:func:`quantsr_cli.engine.evaluate.evaluate_model`);
+    the means are numpy's over the per-image values, as in the committed results."""
+    loaded = LoadedModel(model.eval(), str(model.arch), 4, "fp", "bench")
+    out = {}
+    for name in ("Set5", "Set14"):
+        t0 = time.time()
+        res = evaluate_model(loaded, str(Path(a.data) / "benchmarks" / name), bicubic=False, max_images=a.max_images)
+        values = list(res.images.values())
+        out[name] = {"psnr": float(np.mean([v["psnr"] for v in values])),
+                     "ssim": float(np.mean([v["ssim"] for v in values])), "images": len(values),
+                     "seconds": round(time.time() - t0, 2)}
+    return out
 
 
 def _trq_models(fp, a, data, perceptual, model_sha: str) -> dict[int, torch.nn.Module]:
@@ -240,11 +261,12 @@ def main() -> None:
     model_sha = hashlib.sha256(fp_path.read_bytes()).hexdigest()[:16]
     settings = {"budget": a.budget, "et_frac": a.et_frac, "batch": a.batch, "calib_patches": a.calib_patches,
                 "patch": a.patch, "lowrank": a.lowrank, "lora": a.lora, "seed": a.seed, "max_images": a.max_images,
-                "model": fp_path.name, "model_sha256": model_sha, "perceptual": perceptual.name}
+                "model": fp_path.name, "model_sha256": model_sha, "perceptual": perceptual.name,
+                "code_version": code_version()}  # rows of another code version are measured again
     trq_settings = {"trq_timesteps": a.trq_timesteps, "trq_iters": a.trq_iters, "trq_target": a.trq_target}
     results = _read(out, settings, trq_settings)
     data = _calib(a)
-    for name, model in (("bicubic", bicubic_baseline), ("fp", fp)):
+    for name, model in (("bicubic", TorchBicubic()), ("fp", fp)):
         if name not in results["rows"]:
             _commit(out, results, rows={name: {"metrics": _eval(model, a)}})
     trq_models: dict[int, torch.nn.Module] = {}

@@ -1,11 +1,15 @@
-"""Frozen configuration dataclasses shared by every layer.
+"""Frozen configuration dataclasses shared by every layer, and the one declaration of each training option.
 
-Precedence when the command line builds these: CLI flag > ``--config`` file > preset > the defaults
-below. The dataclasses only hold and validate values; reading YAML is :mod:`quantsr_cli.presets`'s job.
+A field made with :func:`~quantsr_cli.options.option` is a training option: its preset/``--config`` key,
+its flag on ``quantize``/``slim``/``distill`` (``commands``), its help and its bounds all come from that
+field (see :mod:`quantsr_cli.options`). Precedence when the command line builds these: CLI flag >
+``--config`` file > preset > the defaults below. The dataclasses only hold and validate values; reading
+YAML is :mod:`quantsr_cli.presets`'s job.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from collections.abc import Mapping
@@ -13,6 +17,7 @@ from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 
 from quantsr_cli.errors import ConfigError
+from quantsr_cli.options import Declared, Option, check_fields, declared, describe, option
 
 QUANT_BITS = (2, 4, 8)
 """Bit-widths a quantized weight or activation may take. 32 means full precision (no quantizer)."""
@@ -36,8 +41,9 @@ def parse_layer_bits(value: object) -> tuple[LayerRule, ...]:
     """Per-layer bit rules from a ``layers:`` mapping ``{pattern: bits}`` (in order; a later rule wins).
 
     ``bits`` is ``fp`` (or 32): the layer stays full precision; 2, 4 or 8: weights and input activations
-    at that width; or ``"w<b>a<b>"`` (e.g. ``w4a8``) for separate widths. Patterns are ``fnmatch`` patterns
-    over module names as ``quantsr info --layers`` lists them (``*`` also spans dots).
+    at that width; or ``"w<b>a<b>"`` (e.g. ``w4a8``; activations may be 32) for separate widths. Patterns are
+    ``fnmatch`` patterns over module names as ``quantsr info --layers`` lists them (``*`` also spans dots).
+    Rules already parsed (a tuple of ``(pattern, w, a)``) are checked and returned as they are.
 
     Raises:
         ConfigError: not a mapping, an empty or over-long pattern, or a bit-width other than the above.
@@ -59,6 +65,7 @@ def parse_layer_bits(value: object) -> tuple[LayerRule, ...]:
 
 def _rule_bits(pattern: str, bits: object) -> tuple[int, int]:
     allowed = QUANT_BITS + (FP_BITS,)
+    pair: tuple[int, int] | None = None
     if isinstance(bits, str):
         text = bits.strip().lower()
         if text in ("fp", "fp32", "float", "32"):
@@ -67,12 +74,42 @@ def _rule_bits(pattern: str, bits: object) -> tuple[int, int]:
         pair = (int(found.group(1)), int(found.group(found.lastindex or 1))) if found else None
     elif isinstance(bits, int) and not isinstance(bits, bool):
         pair = (bits, bits)
-    else:
-        pair = None
     if pair is None or pair[0] not in allowed or pair[1] not in allowed or (pair[0] == FP_BITS != pair[1]):
         raise ConfigError(f"layers: {pattern!r}: {str(bits)[:20]!r} is not fp, 2, 4, 8 or w<b>a<b> "
                           "(e.g. w4a8; bits 2, 4 or 8, activations also 32)")
     return pair
+
+
+def layer_bits_dict(rules: tuple[LayerRule, ...]) -> dict[str, str]:
+    """The ``layers:`` mapping of ``rules`` (``fp``, or ``w<b>a<b>``), as a config file would write it."""
+    return {p: "fp" if w == FP_BITS else f"w{w}a{a}" for p, w, a in rules}
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The model a training run starts from: architecture, scale, pretrained weights, depth.
+
+    ``arch`` has no default: a flag, ``--config`` file or preset must name it (or ``--model`` a file).
+    ``help`` may name ``{archs}``: the command line fills in the registered architectures.
+    """
+
+    arch: str = option(help="Architecture: {archs} (else read from the init file, --model, --config or a preset).",
+                       commands=("quantize", "slim"), short="-a", shown="none", panel="Model")
+    scale: int = option(4, "Upscaling factor: 2, 3 or 4.", commands=("quantize",), short="-s", choices=SCALES,
+                        panel="Model")
+    init: str | None = option(None, "Full-precision pretrained weights (.pth/.pt/.ckpt/.safetensors): the "
+                              "architecture and scale are detected from them.",
+                              commands=("quantize", "slim"), shown="fresh initialisation", panel="Model")
+    blocks: int | None = option(None, "Residual blocks (quantsr-c, srresnet) or RSTBs (swinir-s).",
+                                commands=("quantize", "slim"), shown="the architecture's", panel="Model")
+    share_qv_quantizer: bool = option(False, "swinir-s: quantize attention v with q's quantizer, as the released "
+                                      "QuantSR code does (off: v has its own).", commands=("quantize",),
+                                      panel="Model")
+
+    def __post_init__(self) -> None:
+        if self.scale not in SCALES:
+            raise ConfigError(f"--scale {self.scale} is not supported; choose 2, 3 or 4")
+        check_fields(self)
 
 
 @dataclass(frozen=True)
@@ -96,11 +133,16 @@ class QuantConfig:
             precision. Layers no rule matches follow the architecture's rule at ``w_bits``/``a_bits``.
     """
 
-    method: str = "rbd"
-    w_bits: int = 4
-    a_bits: int = 4
-    act_sign: str = "min"
-    layers: tuple[LayerRule, ...] = ()
+    method: str = option("rbd", "Quantizer: {methods}.", commands=("quantize",), panel="Quantization")
+    w_bits: int = option(4, "Weight bits (overrides --bits).", commands=("quantize",), choices=QUANT_BITS + (32,),
+                         allowed="2, 4 or 8 (32 = full precision)", panel="Quantization")
+    a_bits: int = option(4, "Activation bits (overrides --bits).", commands=("quantize",),
+                         choices=QUANT_BITS + (32,), allowed="2, 4 or 8 (32 = full precision)", panel="Quantization")
+    act_sign: str = option("min", "Activation grid choice on the first batch: min (released code: signed if any "
+                           "value < 0) or mse.", commands=("quantize",), choices=ACT_SIGN_RULES, panel="Quantization")
+    layers: tuple[LayerRule, ...] = option((), "Per-layer bits by module-name pattern, in a preset or --config "
+                                           "file: {pattern: fp | 2 | 4 | 8 | w<b>a<b>}, the last match wins.",
+                                           commands=(), parse=parse_layer_bits, panel="Quantization")
 
     def __post_init__(self) -> None:
         if not isinstance(self.method, str) or not re.fullmatch(r"[A-Za-z0-9_.+-]{1,64}", self.method):
@@ -138,11 +180,6 @@ class QuantConfig:
         return out
 
 
-def layer_bits_dict(rules: tuple[LayerRule, ...]) -> dict[str, str]:
-    """The ``layers:`` mapping of ``rules`` (``fp``, or ``w<b>a<b>``), as a config file would write it."""
-    return {p: "fp" if w == FP_BITS else f"w{w}a{a}" for p, w, a in rules}
-
-
 @dataclass(frozen=True)
 class TrainConfig:
     """Options of the one training loop (``quantize``, ``slim``, ``distill``).
@@ -154,62 +191,53 @@ class TrainConfig:
     0 = off.
     """
 
-    iters: int = 2000
-    batch_size: int = 16
-    patch_size: int = 192
-    lr: float = 2e-4
+    iters: int = option(2000, "Training iterations (0 = post-training quantization: calibrate with bias "
+                        "correction and pack, no training; needs --init).", ge=0)
+    batch_size: int = option(16, "Patches per iteration.", ge=1)
+    patch_size: int = option(192, "HR patch side in pixels (a multiple of the scale).", ge=8)
+    lr: float = option(2e-4, "Adam learning rate.", gt=0)
     betas: tuple[float, float] = (0.9, 0.99)
-    scheduler: str = "cosine"
-    milestones: tuple[int, ...] = ()
-    gamma: float = 0.5
+    scheduler: str = option("cosine", "Learning-rate schedule: cosine, multistep or constant.", commands=(),
+                            choices=("cosine", "multistep", "constant"))
+    milestones: tuple[int, ...] = option((), "multistep: iterations at which the learning rate is multiplied by "
+                                         "gamma.", commands=(), shown="none")
+    gamma: float = option(0.5, "multistep: learning-rate factor at each milestone.", commands=())
     eta_min: float = 1e-7
-    val_every: int = 200
-    save_every: int = 100
-    log_every: int = 10
-    seed: int = 0
+    val_every: int = option(200, "Validate every N iterations (0 = never).", ge=0, hint="(0 = off/default)")
+    save_every: int = option(100, "Write a resumable checkpoint every N iterations.", ge=1)
+    log_every: int = option(10, "Report the loss every N iterations.", commands=(), ge=1)
+    seed: int = option(0, "Random seed.")
     num_workers: int = 0
-    threads: int = 0
-    train_data: tuple[str, ...] = ()
-    val_dataset: str = "Set5"
-    val_max_images: int = 0
-    dqa: bool = False
-    slim_to: int = 0
-    slim_start_ratio: float = 0.2
-    distill: str = ""
-    feature_weight: float = 1e-4
-    bias_correction: bool = True
-    ema_decay: float = 0.0
-    drop_path_rate: float = 0.0
+    threads: int = option(0, "Torch CPU threads (0 = torch default).", ge=0, hint="(0 = off/default)")
+    train_data: tuple[str, ...] = option((), "HR image folder; repeatable.", shown="$QUANTSR_DATA/train/*")
+    val_dataset: str = option("Set5", "Validation benchmark (name or folder).")
+    val_max_images: int = option(0, "Validate on the first N images only (0 = all).", commands=(), ge=0,
+                                 hint="(0 = off/default)")
+    dqa: bool = option(False, "QuantSR depth-dynamic training (full, 1/2, 1/4 depth).", commands=("quantize",),
+                       panel="QuantSR+")
+    slim_to: int = option(0, "QSA: remove residual blocks during training until N remain (0 = off).",
+                          commands=("quantize", "slim"), flags={"slim": "--target-blocks"}, required=("slim",),
+                          ge=0, hint="(0 = off/default)", panel="QuantSR+")
+    slim_start_ratio: float = option(0.2, "QSA: first block removal at this fraction of the iterations.",
+                                     commands=("slim",), flags={"slim": "--start-ratio"}, ge=0, lt=1,
+                                     panel="QuantSR+")
+    distill: str = option("", "SFD: full-precision teacher model (.pth or safetensors) to distill features from.",
+                          commands=("quantize", "distill"), flags={"distill": "--teacher"}, required=("distill",),
+                          shown="off", panel="QuantSR+")
+    feature_weight: float = option(1e-4, "SFD: weight of the feature loss.", commands=("quantize", "distill"), ge=0,
+                                   panel="QuantSR+")
+    bias_correction: bool = option(True, "Correct FP biases for the quantization error on the calibration batch.",
+                                   commands=("quantize",))
+    ema_decay: float = option(0.0, "Validate and write an EMA of the weights (BasicSR: 0.999; 0 = off).",
+                              commands=("quantize",), ge=0, lt=1, hint="(0 = off; BasicSR uses 0.999)")
+    drop_path_rate: float = option(0.0, "swinir-s stochastic depth during training (released QuantSR-T: 0.1, set by "
+                                   "the swinir-s presets; 0 = off).", commands=("quantize",), ge=0, lt=1,
+                                   hint="(0 = off; SwinIR uses 0.1)")
 
     def __post_init__(self) -> None:
-        for name in ("lr", "gamma", "eta_min", "slim_start_ratio", "feature_weight", "ema_decay"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-                raise ConfigError(f"{name}={value!r} must be a finite number")
-        if self.iters < 0:
-            raise ConfigError(f"iters={self.iters} must not be negative (0 = calibrate and pack only, no training)")
-        if self.batch_size < 1:
-            raise ConfigError(f"batch_size={self.batch_size} must be at least 1")
-        if self.patch_size < 8:
-            raise ConfigError(f"patch_size={self.patch_size} must be at least 8")
-        if self.lr <= 0:
-            raise ConfigError(f"lr={self.lr} must be positive")
-        if self.scheduler not in ("cosine", "multistep", "constant"):
-            raise ConfigError(f"scheduler={self.scheduler!r}; choose cosine, multistep or constant")
-        if not 0.0 <= self.slim_start_ratio < 1.0:
-            raise ConfigError(f"slim_start_ratio={self.slim_start_ratio} must be in [0, 1)")
-        for name in ("save_every", "log_every"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name}={getattr(self, name)} must be at least 1")
-        for name in ("val_every", "threads", "val_max_images", "slim_to"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"{name}={getattr(self, name)} must not be negative (0 = off/default)")
-        if self.feature_weight < 0:
-            raise ConfigError(f"feature_weight={self.feature_weight} must not be negative")
-        if not 0.0 <= self.ema_decay < 1.0:
-            raise ConfigError(f"ema_decay={self.ema_decay} must be in [0, 1) (0 = off; BasicSR uses 0.999)")
-        if not 0.0 <= self.drop_path_rate < 1.0:
-            raise ConfigError(f"drop_path_rate={self.drop_path_rate} must be in [0, 1) (0 = off; SwinIR uses 0.1)")
+        check_fields(self)
+        if not math.isfinite(self.eta_min):
+            raise ConfigError(f"eta_min={self.eta_min!r} must be a finite number")
         if self.iters == 0:
             training_only = [n for n in ("dqa", "slim_to", "distill", "ema_decay") if getattr(self, n)]
             if training_only:
@@ -217,6 +245,20 @@ class TrainConfig:
                                   "needs training iterations")
         if self.ema_decay and self.slim_to:
             raise ConfigError("ema_decay cannot be combined with slim_to: QSA changes the model while it trains")
+
+
+@functools.cache
+def training_options() -> tuple[Declared, ...]:
+    """Every training option in ``--help`` order: model, ``bits``, quantization, training.
+
+    ``bits`` is the one alias: in a flag set or file it sets both ``w_bits`` and ``a_bits`` unless that same
+    layer sets them itself.
+    """
+    bits = Option("Weight and activation bits: 2, 4 or 8 (32 = full precision).", commands=("quantize", "slim"),
+                  short="-b", choices=QUANT_BITS + (32,), allowed="2, 4 or 8 (32 = full precision)",
+                  panel="Quantization")
+    return (*declared(ModelConfig), describe("bits", int, 4, bits, sets=("w_bits", "a_bits")),
+            *declared(QuantConfig), *declared(TrainConfig))
 
 
 @dataclass(frozen=True)

@@ -11,17 +11,17 @@ import torch
 
 from quantsr_cli.diffusion.ckpt import load_model, save_model
 from quantsr_cli.diffusion.losses import STANDIN_NAME, make_perceptual
-from quantsr_cli.diffusion.osd_tiny import build_osd_model
 from quantsr_cli.diffusion.pipeline import QArtSRConfig, run_lsq, run_ptq_minmax, run_qartsr
 from quantsr_cli.diffusion.qlayers import ActPoint, QuantConv2d, QuantLinear
 from quantsr_cli.diffusion.qmodel import (QuantSpec, assign_modules, calibrate, changed_originals, dequantize_model,
                                           finetune_parameters, quant_layers, quantize_model, set_quant_enabled,
                                           snapshot_original)
 from quantsr_cli.diffusion.quantizers import LBQuantizer, LSQQuantizer
-from quantsr_cli.diffusion.schedule import alpha_bar, amplification_factor, x0_from_eps
 from quantsr_cli.diffusion.stages import CalibData, rpq_schedule, run_rpq
 from quantsr_cli.diffusion.trq import measure_latent_error, retrain_timestep, select_timestep, timestep_sweep
 from quantsr_cli.errors import CheckpointError, ConfigError
+from quantsr_cli.models import build_model
+from quantsr_cli.models.onestep import alpha_bar, amplification_factor, x0_from_eps
 
 DATA = Path(os.environ.get("QUANTSR_DATA", Path(__file__).resolve().parents[1] / ".." / "shared" / "data"))
 TINY = dict(vae_channels=(8, 16), unet_channels=(16, 32), attn_levels=(1,), heads=2, context_dim=16, context_len=4)
@@ -37,7 +37,7 @@ def _one_thread():
 
 def _tiny(seed: int = 0):
     torch.manual_seed(seed)
-    return build_osd_model(**TINY).eval()
+    return build_model("osd-sr-tiny", **TINY).eval()
 
 
 def _data(n: int = 8, lr_size: int = 4, bs: int = 4) -> CalibData:
@@ -266,13 +266,13 @@ def test_perceptual_is_pluggable_and_named():
 
 
 def test_imresize_matches_benchmark_lr():
-    from quantsr_cli.diffusion.data_local import imresize_down, load_benchmark
+    from quantsr_cli.data import BenchmarkDataset, matlab_lr
 
     if not (DATA / "benchmarks" / "Set5").is_dir():
         pytest.skip(f"benchmark data not found under {DATA}")
-    _, lr, hr = load_benchmark(DATA / "benchmarks", "Set5", 4)[0]
-    diff = (imresize_down(hr, 4).astype(int) - lr.astype(int))
-    assert abs(diff).max() <= 1 and (diff != 0).mean() < 0.01
+    _, lr, hr = BenchmarkDataset(DATA / "benchmarks" / "Set5", 4)[0]
+    diff = matlab_lr((hr[0] * 255).round().int(), 4) - (lr[0] * 255).round().int()
+    assert diff.abs().max() <= 1 and (diff != 0).float().mean() < 0.01
 
 
 # ----------------------------------------------------------------------------- diffusers adapter

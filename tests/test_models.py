@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from quantsr_cli.errors import CheckpointError, ConfigError
-from quantsr_cli.models import ARCHS, build_model, detect_arch, load_weights, read_state_dict
+from quantsr_cli.models import ARCHS, arch_names, build_model, detect_arch, load_weights, read_state_dict
 from quantsr_cli.models.loading import model_from_file
 from quantsr_cli.models.swinir import shifted_window_mask
 
@@ -56,7 +56,7 @@ def _psnr(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 @pytest.mark.parametrize("scale", SCALES)
-@pytest.mark.parametrize("arch", sorted(ARCHS))
+@pytest.mark.parametrize("arch", sorted(arch_names("sr")))
 def test_output_shape_odd_input(arch: str, scale: int) -> None:
     torch.manual_seed(0)
     model = build_model(arch, upscale=scale)
@@ -179,7 +179,7 @@ def test_quantsr_c_layout() -> None:
     assert len(edsr_m) == 74 and sum(v.numel() for v in edsr_m.values()) == 1_517_571
 
 
-@pytest.mark.parametrize("arch", sorted(ARCHS))
+@pytest.mark.parametrize("arch", sorted(arch_names("sr")))
 def test_state_dict_round_trip_and_hparams_rebuild(arch: str) -> None:
     torch.manual_seed(0)
     model = build_model(arch, upscale=3, **SMALL[arch])
@@ -231,7 +231,7 @@ def test_attention_activation_points_see_q_k_v_and_softmax() -> None:
 # ------------------------------------------------------------------------------------- blocks and skip
 
 
-BLOCK_ARCHS = sorted(a for a, spec in ARCHS.items() if not spec.fallback)
+BLOCK_ARCHS = sorted(a for a in arch_names("sr") if not ARCHS[a].fallback)
 """Architectures with the residual-block contract (a fallback family's foreign networks have none)."""
 
 

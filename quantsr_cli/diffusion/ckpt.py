@@ -1,8 +1,11 @@
 """Saving and loading diffusion SR models (FP and fake-quantized) in the quantsr safetensors format.
 
 Files are written and read by :mod:`quantsr_cli.packing.io` (``format="quantsr"``, checksummed, atomic).
-Metadata written here: ``kind`` (``diffusion-fp`` or ``diffusion-qat``), ``arch``, ``hparams`` (JSON
-builder kwargs), ``quant_spec`` (JSON :class:`QuantSpec`, quantized files only) and any ``extra`` strings.
+Metadata written here: ``kind`` (``diffusion-fp`` or ``diffusion-qat``), ``arch`` (a ``one-step-diffusion``
+arch of :data:`quantsr_cli.models.ARCHS`), ``hparams`` (JSON builder kwargs), ``quant_spec`` (JSON
+:class:`QuantSpec`, quantized files only) and any ``extra`` strings. Loading builds the model with the shared
+:func:`~quantsr_cli.models.build_model` and loads it with the shared strict loader
+(:func:`~quantsr_cli.models.check_fits` on the meta device, then :func:`~quantsr_cli.models.load_weights`).
 """
 
 from __future__ import annotations
@@ -14,13 +17,15 @@ from typing import Any
 
 from torch import nn
 
-from quantsr_cli.diffusion.osd_tiny import build_osd_model
 from quantsr_cli.diffusion.qmodel import QuantSpec, quantize_model, set_quant_enabled
 from quantsr_cli.errors import CheckpointError, ConfigError
-from quantsr_cli.packing.checks import check_backed, check_finite, on_meta
-from quantsr_cli.packing.io import read_file, read_metadata, save_file
+from quantsr_cli.models import arch_names, build_model, check_fits, load_weights
+from quantsr_cli.packing.checks import check_finite, on_meta
+from quantsr_cli.packing.io import read_file, save_file
 
 KINDS = ("diffusion-fp", "diffusion-qat")
+FAMILY = "one-step-diffusion"
+"""The :attr:`~quantsr_cli.models.ArchSpec.family` of the architectures these files may hold."""
 
 
 def save_model(model: nn.Module, path: str | Path, spec: QuantSpec | None = None,
@@ -38,11 +43,6 @@ def save_model(model: nn.Module, path: str | Path, spec: QuantSpec | None = None
     return path
 
 
-def read_meta(path: str | Path) -> dict[str, str]:
-    """The metadata strings of a file written by :func:`save_model` (header only)."""
-    return read_metadata(path)
-
-
 def load_model(path: str | Path, quant_enabled: bool = True) -> nn.Module:
     """Rebuild a model saved by :func:`save_model` (quantized ones with their wrappers), strict load.
 
@@ -56,33 +56,25 @@ def load_model(path: str | Path, quant_enabled: bool = True) -> nn.Module:
         raise CheckpointError(f"not a diffusion model file (kind={meta.get('kind')!r})", path)
     check_finite(tensors, path)
     arch, hparams, spec = _parse_meta(meta, path)
+    if arch not in arch_names(FAMILY):
+        raise CheckpointError(f"metadata arch {arch!r} is not one of {', '.join(arch_names(FAMILY))}", path)
     try:  # shapes first, on the meta device: the metadata must be backed by the tensors
-        probe = on_meta(lambda: build_osd_model(arch, **hparams))
-    except (TypeError, ValueError, ConfigError) as exc:
-        raise CheckpointError(f"bad arch/hparams metadata ({_short(exc)})", path) from None
-    check_backed(probe, tensors, path)
-    del probe
-    try:
-        model = build_osd_model(arch, **hparams)
-        if spec is not None:
-            quantize_model(model, spec)
+        probe = on_meta(lambda: _build(arch, hparams, spec))
     except (KeyError, TypeError, ValueError, AttributeError, ConfigError) as exc:
         raise CheckpointError(f"bad arch/hparams/quant_spec metadata ({_short(exc)})", path) from None
-    state = model.state_dict()
-    missing = sorted(set(state) - set(tensors))
-    unexpected = sorted(set(tensors) - set(state))
-    shaped = sorted(k for k in set(state) & set(tensors) if state[k].shape != tensors[k].shape)
-    if missing or unexpected or shaped:
-        parts = [f"{what} keys {', '.join(keys[:5])}{' ...' if len(keys) > 5 else ''}"
-                 for what, keys in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", shaped)) if keys]
-        raise CheckpointError("; ".join(parts), path)
-    try:
-        model.load_state_dict(tensors, strict=True)
-    except (RuntimeError, ValueError, TypeError) as exc:
-        raise CheckpointError(f"tensors do not fit the model ({_short(exc)})", path) from None
+    check_fits(probe, tensors, path)
+    del probe
+    model = load_weights(_build(arch, hparams, spec), tensors, path)
     if meta["kind"] == "diffusion-qat":
         set_quant_enabled(model, quant_enabled)
     return model.eval()
+
+
+def _build(arch: str, hparams: dict[str, Any], spec: QuantSpec | None) -> nn.Module:
+    model = build_model(arch, **hparams)
+    if spec is not None:
+        quantize_model(model, spec)
+    return model
 
 
 def _short(exc: BaseException) -> str:

@@ -23,8 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from quantsr_cli.diffusion.schedule import OneStepSRMixin
 from quantsr_cli.errors import CheckpointError, ConfigError
+from quantsr_cli.models.onestep import OneStepSRMixin
 
 ARCH = "osediff"
 _POINTS = ("q_act", "k_act", "v_act", "attn_act")

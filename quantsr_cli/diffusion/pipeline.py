@@ -9,16 +9,16 @@ from __future__ import annotations
 
 import copy
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 
 from torch import nn
 
 from quantsr_cli.diffusion.losses import make_perceptual
 from quantsr_cli.diffusion.qmodel import QuantSpec, calibrate, quantize_model, set_quant_enabled
-from quantsr_cli.diffusion.schedule import amplification_factor
 from quantsr_cli.diffusion.stages import CalibData, LogFn, run_e2e, run_rpq
 from quantsr_cli.diffusion.trq import TRQ_TARGETS, retrain_timestep
 from quantsr_cli.errors import ConfigError
+from quantsr_cli.models.onestep import amplification_factor
 
 
 @dataclass(frozen=True)
@@ -81,9 +81,8 @@ class QArtSRConfig:
         self.quant_spec()  # validates bits/quantizer
 
     def quant_spec(self) -> QuantSpec:
-        return QuantSpec(w_bits=self.w_bits, a_bits=self.a_bits, quantizer=self.quantizer, smooth=self.smooth,
-                         smooth_alpha=self.smooth_alpha, lowrank=self.lowrank, lora=self.lora,
-                         keep_bits=self.keep_bits)
+        """The :class:`QuantSpec` of the fields both share (bits, quantizer, finetuning components)."""
+        return QuantSpec(**{f.name: getattr(self, f.name) for f in fields(QuantSpec) if hasattr(self, f.name)})
 
 
 @dataclass

@@ -17,37 +17,16 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
-from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from quantsr_cli.diffusion.quantizers import LBQuantizer, LSQQuantizer, RangeObserver, make_quantizer
+from quantsr_cli.diffusion.quantizers import RangeObserver, RangeQuantizer, make_quantizer
 
-
-@dataclass(frozen=True)
-class LayerOptions:
-    """How one layer is quantized (bits of 32 mean "not quantized").
-
-    Args:
-        w_bits, a_bits: weight / input-activation bits (2, 4, 8 or 32).
-        quantizer: ``"lbq"`` (learnable boundaries) or ``"lsq"`` (learnable step).
-        smooth: learn a per-input-channel smoothing factor ``phi``.
-        smooth_alpha: migration strength of the ``phi`` initialisation (PassionSR uses 0.3).
-        lowrank: rank of the 16-bit SVD branch (0 = none).
-        lora: rank of the LoRA merged into the pre-quantization weight (0 = none).
-        act_init: activation range initialisation, ``"ema"`` (PassionSR) or ``"minmax"``.
-    """
-
-    w_bits: int = 4
-    a_bits: int = 4
-    quantizer: str = "lbq"
-    smooth: bool = True
-    smooth_alpha: float = 0.3
-    lowrank: int = 0
-    lora: int = 0
-    act_init: str = "ema"
+if TYPE_CHECKING:
+    from quantsr_cli.diffusion.qmodel import QuantSpec
 
 
 def _fp16(t: torch.Tensor) -> torch.Tensor:
@@ -55,14 +34,14 @@ def _fp16(t: torch.Tensor) -> torch.Tensor:
     return t.to(torch.float16).to(t.dtype)
 
 
-def _quantizer(opts: LayerOptions, bits: int, channels: int, axis: int | None, weight: bool) -> nn.Module:
+def _quantizer(opts: QuantSpec, bits: int, channels: int, axis: int | None, weight: bool) -> nn.Module:
     if bits >= 32:
         return nn.Identity()
     return make_quantizer(opts.quantizer, bits, channels, axis, is_weight=weight)
 
 
 def _initialized(q: nn.Module) -> bool:
-    return not isinstance(q, (LBQuantizer, LSQQuantizer)) or bool(q.initialized)
+    return not isinstance(q, RangeQuantizer) or bool(q.initialized)
 
 
 class _QuantLayerMixin:
@@ -72,7 +51,7 @@ class _QuantLayerMixin:
     bias: nn.Parameter | None
     channel_dim: int
 
-    def _setup(self, opts: LayerOptions) -> None:
+    def _setup(self, opts: QuantSpec) -> None:
         out_ch, in_ch = self.weight.shape[0], self.weight.shape[1]
         k = self.weight[0].numel()
         dev = self.weight.device
@@ -169,9 +148,9 @@ class _QuantLayerMixin:
                 v = v / phi
             self.lr_u.copy_(u[:, :r] * root[None, :])
             self.lr_v.copy_(v.reshape(r, -1))
-        if isinstance(self.w_q, (LBQuantizer, LSQQuantizer)):
+        if isinstance(self.w_q, RangeQuantizer):
             self.w_q.init_from_tensor(self.quant_input_weight())
-        if isinstance(self.act_q, (LBQuantizer, LSQQuantizer)):
+        if isinstance(self.act_q, RangeQuantizer):
             lo, hi = obs.range(opts.act_init)
             if self.log_phi is not None:
                 phi = torch.exp(self.log_phi)
@@ -200,7 +179,7 @@ class QuantConv2d(_QuantLayerMixin, nn.Conv2d):
     channel_dim = 1
 
     @classmethod
-    def from_float(cls, conv: nn.Conv2d, opts: LayerOptions) -> QuantConv2d:
+    def from_float(cls, conv: nn.Conv2d, opts: QuantSpec) -> QuantConv2d:
         new = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
                   conv.dilation, conv.groups, conv.bias is not None, conv.padding_mode, device="meta")
         new.weight = conv.weight
@@ -228,7 +207,7 @@ class QuantLinear(_QuantLayerMixin, nn.Linear):
     channel_dim = -1
 
     @classmethod
-    def from_float(cls, lin: nn.Linear, opts: LayerOptions) -> QuantLinear:
+    def from_float(cls, lin: nn.Linear, opts: QuantSpec) -> QuantLinear:
         new = cls(lin.in_features, lin.out_features, lin.bias is not None, device="meta")
         new.weight = lin.weight
         new.bias = lin.bias
@@ -250,7 +229,7 @@ class ActPoint(nn.Module):
     """A per-tensor activation quantizer standing in for an ``nn.Identity`` activation point
     (attention q, k, v and softmax output). Identity while quantization is disabled."""
 
-    def __init__(self, opts: LayerOptions) -> None:
+    def __init__(self, opts: QuantSpec) -> None:
         super().__init__()
         self.options = opts
         self.act_q = _quantizer(opts, opts.a_bits, 1, None, False)
@@ -274,7 +253,7 @@ class ActPoint(nn.Module):
     def init_quantization(self) -> None:
         if self.observer is None or not self.observer.ready:
             raise RuntimeError("init_quantization() needs an observed calibration pass first")
-        if isinstance(self.act_q, (LBQuantizer, LSQQuantizer)):
+        if isinstance(self.act_q, RangeQuantizer):
             lo, hi = self.observer.range(self.options.act_init)
             self.act_q.init_range(lo.amin(), hi.amax())
         self.observer = None

@@ -17,10 +17,9 @@ from fnmatch import fnmatch
 import torch
 from torch import nn
 
-from quantsr_cli.diffusion.qlayers import QUANT_LAYER_TYPES, ActPoint, LayerOptions, QuantConv2d, QuantLinear
+from quantsr_cli.diffusion.qlayers import QUANT_LAYER_TYPES, ActPoint, QuantConv2d, QuantLinear
+from quantsr_cli.diffusion.quantizers import QUANTIZERS
 from quantsr_cli.errors import ConfigError
-
-QUANTIZERS = ("lbq", "lsq")
 
 
 @dataclass(frozen=True)
@@ -66,12 +65,12 @@ class QuantSpec:
         """Plain min-max PTQ: no smoothing, no low-rank branch, no LoRA."""
         return cls(w_bits=w_bits, a_bits=a_bits, smooth=False, lowrank=0, lora=0, act_init="minmax")
 
-    def layer_options(self, keep: bool) -> LayerOptions:
+    def layer_options(self, keep: bool) -> QuantSpec:
+        """What one layer is built with: this spec, or for a keep-list layer ``keep_bits`` and no
+        smoothing, low-rank branch or LoRA."""
         if keep:
-            return LayerOptions(self.keep_bits, self.keep_bits, self.quantizer, False, self.smooth_alpha,
-                                0, 0, self.act_init)
-        return LayerOptions(self.w_bits, self.a_bits, self.quantizer, self.smooth, self.smooth_alpha,
-                            self.lowrank, self.lora, self.act_init)
+            return replace(self, w_bits=self.keep_bits, a_bits=self.keep_bits, smooth=False, lowrank=0, lora=0)
+        return self
 
     def to_dict(self) -> dict[str, object]:
         d = dict(self.__dict__)
@@ -84,9 +83,9 @@ def _match(name: str, patterns: Iterable[str]) -> bool:
 
 
 def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+    """``model.set_submodule(name, new)``, which torch 2.4 (our minimum) does not have yet."""
     parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, new)
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
 
 
 def quantize_model(model: nn.Module, spec: QuantSpec, patterns: Sequence[str] | None = None) -> dict[str, nn.Module]:
@@ -239,7 +238,3 @@ def dequantize_model(model: nn.Module, merge_lora: bool = True) -> nn.Module:
     out.requires_grad_(False)
     return out
 
-
-def with_options(spec: QuantSpec, **changes: object) -> QuantSpec:
-    """``dataclasses.replace`` for :class:`QuantSpec` (re-validated)."""
-    return replace(spec, **changes)

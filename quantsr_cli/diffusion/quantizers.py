@@ -1,17 +1,32 @@
-"""Fake quantizers for the diffusion engine: learnable-boundary (LBQ) and LSQ(+) step quantizers.
+"""Range quantizers of the diffusion engine: learnable-boundary (LBQ) and LSQ(+) step quantizers.
 
-Both quantizers are uniform, round with a straight-through estimator (STE) and keep their
-initial range in buffers so that the learnable parameters are *relative offsets* initialised at 0:
-one Adam learning rate then suits every layer whatever its value range. A quantizer holds either one
-range (per tensor, activations) or one range per output channel (``channel_axis=0``, weights).
+**Interface** (what :mod:`.qlayers` relies on; a new kind = one :class:`RangeQuantizer` subclass plus one
+:data:`QUANTIZERS` line). A range quantizer is an ``nn.Module`` holding one range per tensor
+(``channel_axis=None``, activations) or per output channel (``channel_axis=0``, weights), with:
 
-- :class:`LBQuantizer` (PassionSR/QArtSR "learnable boundary"): learnable ``lo, hi``;
+- ``bits``, ``levels = 2**bits - 1`` and an ``initialized`` bool buffer (a loaded checkpoint is never
+  re-initialised);
+- ``init_range(lo, hi)``: initialise from observed statistics (activations, after calibration);
+- ``init_from_tensor(x)``: initialise from the tensor itself (weights);
+- ``forward(x)``: fake-quantize, same shape and dtype, rounding with the shared
+  :func:`quantsr_cli.quant.primitives.round_ste` (identity gradient);
+- learnable parameters only as *relative offsets* initialised at 0 (initial range in buffers), so one
+  Adam learning rate suits every layer whatever its value range.
+
+Kinds (:data:`QUANTIZERS`):
+
+- ``lbq`` :class:`LBQuantizer` (PassionSR/QArtSR "learnable boundary"): learnable ``lo, hi``;
   ``delta = (hi - lo) / (2**b - 1)``, ``zp = round(lo / delta)``,
   ``q = clamp(round(x / delta) - zp, 0, 2**b - 1)``, ``x_hat = (q + zp) * delta``.
-- :class:`LSQQuantizer` (LSQ for weights, LSQ+ for activations): learnable step ``s`` (and offset
+- ``lsq`` :class:`LSQQuantizer` (LSQ for weights, LSQ+ for activations): learnable step ``s`` (and offset
   ``beta`` for activations); ``x_hat = s * clamp(round((x - beta) / s), qmin, qmax) + beta``.
   Weights are symmetric signed (``qmin = -2**(b-1)``), initialised with LSQ's ``2 mean|w| / sqrt(qmax)``;
   activations are unsigned with a min/max initialisation (LSQ+).
+
+Why they are not methods of :mod:`quantsr_cli.quant`: they are per output channel with a per-channel
+zero point (LBQ), take 2-8 bits (3 and 6 too), initialise from calibration statistics rather than the
+first batch, and have no packed export format (``packing`` stores one float ``zero`` per layer); the
+``quant`` LSQ (per tensor, LSQ gradient scaling, lazy init) is a different quantizer that shares the name.
 """
 
 from __future__ import annotations
@@ -19,10 +34,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-
-def round_ste(x: torch.Tensor) -> torch.Tensor:
-    """``torch.round`` whose gradient is the identity (straight-through estimator)."""
-    return x + (torch.round(x) - x).detach()
+from quantsr_cli.quant.primitives import round_ste, signed_range, unsigned_range
 
 
 class RangeObserver:
@@ -68,8 +80,9 @@ class RangeObserver:
         return self.stats[f"{key}_min"], self.stats[f"{key}_max"]
 
 
-class _Quantizer(nn.Module):
-    """Common state: bit-width, channel layout and the ``initialized`` buffer."""
+class RangeQuantizer(nn.Module):
+    """Base of the range quantizers (the interface in the module docstring): bit-width, channel layout
+    and the ``initialized`` buffer."""
 
     def __init__(self, bits: int, num_channels: int = 1, channel_axis: int | None = None) -> None:
         super().__init__()
@@ -78,9 +91,22 @@ class _Quantizer(nn.Module):
         self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
         self._num_channels = num_channels
 
+    @classmethod
+    def create(cls, bits: int, num_channels: int, channel_axis: int | None, is_weight: bool) -> RangeQuantizer:
+        """Build one for a weight (``is_weight``) or an activation; subclasses may treat them differently."""
+        return cls(bits, num_channels, channel_axis)
+
     @property
     def levels(self) -> int:
-        return 2**self.bits - 1
+        return unsigned_range(self.bits)[1]
+
+    @torch.no_grad()
+    def init_range(self, lo: torch.Tensor, hi: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def init_from_tensor(self, x: torch.Tensor) -> None:
+        raise NotImplementedError
 
     def _view(self, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """Reshape a per-channel vector to broadcast against ``x`` along ``channel_axis``."""
@@ -100,7 +126,7 @@ class _Quantizer(nn.Module):
         return f"bits={self.bits}, channels={self._num_channels}, axis={self.channel_axis}"
 
 
-class LBQuantizer(_Quantizer):
+class LBQuantizer(RangeQuantizer):
     """Asymmetric uniform quantizer with learnable boundaries ``lo <= hi`` (PassionSR LBQ).
 
     Parameters ``d_lo, d_hi`` are offsets in units of the initial range: ``lo = lo0 + r0 * d_lo``,
@@ -157,7 +183,7 @@ class LBQuantizer(_Quantizer):
         return codes, delta.reshape(-1).float(), (-zp).reshape(-1).float()
 
 
-class LSQQuantizer(_Quantizer):
+class LSQQuantizer(RangeQuantizer):
     """LSQ step quantizer: symmetric signed for weights, LSQ+ (unsigned + offset) for activations.
 
     ``s = s0 * exp(d_s)`` and ``beta = beta0 + s0 * d_beta`` (activations only).
@@ -172,13 +198,18 @@ class LSQQuantizer(_Quantizer):
         self.d_s = nn.Parameter(torch.zeros(num_channels))
         self.d_beta = nn.Parameter(torch.zeros(num_channels), requires_grad=not signed)
 
+    @classmethod
+    def create(cls, bits: int, num_channels: int, channel_axis: int | None, is_weight: bool) -> LSQQuantizer:
+        """Weights symmetric signed (LSQ), activations unsigned with an offset (LSQ+)."""
+        return cls(bits, num_channels, channel_axis, signed=is_weight)
+
     @property
     def qmin(self) -> int:
-        return -(2 ** (self.bits - 1)) if self.signed else 0
+        return (signed_range if self.signed else unsigned_range)(self.bits)[0]
 
     @property
     def qmax(self) -> int:
-        return 2 ** (self.bits - 1) - 1 if self.signed else 2**self.bits - 1
+        return (signed_range if self.signed else unsigned_range)(self.bits)[1]
 
     @torch.no_grad()
     def init_range(self, lo: torch.Tensor, hi: torch.Tensor) -> None:
@@ -210,11 +241,13 @@ class LSQQuantizer(_Quantizer):
         return q * s + beta
 
 
+QUANTIZERS: dict[str, type[RangeQuantizer]] = {"lbq": LBQuantizer, "lsq": LSQQuantizer}
+"""Quantizer kinds by name (``QuantSpec.quantizer``)."""
+
+
 def make_quantizer(kind: str, bits: int, num_channels: int = 1, channel_axis: int | None = None,
-                   is_weight: bool = False) -> _Quantizer:
-    """Build an ``"lbq"`` or ``"lsq"`` quantizer (LSQ weights are signed, activations unsigned+offset)."""
-    if kind == "lbq":
-        return LBQuantizer(bits, num_channels, channel_axis)
-    if kind == "lsq":
-        return LSQQuantizer(bits, num_channels, channel_axis, signed=is_weight)
-    raise ValueError(f"unknown quantizer kind {kind!r}")
+                   is_weight: bool = False) -> RangeQuantizer:
+    """Build a registered quantizer (:data:`QUANTIZERS`) for a weight or an activation."""
+    if kind not in QUANTIZERS:
+        raise ValueError(f"unknown quantizer kind {kind!r}")
+    return QUANTIZERS[kind].create(bits, num_channels, channel_axis, is_weight)

@@ -16,12 +16,15 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
+from quantsr_cli.data import TrainDataset
 from quantsr_cli.diffusion.losses import image_loss, relative_mse
 from quantsr_cli.diffusion.qmodel import assign_modules, quant_layers, set_quant_enabled
 from quantsr_cli.errors import ConfigError
@@ -74,6 +77,43 @@ class CalibData:
         """The first ``count`` LR batches in storage order (activation statistics)."""
         bs, n = self.batch_size, self.lr.shape[0]
         return [self.lr[i * bs % n: i * bs % n + bs].to(self.device) for i in range(max(1, count))]
+
+
+def sample_patches(data: TrainDataset, batch: int, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random aligned patches of ``data``'s in-memory HR/LR images (shared loader: MATLAB-bicubic LR, images
+    smaller than the patch skipped), each with a random rot90 and flip.
+
+    Draws from the numpy ``rng`` (image, offsets, rot90, flip, per patch), not the torch generator of
+    :meth:`TrainDataset.sample_batch`: the patch sets, and so the committed QArtSR results, stay those of
+    the diffusion engine's own sampler.
+
+    Returns:
+        ``lr (N, 3, p/s, p/s)``, ``hr (N, 3, p, p)`` float32 in [0, 1] (``p = data.patch_size``).
+    """
+    s = data.scale
+    lp = data.patch_size // s
+    lrs, hrs = [], []
+    for _ in range(batch):
+        i = int(rng.integers(len(data.hr)))
+        lr_img, hr_img = data.lr[i].numpy(), data.hr[i].numpy()  # uint8 (3, h, w)
+        y = int(rng.integers(lr_img.shape[1] - lp + 1))
+        x = int(rng.integers(lr_img.shape[2] - lp + 1))
+        lp_, hp = lr_img[:, y : y + lp, x : x + lp], hr_img[:, y * s : (y + lp) * s, x * s : (x + lp) * s]
+        k, flip = int(rng.integers(4)), bool(rng.integers(2))
+        lp_, hp = np.rot90(lp_, k, axes=(1, 2)), np.rot90(hp, k, axes=(1, 2))
+        if flip:
+            lp_, hp = lp_[:, :, ::-1], hp[:, :, ::-1]
+        lrs.append(lp_)
+        hrs.append(hp)
+    return tuple(torch.from_numpy(np.ascontiguousarray(np.stack(p))).float().div(255.0) for p in (lrs, hrs))
+
+
+def calibration_data(folders: Sequence[str | Path], patches: int, patch: int = 64, batch_size: int = 8,
+                     seed: int = 0, scale: int = 4) -> CalibData:
+    """``patches`` fixed HR/LR patches (HR side ``patch``) from the HR image ``folders``, seeded by ``seed``."""
+    data = TrainDataset(list(folders), scale, patch_size=patch)
+    lr, hr = sample_patches(data, patches, np.random.default_rng([seed, 12345]))
+    return CalibData(lr, hr, batch_size=batch_size, seed=seed)
 
 
 def rpq_schedule(num_modules: int, order: str = "reverse") -> list[tuple[int, list[int]]]:

@@ -29,12 +29,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from quantsr_cli.data import TrainDataset
 from quantsr_cli.diffusion.ckpt import save_model
-from quantsr_cli.diffusion.data_local import PairedImages
 from quantsr_cli.diffusion.losses import SSIMGradLoss
-from quantsr_cli.diffusion.osd_tiny import ARCH, build_osd_model
+from quantsr_cli.diffusion.stages import sample_patches
 from quantsr_cli.errors import CheckpointError, ConfigError
 from quantsr_cli.fileio import dumps
+from quantsr_cli.models import build_model, load_weights
+from quantsr_cli.models.osd_tiny import ARCH
 from quantsr_cli.packing.io import read_file, save_file
 from quantsr_cli.packing.state import flatten_optimizer, unflatten_optimizer
 
@@ -76,6 +78,18 @@ def _save_state(model: nn.Module, opt: torch.optim.Optimizer, step: int, path: P
     save_file(tensors, meta, path)
 
 
+def _load_state(path: Path) -> tuple[nn.Module, dict[str, object]]:
+    """The model (strict load, :func:`~quantsr_cli.models.load_weights`) and ``{step, optimizer}`` of a state file."""
+    tensors, meta = read_file(path)
+    try:
+        model = build_model(meta.get("arch", ARCH), **json.loads(meta.get("hparams", "{}")))
+        state = {"step": int(meta["step"]), "optimizer": unflatten_optimizer(tensors, json.loads(meta["optimizer"]))}
+    except (KeyError, TypeError, ValueError, ConfigError) as exc:
+        raise CheckpointError(f"not a training state of osd-sr-tiny ({exc})", path) from None
+    load_weights(model, {k.removeprefix("model."): v for k, v in tensors.items() if k.startswith("model.")}, path)
+    return model, state
+
+
 def _cosine(step: int, total: int, lr: float, eta_min: float) -> float:
     return eta_min + 0.5 * (lr - eta_min) * (1 + math.cos(math.pi * min(step, total) / max(total, 1)))
 
@@ -104,13 +118,10 @@ def train_osd_tiny(out_dir: str | Path, train_dirs: Sequence[str | Path],
     start = 0
     state = None
     if resume and state_path.is_file():
-        tensors, meta = read_file(state_path)
-        model = build_osd_model(meta.get("arch", ARCH), **json.loads(meta.get("hparams", "{}")))
-        model.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
-        state = {"step": int(meta["step"]), "optimizer": unflatten_optimizer(tensors, json.loads(meta["optimizer"]))}
-        start = state["step"]
+        model, state = _load_state(state_path)
+        start = int(state["step"])
     else:
-        model = build_osd_model(ARCH, **options.hparams)
+        model = build_model(ARCH, **options.hparams)
     model.train()
     scale = int(model.hparams["upscale"])
     total = options.ae_iters + options.iters
@@ -118,7 +129,7 @@ def train_osd_tiny(out_dir: str | Path, train_dirs: Sequence[str | Path],
     if start >= total:
         save_model(model.eval(), final, extra={"step": str(start)})
         return final
-    data = PairedImages.from_folders(train_dirs, scale, min_size=options.patch_size)
+    data = TrainDataset(list(train_dirs), scale, patch_size=options.patch_size)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.Adam(params, lr=options.lr, betas=(0.9, 0.99))
     if state is not None:
@@ -134,7 +145,7 @@ def train_osd_tiny(out_dir: str | Path, train_dirs: Sequence[str | Path],
         model.vae.decoder.requires_grad_(ae_phase or not options.freeze_decoder)
         for group in opt.param_groups:
             group["lr"] = _cosine(step, total, options.lr, options.eta_min)
-        lr_t, hr_t = data.sample(options.batch_size, options.patch_size, np.random.default_rng([options.seed, step]))
+        lr_t, hr_t = sample_patches(data, options.batch_size, np.random.default_rng([options.seed, step]))
         if ae_phase:
             x = hr_t * 2 - 1
             loss = F.l1_loss(model.vae.decoder(model.vae.encoder(x)), x)

@@ -2,7 +2,7 @@
 
 The one-step model's fixed timestep ``T`` only enters as a constant UNet input and through the x0
 update, whose factor ``sqrt(1 - abar_T) / sqrt(abar_T)`` multiplies any UNet-output quantization error
-(:func:`quantsr_cli.diffusion.schedule.amplification_factor`). TRQ retrains the FP one-step model at a
+(:func:`quantsr_cli.models.onestep.amplification_factor`). TRQ retrains the FP one-step model at a
 smaller ``T`` — LoRA on the denoiser's layers only, then merged — and quantizes the retrained model.
 :func:`measure_latent_error` quantizes only the denoiser (encoder/decoder FP) and reports the latent
 error; :func:`timestep_sweep` does that per candidate ``T`` and :func:`select_timestep` picks one.
@@ -34,8 +34,8 @@ from torch import nn
 from quantsr_cli.diffusion.losses import image_loss
 from quantsr_cli.diffusion.qmodel import (QuantSpec, calibrate, dequantize_model, finetune_parameters, quantize_model,
                                           set_quant_enabled)
-from quantsr_cli.diffusion.schedule import amplification_factor
 from quantsr_cli.diffusion.stages import CalibData
+from quantsr_cli.models.onestep import amplification_factor
 
 LogFn = Callable[[dict[str, object]], None]
 TRQ_TARGETS = ("fp", "gt")

@@ -11,16 +11,15 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from quantsr_cli.data import shared_data_dir
 from quantsr_cli.diffusion.ckpt import load_model as load_diffusion_model
 from quantsr_cli.diffusion.ckpt import save_model as save_diffusion_model
-from quantsr_cli.diffusion.data_local import PairedImages
 from quantsr_cli.diffusion.pipeline import QArtSRConfig, run_qartsr
 from quantsr_cli.diffusion.qmodel import QuantSpec
 from quantsr_cli.diffusion.stages import CalibData
+from quantsr_cli.diffusion.stages import calibration_data as calibration_patches
 from quantsr_cli.diffusion.train_tiny import TinyTrainOptions, train_osd_tiny
 from quantsr_cli.diffusion.trq import TRQ_TARGETS, retrain_timestep, select_timestep, timestep_sweep
 from quantsr_cli.engine.modelio import loading, resolve_model_path
@@ -49,9 +48,7 @@ def train_dirs(dirs: list[str] | None) -> list[Path]:
 
 def calibration_data(dirs: list[str] | None, patches: int, patch: int, batch: int, seed: int) -> CalibData:
     """Fixed HR/LR calibration patches (x4, MATLAB bicubic LR) from the training folders."""
-    pairs = PairedImages.from_folders(train_dirs(dirs), 4, min_size=patch)
-    lr, hr = pairs.sample(patches, patch, np.random.default_rng([seed, 12345]))
-    return CalibData(lr, hr, batch_size=batch, seed=seed)
+    return calibration_patches(train_dirs(dirs), patches, patch, batch, seed)
 
 
 def run_train(run_dir: Path, iters: int, ae_iters: int, batch: int, threads: int, seed: int,

@@ -16,14 +16,14 @@ import json
 import math
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from quantsr_cli.config import QuantConfig, TrainConfig
+from quantsr_cli.config import ModelConfig, QuantConfig, TrainConfig
 from quantsr_cli.distill import FeatureDistillHook
 from quantsr_cli.data import TrainDataset, check_patch_size, shared_data_dir
 from quantsr_cli.engine.evaluate import evaluate_model
@@ -53,31 +53,31 @@ RUN_FILES = ("qat_last.safetensors", "qat_best.safetensors", "summary.json", "tr
 
 
 @dataclass(frozen=True)
-class QuantizeJob:
+class QuantizeJob(ModelConfig):
     """Everything ``quantsr quantize`` needs, after option precedence has been applied.
 
-    ``share_qv_quantizer`` builds the fresh model with attention v quantized by q's quantizer (the
-    released QuantSR code; ``swinir-s`` only); a ``start_model`` keeps whatever its file says.
+    The model options (``arch``, ``scale``, ``init``, ``blocks``, ``share_qv_quantizer``) are declared on
+    :class:`~quantsr_cli.config.ModelConfig`; ``share_qv_quantizer`` builds the fresh model with attention v
+    quantized by q's quantizer (the released QuantSR code; ``swinir-s`` only); a ``start_model`` keeps
+    whatever its file says.
     """
 
-    arch: str
-    scale: int
-    quant: QuantConfig
-    train: TrainConfig
-    init: str | None = None
-    blocks: int | None = None
+    quant: QuantConfig = field(default_factory=QuantConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
     run_dir: Path | None = None
     out: Path | None = None
     resume: bool = False
     device: str = "cpu"
     command: str = ""
     start_model: str | None = None
-    share_qv_quantizer: bool = False
-
     name: str = ""
 
     def __post_init__(self) -> None:
+        super().__post_init__()  # ModelConfig: scale, blocks
         method_spec(self.quant.method)  # an unknown method is refused before anything is loaded
+        spec = ARCHS.get(self.arch)
+        if spec is not None and spec.family != "sr":  # unknown names are refused when the model is built
+            raise ConfigError(f"arch {self.arch!r} is a {spec.family} model: use `quantsr diffusion quantize`")
         if self.train.iters == 0 and self.start_model is not None:
             raise ConfigError("iters=0 calibrates and packs FP weights (--init); --model continues training a "
                               "quantized model, so give it --iters N")

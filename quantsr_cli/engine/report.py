@@ -25,7 +25,7 @@ from quantsr_cli.engine.modelio import LoadedModel, load_model, loading, resolve
 from quantsr_cli.engine.outputs import check_model_output, check_outputs, clean_temp_files
 from quantsr_cli.errors import CheckpointError, ConfigError
 from quantsr_cli.metrics.complexity import count_macs
-from quantsr_cli.models import arch_spec, block_hparams, build_model
+from quantsr_cli.models import ARCHS, arch_spec, block_hparams, build_model
 from quantsr_cli.packing import PackedModule
 from quantsr_cli.packing import io as packing_io
 from quantsr_cli.quant import ActQuant, QConv2d, QLinear, layer_plan, method_spec
@@ -101,6 +101,9 @@ def describe(arch: str, hparams: dict[str, Any], w_bits: int = 32, a_bits: int =
     """Params/MACs/equivalent-ops report of an architecture with its quantized layers: ``bits``
     (``{name: (w, a)}``, a loaded model's) or, by default, the plan of ``quant`` (the arch's rule at
     ``w_bits``/``a_bits`` plus per-layer rules)."""
+    family = getattr(ARCHS.get(arch), "family", "sr")
+    if family != "sr":  # its MAC input (and quantization rule) is the SR one: a diffusion model would not fit
+        raise ConfigError(f"`quantsr info` describes SR models; {arch!r} is a {family} model")
     fp_model = build_model(arch, **hparams).eval()
     bits_w, bits_a = (32, 32) if w_bits == a_bits == 32 else (w_bits, a_bits)
     if bits is None:

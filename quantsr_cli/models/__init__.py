@@ -4,6 +4,7 @@ Public API::
 
     ARCHS: dict[str, ArchSpec]                 # the registry (models/registry.py); one SPEC per arch file
     arch_spec(arch) -> ArchSpec                # ConfigError on an unknown arch
+    arch_names(family="sr") -> list[str]       # the SR archs, or family="one-step-diffusion"
     build_model(arch, **hparams) -> SRModel    # ConfigError on unknown arch / bad hyperparameter
     block_hparams(arch, blocks) -> hparams     # the arch's depth rule (--blocks)
     probe_model(arch, **hparams) -> SRModel    # the same on the meta device (shapes only, no memory)
@@ -17,8 +18,8 @@ This package never imports quant, packing, engine or any CLI library.
 
 from quantsr_cli.models.common import SRModel
 from quantsr_cli.models.loading import check_fits, detect_arch, load_weights, read_state_dict
-from quantsr_cli.models.registry import ARCHS, arch_spec, block_hparams, build_model, probe_model
+from quantsr_cli.models.registry import ARCHS, arch_names, arch_spec, block_hparams, build_model, probe_model
 from quantsr_cli.models.spec import ArchSpec, DepthRule, LayoutNotSupported
 
-__all__ = ["ARCHS", "ArchSpec", "DepthRule", "LayoutNotSupported", "SRModel", "arch_spec", "block_hparams",
+__all__ = ["ARCHS", "ArchSpec", "DepthRule", "LayoutNotSupported", "SRModel", "arch_names", "arch_spec", "block_hparams",
            "build_model", "check_fits", "detect_arch", "load_weights", "probe_model", "read_state_dict"]

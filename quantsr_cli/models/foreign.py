@@ -129,7 +129,8 @@ def build(net: str = DEFAULT_NET[0], cls: str = "", params: dict[str, Any] | Non
         if net.startswith(BUILTIN):
             from quantsr_cli.models.registry import ARCHS, build_model
 
-            if net[len(BUILTIN):] not in ARCHS or ARCHS[net[len(BUILTIN):]].fallback:
+            inner_spec = ARCHS.get(net[len(BUILTIN):])
+            if inner_spec is None or inner_spec.fallback or inner_spec.family != "sr":
                 raise ConfigError(f"unknown built-in architecture {net!r}")
             inner = build_model(net[len(BUILTIN):], **params)
         else:
@@ -261,7 +262,7 @@ def detect(sd: StateDict) -> Hparams | None:
     from quantsr_cli.models.registry import ARCHS
 
     for spec in ARCHS.values():
-        if not spec.fallback:
+        if not spec.fallback and spec.family == "sr":
             try:
                 hp = spec.detect(sd)
             except (LayoutNotSupported, KeyError, ValueError, IndexError, TypeError):

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from quantsr_cli.errors import CheckpointError, ConfigError
 from quantsr_cli.models.pthcheck import check_archive, check_tensor
-from quantsr_cli.models.registry import ARCHS, arch_spec, build_model, probe_model
+from quantsr_cli.models.registry import ARCHS, arch_names, arch_spec, build_model, probe_model
 from quantsr_cli.models.spec import LayoutNotSupported
 
 WRAPPER_KEYS = ("params_ema", "params-ema", "params", "model_state_dict", "state_dict", "model", "net")
@@ -198,7 +198,7 @@ def detect_arch(state_dict: Mapping[str, Tensor], path: str | Path | None = None
         raise CheckpointError(hint, path)
     first = ", ".join(sorted(state_dict)[:3])
     raise CheckpointError(f"cannot recognise the architecture from its keys ({first}, ...); "
-                          f"supported: {', '.join(ARCHS)}", path)
+                          f"supported: {', '.join(arch_names('sr'))}", path)
 
 
 def detect_as(state_dict: Mapping[str, Tensor], arch: str | None, path: str | Path | None = None) -> tuple[str, dict[str, object]]:

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from quantsr_cli.errors import ConfigError
-from quantsr_cli.models import foreign, imdn, quantsr_c, srresnet, swinir
+from quantsr_cli.models import foreign, imdn, osd_tiny, quantsr_c, srresnet, swinir
 from quantsr_cli.models.common import SRModel
 from quantsr_cli.models.spec import ArchSpec
 
@@ -22,9 +22,15 @@ ARCHS: dict[str, ArchSpec] = {spec.name: spec for spec in (
     srresnet.SPEC,
     swinir.SPEC,
     imdn.SPEC,
+    osd_tiny.SPEC,
     foreign.SPEC,
 )}
 """Registered architectures by name (``--arch`` values)."""
+
+
+def arch_names(family: str = "sr") -> list[str]:
+    """Names of the registered architectures of one family (``"sr"`` or ``"one-step-diffusion"``)."""
+    return [name for name, spec in ARCHS.items() if spec.family == family]
 
 
 def arch_spec(arch: str) -> ArchSpec:

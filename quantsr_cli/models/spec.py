@@ -79,6 +79,10 @@ class ArchSpec:
         label: ``hparams -> str``, the architecture as users know it (``"ESRGAN (spandrel)"``); default: ``name``.
         pretrained: where the official full-precision weights come from (printed when a run starts from
             random weights); empty when there are none.
+        family: which contract the built model follows: ``"sr"`` (the SR model contract of DEVELOPERS.md:
+            block names, feature points, learnable shortcuts; ``quantize``, ``slim``, ``distill``, ``info``)
+            or ``"one-step-diffusion"`` (the one-step SR contract of :mod:`quantsr_cli.diffusion`;
+            ``quantsr diffusion``). Every family loads and evaluates alike.
     """
 
     name: str
@@ -91,6 +95,7 @@ class ArchSpec:
     fallback: bool = False
     label: Callable[[Mapping[str, Any]], str] | None = None
     pretrained: str = ""
+    family: str = "sr"
 
     def display(self, hparams: Mapping[str, Any]) -> str:
         """The architecture name for messages: ``label(hparams)`` or ``name``."""

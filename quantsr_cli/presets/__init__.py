@@ -9,68 +9,37 @@ A preset is a flat YAML mapping of ``quantsr quantize`` options, e.g. ``presets/
     init: ${QUANTSR_DATA}/weights/IMDN_x4.pth
     iters: 4000
 
-Keys are the option names of the training commands (with ``-`` or ``_``), plus ``layers``, the per-layer
-bit rules (``{pattern: fp | 2 | 4 | 8 | w<b>a<b>}``, see :func:`quantsr_cli.config.parse_layer_bits`); an unknown or repeated key, a
-value of the wrong type or a YAML tag such as ``!!python/object`` is a :class:`~quantsr_cli.errors.ConfigError`
-naming the file and the key. ``--preset`` takes only the name of a bundled preset. Files are read with ``yaml.safe_load`` only. ``${QUANTSR_DATA}`` in string
+Keys are the training options declared in :mod:`quantsr_cli.config` (with ``-`` or ``_``), plus
+``description``; an unknown or repeated key, a value of the wrong type or out of bounds, ``nan``/``inf``, or a
+YAML tag such as ``!!python/object`` is a :class:`~quantsr_cli.errors.ConfigError` naming the file and the key. ``--preset`` takes only the name of a bundled preset. Files are read with ``yaml.safe_load`` only. ``${QUANTSR_DATA}`` in string
 values expands to the shared data folder (see :func:`expand_data_vars`).
 """
 
 from __future__ import annotations
 
-import math
 import os
-import reprlib
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from quantsr_cli.config import parse_layer_bits
+from quantsr_cli.config import training_options
 from quantsr_cli.errors import ConfigError
+from quantsr_cli.options import Declared, check_value, coerce, short
 
-# Element type of the list-valued keys.
-LIST_ITEMS: dict[str, type] = {"milestones": int, "train_data": str}
+DESCRIPTION = "description"
+"""The one key that is not an option: a preset's one-line description (ignored when training)."""
 
-# Every key a preset or --config file may set, with its expected Python type.
-PRESET_KEYS: dict[str, type | tuple[type, ...]] = {
-    "arch": str,
-    "scale": int,
-    "method": str,
-    "bits": int,
-    "w_bits": int,
-    "a_bits": int,
-    "act_sign": str,
-    "share_qv_quantizer": bool,
-    "blocks": int,
-    "init": str,
-    "iters": int,
-    "batch_size": int,
-    "patch_size": int,
-    "lr": float,
-    "scheduler": str,
-    "milestones": list,
-    "gamma": float,
-    "val_every": int,
-    "save_every": int,
-    "log_every": int,
-    "seed": int,
-    "threads": int,
-    "train_data": list,
-    "val_dataset": str,
-    "val_max_images": int,
-    "dqa": bool,
-    "slim_to": int,
-    "slim_start_ratio": float,
-    "distill": str,
-    "feature_weight": float,
-    "bias_correction": bool,
-    "ema_decay": float,
-    "drop_path_rate": float,
-    "layers": dict,
-    "description": str,
-}
+
+def file_options() -> dict[str, Declared]:
+    """The options a preset or ``--config`` file may set, by key (derived from the config dataclasses)."""
+    return {d.name: d for d in training_options() if d.option.files}
+
+
+def preset_keys() -> list[str]:
+    """Every key a preset or ``--config`` file may hold, sorted."""
+    return sorted([*file_options(), DESCRIPTION])
 
 
 def preset_dir() -> Path:
@@ -160,45 +129,34 @@ def _check_duplicate_keys(text: str, path: Path) -> None:
 
 
 def validate_options(data: dict[Any, Any], path: str | Path | None = None) -> dict[str, Any]:
-    """Check keys and value types against :data:`PRESET_KEYS`; return a normalised copy."""
+    """Check keys, types and bounds against the declared options; return a normalised copy.
+
+    Keys may use ``-`` or ``_``; list values become tuples, ints become floats where the option is a float,
+    ``${QUANTSR_DATA}`` is expanded in strings. Any problem is a ConfigError naming ``path`` and the key.
+    """
+    known = file_options()
     out: dict[str, Any] = {}
     for raw_key, value in data.items():
         key = str(raw_key).replace("-", "_")
-        if key not in PRESET_KEYS:
-            raise ConfigError(f"unknown key {raw_key!r} (known keys: {', '.join(sorted(PRESET_KEYS))})", path)
-        expected = PRESET_KEYS[key]
-        if expected is float and isinstance(value, int) and not isinstance(value, bool):
-            value = float(value)
-        if expected is float and isinstance(value, str):
-            try:
-                value = float(value)  # YAML 1.1 reads "2e-4" as a string
-            except ValueError:
-                pass
-        if expected is int and isinstance(value, bool) or not isinstance(value, expected):
-            name = expected.__name__ if isinstance(expected, type) else str(expected)
-            raise ConfigError(f"key {key!r} must be of type {name}, got {type(value).__name__} {_short(value)}", path)
-        if expected is float and not math.isfinite(value):
-            raise ConfigError(f"key {key!r} must be a finite number, got {value!r}", path)
-        item = LIST_ITEMS.get(key)
-        if item is not None and not all(isinstance(v, item) and not isinstance(v, bool) for v in value):
-            raise ConfigError(f"key {key!r} must be a list of {item.__name__}, got {_short(value)}", path)
+        try:
+            if key == DESCRIPTION:
+                if not isinstance(value, str):
+                    raise ConfigError(f"key {key!r} must be of type str, got {type(value).__name__} {short(value)}")
+                out[key] = value
+                continue
+            decl = known.get(key)
+            if decl is None:
+                raise ConfigError(f"unknown key {raw_key!r} (known keys: {', '.join(preset_keys())})")
+            value = coerce(decl, value)
+            check_value(key, value, decl.option)
+        except ConfigError as exc:
+            raise ConfigError(str(exc), path) from None
         if isinstance(value, str):
             value = expand_data_vars(value)
-        if key == "layers":
-            try:
-                parse_layer_bits(value)
-            except ConfigError as exc:
-                raise ConfigError(str(exc), path) from None
+        elif isinstance(value, tuple) and decl.item is str:
+            value = tuple(expand_data_vars(v) for v in value)
         out[key] = value
     return out
-
-
-def _short(value: Any) -> str:
-    """A bounded repr (YAML aliases can nest a value exponentially: a full repr would never end)."""
-    short = reprlib.Repr()
-    short.maxlevel, short.maxlist, short.maxdict, short.maxstring, short.maxother = 2, 4, 4, 60, 60
-    text = short.repr(value)
-    return text if len(text) <= 120 else text[:117] + "..."
 
 
 def expand_data_vars(value: str) -> str:

@@ -93,15 +93,15 @@ def baseline_rss(tiny_models: dict[str, Path], tmp_path_factory: pytest.TempPath
 def diffusion_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Tiny ``osd-sr-tiny`` x4 files (8 channels): ``fp`` (kind diffusion-fp) and ``qat`` (diffusion-qat, W4A4)."""
     from quantsr_cli.diffusion.ckpt import save_model
-    from quantsr_cli.diffusion.osd_tiny import build_osd_model
     from quantsr_cli.diffusion.qmodel import QuantSpec, quantize_model
+    from quantsr_cli.models import build_model
 
     folder = tmp_path_factory.mktemp("diffusion")
     hparams = dict(vae_channels=[8, 8], unet_channels=[8, 8], attn_levels=[1], heads=2, context_dim=8, context_len=2)
     torch.manual_seed(0)
-    fp = save_model(build_osd_model("osd-sr-tiny", **hparams), folder / "fp.safetensors")
+    fp = save_model(build_model("osd-sr-tiny", **hparams), folder / "fp.safetensors")
     spec = QuantSpec(w_bits=4, a_bits=4)
-    model = build_osd_model("osd-sr-tiny", **hparams)
+    model = build_model("osd-sr-tiny", **hparams)
     quantize_model(model, spec)
     qat = save_model(model, folder / "qat.safetensors", spec=spec)
     return {"fp": fp, "qat": qat}

@@ -5,7 +5,7 @@ Peak RSS is measured for a real ``python -m quantsr_cli`` run, as ``RUSAGE_CHILD
 process whose only child is the CLI. The pace is read from the outputs' modification times (each file
 is renamed into place when it is complete). The default run uses 20 small images and one 1200x900
 image with generous bounds; ``-m slow`` runs 200 images and one 4000x3000 image (and prints the
-numbers quoted in the README).
+numbers in `bench/results/memory.json`, shown in `docs/results.md`).
 """
 
 from __future__ import annotations

@@ -1,4 +1,7 @@
-"""Stable Diffusion noise schedule and the one-step (x0) update used by OSEDiff-style SR.
+"""One-step diffusion SR: Stable Diffusion's noise schedule, the one-step (x0) update and the pipeline mixin.
+
+Models of the ``one-step-diffusion`` family (:data:`quantsr_cli.models.ARCHS`; the contract is in
+:mod:`quantsr_cli.diffusion`) run through :class:`OneStepSRMixin`.
 
 OSEDiff runs its UNet once at a fixed timestep ``T`` on the LR latent ``z_L`` and takes the
 predicted clean latent ``z_H = (z_L - sqrt(1 - abar_T) * eps) / sqrt(abar_T)``. A quantization

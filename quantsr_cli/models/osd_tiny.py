@@ -12,7 +12,8 @@ The VAE is a small conv encoder/decoder (/4 latent, 4 channels); the UNet has 3 
 ResBlocks, a sinusoidal time embedding and SpatialTransformers (self-attention + cross-attention to
 a constant "empty prompt" buffer, like PassionSR's precomputed empty-prompt embedding) at the
 lowest level and in the mid block. Unlike OSEDiff (SD-2.1 weights + LoRA) it is trained from scratch
-by :func:`quantsr_cli.diffusion.train_tiny.train_osd_tiny`.
+by :func:`quantsr_cli.diffusion.train_tiny.train_osd_tiny`. Registered as ``osd-sr-tiny`` in
+:data:`quantsr_cli.models.ARCHS` (family ``one-step-diffusion``).
 """
 
 from __future__ import annotations
@@ -21,10 +22,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from quantsr_cli.diffusion.osd_blocks import DownLevel, MidBlock, ResBlock, UpLevel, _groups, timestep_embedding
-from quantsr_cli.diffusion.schedule import OneStepSRMixin
 from quantsr_cli.errors import ConfigError
 from quantsr_cli.models.common import check_float, check_int, check_int_list
+from quantsr_cli.models.onestep import OneStepSRMixin
+from quantsr_cli.models.spec import ArchSpec
+from quantsr_cli.models.osd_blocks import DownLevel, MidBlock, ResBlock, UpLevel, _groups, timestep_embedding
 
 ARCH = "osd-sr-tiny"
 
@@ -171,7 +173,6 @@ class OSDSRTiny(OneStepSRMixin, nn.Module):
         return (self.vae.decoder(z_h / self.scaling_factor) + 1) * 0.5
 
 
-
 def _check_hparams(upscale: object, latent: object, vae: object, unet: object, attn: object, heads: object,
                    context_dim: object, context_len: object, timestep: object, scaling: object) -> tuple:
     """Types and upper bounds of the builder arguments, checked before any module is built (metadata is
@@ -191,11 +192,16 @@ def _check_hparams(upscale: object, latent: object, vae: object, unet: object, a
     return upscale, vae_l, unet_l, attn_l
 
 
-DIFFUSION_ARCHS: dict[str, type[nn.Module]] = {ARCH: OSDSRTiny}
+def _no_detect(state_dict: object) -> None:
+    """osd-sr-tiny files are quantsr safetensors with metadata; a bare state dict is never guessed as one."""
+    return None
 
 
-def build_osd_model(arch: str = ARCH, **hparams: object) -> nn.Module:
-    """Build a diffusion SR model by arch name (``osd-sr-tiny``) from its ``hparams``."""
-    if arch not in DIFFUSION_ARCHS:
-        raise ConfigError(f"unknown diffusion arch {arch!r}; choose one of {', '.join(DIFFUSION_ARCHS)}")
-    return DIFFUSION_ARCHS[arch](**hparams)
+SPEC = ArchSpec(
+    name="osd-sr-tiny",
+    builder=OSDSRTiny,
+    description="one-step diffusion SR (OSEDiff-shaped, small, CPU-trained)",
+    detect=_no_detect,
+    quant_rule=lambda model: tuple(model.quant_patterns),  # the layers QArtSR (quantsr diffusion) quantizes
+    family="one-step-diffusion",
+)
