@@ -100,12 +100,12 @@ class TrainRenderer:
 
     def __call__(self, event: dict[str, Any]) -> None:
         kind = event.get("event")
-        if kind == "train" and not self.timed and event.get("it_s", 0) > 0:
+        if kind == "train" and not self.timed and event.get("it_s", 0) > 0 and event["iter"] < event["iters"]:
             self.timed = True
             left = (event["iters"] - event["iter"]) / event["it_s"]
             self.progress.console.print(f"timing: {event['it_s']:.2f} it/s over the first {event['iter']} iterations; "
-                                        f"{event['iters']} iterations take about {_duration(left)} more "
-                                        "(validation and checkpoints not included)", highlight=False)
+                                        f"the {event['iters']} iterations take about {_duration(left)} more "
+                                        "(validation and checkpoints not included)", highlight=False, soft_wrap=True)
         if kind == "train":
             info = f"loss {event['loss']:.4f}  val {self.psnr}  {event['it_s']:.2f} it/s"
             self.progress.update(self.task, completed=event["iter"], info=info)

@@ -134,7 +134,7 @@ def describe(arch: str, hparams: dict[str, Any], w_bits: int = 32, a_bits: int =
         "equivalent_params": eq_params, "equivalent_ops": eq_ops,
         "params_reduction": 1 - eq_params / total_params, "ops_reduction": 1 - eq_ops / max(int(macs["total"]), 1),
         "quantized_layers": len([r for r in rows if r["name"] in bits]),
-        "fp_layers": fp_reasons(fp_model, bits, quant) if bits else {},
+        "fp_layers": fp_reasons(fp_model, bits or layer_plan(fp_model, quant or QuantConfig()), quant),
         "other_fp_params": other_fp_params(fp_model),
         "layers": rows,
         **attention_v_quantizer(fp_model.hparams, bits_a),

@@ -84,6 +84,8 @@ class SpandrelSR(nn.Module):
             rw, rh = min(pw - w, w - 1), min(ph - h, h - 1)
             x = F.pad(x, (0, rw, 0, rh), "reflect") if rw or rh else x
             x = F.pad(x, (0, pw - w - rw, 0, ph - h - rh), "replicate") if pw - w - rw or ph - h - rh else x
+        else:
+            x = x.clone()  # some networks scale their input in place (RCAN: x *= rgb_range); never the caller's
         out = super().forward(x)
         if isinstance(out, (tuple, list)):
             out = out[0]

@@ -16,7 +16,7 @@ A plain ``nn.Conv2d`` / ``nn.Linear`` is **quantized** unless it is
   quantization saves nothing and costs accuracy (IMDN's CCA, RCAN's CA, HAT's CAB).
 
 Layers that **cannot** be quantized and packed (``unquantizable``; no per-layer rule can select them):
-layers never called, layers called in only one of training/eval mode (re-parameterised blocks such as
+zero-sized layers, layers never called, layers called in only one of training/eval mode (re-parameterised blocks such as
 SPAN's ``Conv3XC``), layers whose weights the network reads outside the layer's own forward (the packed
 layer has no float weight), and convs with a ``padding_mode`` other than ``zeros``. Other parametric
 modules (PReLU, LayerNorm, custom conv classes, attention position tables) always stay full precision.
@@ -233,6 +233,8 @@ def _body_size(run: _Run, first: tuple[str, int, int, bool] | None) -> int:
 
 
 def _unquantizable(module: nn.Module, in_eval: bool, in_train: bool, outside: bool) -> str | None:
+    if module.weight.numel() == 0:
+        return "a zero-sized layer"
     if not in_eval and not in_train:
         return "never called by the forward"
     if in_eval != in_train:
