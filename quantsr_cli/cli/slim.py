@@ -23,10 +23,12 @@ def slim(
 ) -> None:
     """QSA: train a quantized model while removing residual blocks until --target-blocks remain.
 
-    Starts from --model (a quantized file) or from a fresh --arch model (with --bits, --blocks, --init).
+    Starts from --model (a quantized file) or from a fresh model: --init FILE (its architecture is detected)
+    or --arch NAME (with --bits, --blocks).
     """
-    if (model is None) == ("arch" not in flags.values):
-        raise ConfigError("give either --model QAT_FILE or --arch NAME")
+    fresh = "arch" in flags.values or "init" in flags.values
+    if (model is None) != fresh:
+        raise ConfigError("give either --model QAT_FILE, or --init FILE / --arch NAME for a fresh model")
     target = flags.values["slim_to"]
     if target < 1:
         raise ConfigError(f"--target-blocks {target} must be at least 1")

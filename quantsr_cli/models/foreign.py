@@ -61,9 +61,11 @@ def _spandrel() -> Any:
                                  "pip install spandrel (with a torchvision matching your torch)") from None
 
 
-def architectures() -> list[str]:
-    """spandrel's architecture ids in detection order (imports spandrel)."""
-    return [str(s.architecture.id) for s in _spandrel().MAIN_REGISTRY.architectures("detection")]
+def catalog() -> dict[str, Any]:
+    """spandrel's version and architecture ids in detection order (imports spandrel)."""
+    sp = _spandrel()
+    return {"source": f"spandrel {sp.__version__}",
+            "architectures": [str(s.architecture.id) for s in sp.MAIN_REGISTRY.architectures("detection")]}
 
 
 class SpandrelSR(nn.Module):
@@ -346,4 +348,4 @@ def label(hparams: Mapping[str, Any]) -> str:
 
 
 SPEC = ArchSpec(NAME, build, "any architecture spandrel detects (ESRGAN, Compact, SwinIR, HAT, DAT, RCAN, ...)",
-                detect=detect, quant_rule=quant_rule, convert=convert, fallback=True, label=label)
+                detect=detect, quant_rule=quant_rule, convert=convert, fallback=True, label=label, catalog=catalog)

@@ -79,6 +79,8 @@ class ArchSpec:
         label: ``hparams -> str``, the architecture as users know it (``"ESRGAN (spandrel)"``); default: ``name``.
         pretrained: where the official full-precision weights come from (printed when a run starts from
             random weights); empty when there are none.
+        catalog: for a fallback family, ``() -> {"source": ..., "architectures": [names]}``: what it
+            recognises, for the documentation (may import the family's library).
         family: which contract the built model follows: ``"sr"`` (the SR model contract of DEVELOPERS.md:
             block names, feature points, learnable shortcuts; ``quantize``, ``slim``, ``distill``, ``info``)
             or ``"one-step-diffusion"`` (the one-step SR contract of :mod:`quantsr_cli.diffusion`;
@@ -96,6 +98,7 @@ class ArchSpec:
     label: Callable[[Mapping[str, Any]], str] | None = None
     pretrained: str = ""
     family: str = "sr"
+    catalog: Callable[[], dict[str, Any]] | None = None
 
     def display(self, hparams: Mapping[str, Any]) -> str:
         """The architecture name for messages: ``label(hparams)`` or ``name``."""
