@@ -117,9 +117,10 @@ def test_info_says_what_stays_full_precision(zoo) -> None:
     text = _cli("info", str(zoo["realesrgan_compact"][0]))
     assert "full precision, first conv: body.0" in text
     assert "full precision, not packable (params by module type): PReLU" in text
-    span = json.loads(_cli("info", str(zoo["span"][0]), "--json"))
-    reasons = set(span["fp_layers"].values())
-    assert any(r.startswith("cannot be packed: called only in") for r in reasons)  # SPAN's Conv3XC
+    span = json.loads(_cli("info", str(zoo["span"][0]), "--json"))  # SPAN's Conv3XC, folded into one conv each
+    assert span["hparams"]["fold"] is True and span["fp_layers"]["conv_1.eval_conv"] == "first conv"
+    assert len(load_model(str(zoo["span"][0])).model.quant_patterns) > 10
+    assert not any(r.startswith("cannot be packed") for r in span["fp_layers"].values())
 
 
 def test_rcan_is_not_edsr_and_edsr_pytorch_is_the_builtin(zoo) -> None:
@@ -177,3 +178,17 @@ def test_published_imdn_through_the_generic_path_ptq_w8a8_keeps_set5(shared_data
     result = json.loads(_cli("eval", "--model", summary["out"], "--backend", "torch", "--json",
                              "--data-root", str(shared_data / "benchmarks")))
     assert abs(result["datasets"]["Set5"]["psnr"] - summary["best_psnr"]) < 0.01
+
+
+def test_the_cupy_engine_runs_foreign_models_layer_by_layer(zoo) -> None:
+    """No fused plan knows a foreign network: the GPU engine's planner says it runs it layer by layer."""
+    from quantsr_cli.backends.engine_plans import PRECISIONS, build_plan
+    from quantsr_cli.config import QuantConfig
+    from quantsr_cli.packing.convert import to_packed
+    from quantsr_cli.quant import calibrate_, quantize_
+
+    model = load_model(str(zoo["realesrgan_compact"][0])).model
+    quantize_(model, QuantConfig(w_bits=4, a_bits=4))
+    calibrate_(model, torch.rand(2, 3, 8, 8))
+    plan, note = build_plan(to_packed(model.eval()), torch.device("cpu"), PRECISIONS["fp16"])
+    assert plan is None and note.startswith("layer by layer")

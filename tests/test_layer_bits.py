@@ -84,16 +84,13 @@ def test_overridden_layers_have_the_requested_bits_in_the_packed_file(tmp_path: 
 
 
 def test_rules_reaching_only_layers_that_cannot_be_packed_are_refused() -> None:
-    pytest.importorskip("spandrel")
-    from spandrel.architectures.SPAN import SPAN
-
-    from quantsr_cli.models.loading import model_from_state
-
-    model = model_from_state(SPAN(num_in_ch=3, num_out_ch=3, feature_channels=16, upscale=2).state_dict())
-    with pytest.raises(ConfigError, match=r"conv_1\.sk cannot be quantized \(called only in training mode"):
-        layer_plan(model, QuantConfig(layers={"conv_1.*": 4}))
-    broad = layer_plan(model, QuantConfig(layers={"*": 8}))  # a broad rule skips them and quantizes the rest
-    assert "conv_1.sk" not in broad and broad["upsampler.0"] == (8, 8)
+    model = build_model("imdn", num_modules=2)
+    model.unquantizable = {"IMDB1.c1": "its weights are read outside its own forward"}  # as the generic rule sets
+    with pytest.raises(ConfigError, match=r"IMDB1\.c1 cannot be quantized \(its weights are read outside"):
+        layer_plan(model, QuantConfig(layers={"IMDB1.c1": 8}))
+    broad = layer_plan(model, QuantConfig(layers={"IMDB1.*": 8}))  # a broad rule skips it, takes the rest
+    assert "IMDB1.c1" not in broad and broad["IMDB1.c2"] == (8, 8)
+    assert "IMDB1.c1" not in layer_plan(model, QuantConfig())  # and so does the architecture's own rule
 
 
 def test_ptq_calibrates_and_packs_without_training(tmp_path: Path, tiny_train_dir: Path) -> None:

@@ -15,7 +15,9 @@ Hyperparameters (``model.hparams``, stored in quantsr files, enough to rebuild t
 * ``cls``: the model class as the architecture's module exports it (``"ESRGAN"``, ``"RealPLKSR"``);
 * ``params``: the class's keyword arguments (spandrel's ``hyperparameters``; JSON values only);
 * ``upscale``: the scale; ``size``: ``[minimum, multiple_of, square]`` input requirements: like spandrel's
-  call, the forward pads the input (reflect, then replicate) to meet them and crops the output.
+  call, the forward pads the input (reflect, then replicate) to meet them and crops the output;
+* ``fold``: re-parameterised blocks (SPAN's ``Conv3XC``) are folded into their inference conv
+  (:data:`REPARAMETERIZE`), so that they can be quantized; the model's keys are then the folded ones.
 
 The model is the spandrel module itself, its class swapped for a subclass that adds the quantsr
 contract (``arch``, ``hparams``, padding forward), so its state-dict keys are spandrel's. It has no
@@ -102,6 +104,46 @@ class SpandrelSR(nn.Module):
         return []
 
 
+class Reparameterized(nn.Module):
+    """A re-parameterised block folded into its inference conv (``eval_conv``, same key as in the block),
+    then an optional LeakyReLU: what the block computes in eval mode, as one plain conv to quantize."""
+
+    def __init__(self, eval_conv: nn.Conv2d, relu_slope: float | None) -> None:
+        super().__init__()
+        self.eval_conv = eval_conv
+        self.relu_slope = relu_slope
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.eval_conv(x)
+        return out if self.relu_slope is None else F.leaky_relu(out, negative_slope=self.relu_slope)
+
+
+def _fold_conv3xc(module: nn.Module) -> nn.Module:
+    """SPAN's ``Conv3XC`` (1x1 -> 3x3 -> 1x1 plus a 1x1 skip in training, their exact sum ``eval_conv`` in eval)."""
+    with torch.no_grad():
+        if module.eval_conv.weight.device.type != "meta":
+            module.update_params()
+    conv = module.eval_conv
+    conv.weight.requires_grad_(True)
+    if conv.bias is not None:
+        conv.bias.requires_grad_(True)
+    return Reparameterized(conv, 0.05 if module.has_relu else None)
+
+
+REPARAMETERIZE = {"Conv3XC": _fold_conv3xc}
+"""Re-parameterised blocks (by class name) folded into one conv before quantization (hparam ``fold``):
+otherwise their training and eval paths differ and none of their convs could be quantized and packed."""
+
+
+def fold_blocks(model: nn.Module) -> int:
+    """Replace every :data:`REPARAMETERIZE` block of ``model`` by its folded conv, in place; returns how many."""
+    found = [(name, m) for name, m in model.named_modules() if type(m).__name__ in REPARAMETERIZE]
+    for name, module in found:
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, REPARAMETERIZE[type(module).__name__](module))
+    return len(found)
+
+
 def _padded(n: int, minimum: int, multiple: int) -> int:
     n = max(n, minimum)
     return -(-n // multiple) * multiple
@@ -113,7 +155,7 @@ def _sr_class(cls: type) -> type:
 
 
 def build(net: str = DEFAULT_NET[0], cls: str = "", params: dict[str, Any] | None = None, upscale: int = 4,
-          size: list[Any] | None = None) -> nn.Module:
+          size: list[Any] | None = None, fold: bool = False) -> nn.Module:
     """The network ``net`` with keyword arguments ``params`` (see the module docstring), fresh weights.
 
     Raises:
@@ -141,9 +183,12 @@ def build(net: str = DEFAULT_NET[0], cls: str = "", params: dict[str, Any] | Non
             inner = _construct(_model_class(net, cls), params)
     except (TypeError, ValueError, AssertionError, AttributeError, KeyError) as exc:
         raise ConfigError(f"{NAME} {net} rejects its hyperparameters ({type(exc).__name__}: {exc})") from None
+    if fold:
+        fold_blocks(inner)
     if not net.startswith(BUILTIN):  # a built-in model already has the contract (and its blocks)
         inner.__class__ = _sr_class(type(inner))
-    hparams = {"net": net, "cls": cls, "params": params, "upscale": upscale, "size": [minimum, multiple, square]}
+    hparams = {"net": net, "cls": cls, "params": params, "upscale": upscale, "size": [minimum, multiple, square],
+               **({"fold": True} if fold else {})}
     for key, value in (("arch", NAME), ("hparams", hparams), ("upscale", upscale),
                        ("size_req", (minimum, multiple, square)), ("quant_patterns", ()), ("derived_keys", ()),
                        ("qk_points", ()), ("av_points", ())):
@@ -303,6 +348,8 @@ def _detect_spandrel(sd: StateDict) -> Hparams | None:
     req = descriptor.size_requirements
     hparams = {"net": arch_id, "cls": _export_name(model, descriptor), "params": _hyperparameters(model, arch_id),
                "upscale": scale, "size": [int(req.minimum), int(req.multiple_of), bool(req.square)]}
+    if fold_blocks(model.eval()):
+        hparams["fold"] = True
     _CACHE.update(key=_key(sd), state=model.state_dict())
     return hparams
 

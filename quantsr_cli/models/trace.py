@@ -235,12 +235,12 @@ def _body_size(run: _Run, first: tuple[str, int, int, bool] | None) -> int:
 def _unquantizable(module: nn.Module, in_eval: bool, in_train: bool, outside: bool) -> str | None:
     if module.weight.numel() == 0:
         return "a zero-sized layer"
+    if outside:
+        return "its weights are read outside its own forward"
     if not in_eval and not in_train:
         return "never called by the forward"
     if in_eval != in_train:
         return f"called only in {'eval' if in_eval else 'training'} mode (re-parameterised)"
-    if outside:
-        return "its weights are read outside its own forward"
     if isinstance(module, nn.Conv2d) and module.padding_mode != "zeros":
         return f"padding_mode={module.padding_mode!r} cannot be packed"
     return None
