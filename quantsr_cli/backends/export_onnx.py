@@ -1,0 +1,158 @@
+"""``quantsr export … -o FILE.onnx``: an ONNX model with our exact quantizers as Q/DQ pairs.
+
+The graph is traced with ``torch.onnx.export(dynamo=True)`` from :func:`export_graph.export_copy`
+(see there for how each quantized layer is written), then post-processed here:
+
+* int4/uint4 containers: the int8/uint8 initializers the trace produced for 2-bit weights and 4-bit
+  activation zero points are rewritten as INT4/UINT4 (opset 21), so 2-bit weights take half a byte;
+* the exporter's per-node debugging metadata (stack traces) is dropped and quantsr's own is added
+  (``quantsr.arch``, ``quantsr.scale``, ``quantsr.label``);
+* the input ``lr`` is ``(N, 3, H, W)`` float32 in ``[0, 1]`` with dynamic N, H and W; the output ``sr``
+  is ``(N, 3, sH, sW)``, unclamped (as the torch model).
+
+``onnx`` and ``onnxscript`` (what the exporter needs) are imported inside functions only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from quantsr_cli.backends.export_graph import CONTAINER_KEY, export_copy
+from quantsr_cli.errors import BackendUnavailableError, ConfigError
+
+OPSET = 21
+"""INT4/UINT4 tensors and QuantizeLinear/DequantizeLinear on them need opset 21."""
+
+INPUT, OUTPUT = "lr", "sr"
+EXTRA = "pip install 'quantsr[cpu-fast]'"
+"""How a user gets the export and runtime dependencies (onnx, onnxscript, onnxruntime, openvino)."""
+
+
+def require(*modules: str) -> None:
+    """Raise BackendUnavailableError naming the extra when one of ``modules`` cannot be imported."""
+    import importlib.util
+
+    missing = [m for m in modules if importlib.util.find_spec(m) is None]
+    if missing:
+        raise BackendUnavailableError(f"{', '.join(missing)} not installed ({EXTRA})")
+
+
+def trace_onnx(model: nn.Module, flavor: str = "onnx", example_hw: tuple[int, int] = (24, 24)) -> Any:
+    """The ``onnx.ModelProto`` of ``model`` (packed, QAT or float) with dynamic N/H/W, post-processed.
+
+    ``flavor="openvino"`` writes activations as ``org.openvinotoolkit::FakeQuantize`` (for OpenVINO's
+    converter only; see :mod:`quantsr_cli.backends.export_openvino`).
+    """
+    require("onnx", "onnxscript")
+    graph = export_copy(model, flavor)
+    x = torch.rand(1, 3, *example_hw)
+    dims = {0: torch.export.Dim("n", min=1, max=64), 2: torch.export.Dim("h", min=4, max=1 << 15),
+            3: torch.export.Dim("w", min=4, max=1 << 15)}
+    quiet = [logging.getLogger(n) for n in ("torch.onnx", "torch.export", "torch._dynamo", "onnxscript")]
+    levels = [lg.level for lg in quiet]
+    for lg in quiet:
+        lg.setLevel(logging.ERROR)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()), torch.no_grad():
+            program = torch.onnx.export(graph, (x,), input_names=[INPUT], output_names=[OUTPUT], dynamo=True,
+                                        opset_version=OPSET, dynamic_shapes={"x": dims}, verbose=False,
+                                        external_data=False)
+    except Exception as exc:  # the exporter raises many kinds; one line for the user
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise ConfigError(f"cannot trace the model for ONNX export ({type(exc).__name__}: {first})") from exc
+    finally:
+        for lg, level in zip(quiet, levels):
+            lg.setLevel(level)
+    proto = program.model_proto
+    narrow_containers(proto)
+    _clean_metadata(proto, model)
+    return proto
+
+
+def narrow_containers(proto: Any) -> int:
+    """Rewrite the initializers of nodes tagged ``quantsr.container=int4|uint4`` as INT4/UINT4.
+
+    Weight DequantizeLinear nodes get their input 0 rewritten, activation Q/DQ nodes their zero point
+    (input 2). Returns how many initializers changed.
+    """
+    import onnx
+    from onnx import numpy_helper
+
+    inits = {t.name: t for t in proto.graph.initializer}
+    infos = {v.name: v for v in proto.graph.value_info}
+    kinds = {"int4": onnx.TensorProto.INT4, "uint4": onnx.TensorProto.UINT4}
+    done: set[str] = set()
+    for node in proto.graph.node:
+        tag = next((p.value for p in node.metadata_props if p.key == CONTAINER_KEY), None)
+        if tag not in kinds:
+            continue
+        if node.op_type == "QuantizeLinear" and node.output[0] in infos:
+            infos[node.output[0]].type.tensor_type.elem_type = kinds[tag]
+        for index in (0, 2):
+            name = node.input[index] if len(node.input) > index else ""
+            if name in done or name not in inits:
+                continue
+            old = inits[name]
+            values = numpy_helper.to_array(old)
+            new = onnx.helper.make_tensor(name, kinds[tag], list(values.shape), values.astype(int).ravel().tolist())
+            old.CopyFrom(new)
+            done.add(name)
+    return len(done)
+
+
+def _clean_metadata(proto: Any, model: nn.Module) -> None:
+    for node in proto.graph.node:
+        del node.metadata_props[:]
+    for value in (*proto.graph.input, *proto.graph.output, *proto.graph.value_info, *proto.graph.initializer):
+        del value.metadata_props[:]
+    del proto.metadata_props[:]
+    hparams = getattr(model, "hparams", {}) or {}
+    info = {"quantsr.arch": str(getattr(model, "arch", "")), "quantsr.scale": str(hparams.get("upscale", "")),
+            "quantsr.input": "lr: (N, 3, H, W) float32 RGB in [0, 1]; sr: (N, 3, sH, sW), unclamped"}
+    for key, value in info.items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, value
+    proto.producer_name = "quantsr"
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temp file in the same folder and ``os.replace``."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def export_onnx(model: nn.Module, path: str | Path) -> dict[str, Any]:
+    """Write ``model`` as ONNX to ``path`` (atomically); returns a small summary (ops, bytes)."""
+    import onnx
+
+    proto = trace_onnx(model)
+    onnx.checker.check_model(proto)
+    data = proto.SerializeToString()
+    atomic_write_bytes(path, data)
+    return summary(proto, len(data))
+
+
+def summary(proto: Any, size: int) -> dict[str, Any]:
+    """Counts of the quantization nodes and the file size."""
+    ops: dict[str, int] = {}
+    for node in proto.graph.node:
+        ops[node.op_type] = ops.get(node.op_type, 0) + 1
+    return {"format": "onnx", "opset": OPSET, "bytes": size, "quantize_linear": ops.get("QuantizeLinear", 0),
+            "dequantize_linear": ops.get("DequantizeLinear", 0), "conv": ops.get("Conv", 0), "nodes": sum(ops.values())}
