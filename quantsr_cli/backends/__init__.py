@@ -1,10 +1,12 @@
-"""Compute backends for packed models: ``torch`` (reference), ``cpu`` (oneDNN int8), ``cupy`` (CUDA).
+"""Compute backends for packed models: ``torch`` (reference), ``cpu`` (oneDNN int8), ``cupy`` (CUDA),
+and the whole-model runtimes ``onnxruntime`` / ``openvino`` (the model exported, run there).
 
 A backend is a module exposing ``prepare(module) -> impl`` (called for every packed module; the
 returned ``impl(module, x)`` becomes ``module.impl``) and optionally ``prepare_model(model)`` /
 ``release_model(model)`` for model-wide set-up and its undoing. ``cupy`` lives in
 ``quantsr_cli.backends.cupy_backend`` and is imported only when requested (it is the only cupy user);
-it may define ``unavailable_reason() -> str | None`` to refine the availability check.
+it may define ``unavailable_reason() -> str | None`` to refine the availability check. The runtimes
+(``onnxruntime_backend``, ``openvino_backend``) define it too and do their work in ``prepare_model``.
 """
 
 from __future__ import annotations
@@ -16,12 +18,17 @@ from types import ModuleType
 import torch
 from torch import nn
 
-from quantsr_cli.errors import BackendUnavailableError, ConfigError
+from quantsr_cli.errors import BackendUnavailableError, ConfigError, QuantSRError
 
 __all__ = ["BACKENDS", "available_backends", "resolve_backend", "use_backend", "backend_of"]
 
-BACKENDS = ("torch", "cpu", "cupy")
+BACKENDS = ("torch", "cpu", "cupy", "onnxruntime", "openvino")
 """Backend names accepted by :func:`use_backend` (plus ``"auto"``)."""
+
+RUNTIMES = ("openvino", "onnxruntime")
+"""Whole-model runtime backends, fastest first (``auto`` on a CPU picks the first installed, else ``cpu``)."""
+
+_FILES = {"torch": "torch_ref", "onnxruntime": "onnxruntime_backend", "openvino": "openvino_backend"}
 
 _ATTR = "quantsr_backend"
 
@@ -50,33 +57,46 @@ def _cupy_problem() -> str | None:
         return f"the cupy backend cannot be loaded ({type(exc).__name__}: {str(exc)[:160]})"
 
 
+def _runtime_problem(name: str) -> str | None:
+    """None when runtime backend ``name`` can run here (its packages import), else what is missing."""
+    return importlib.import_module(f"quantsr_cli.backends.{_FILES[name]}").unavailable_reason()
+
+
 def _module(name: str) -> ModuleType:
+    if name in RUNTIMES and (problem := _runtime_problem(name)) is not None:
+        raise BackendUnavailableError(f"backend {name!r} cannot run here: {problem}")
     if name == "cupy":
         problem = _cupy_problem()
         if problem is not None:
             raise BackendUnavailableError(f"backend 'cupy' cannot run here: {problem}")
         return importlib.import_module("quantsr_cli.backends.cupy_backend")
-    return importlib.import_module(f"quantsr_cli.backends.{'torch_ref' if name == 'torch' else name}")
+    return importlib.import_module(f"quantsr_cli.backends.{_FILES.get(name, name)}")
 
 
 def available_backends() -> list[str]:
-    """Backends usable on this machine, e.g. ``["torch", "cpu"]`` (+ ``"cupy"`` with CUDA and cupy)."""
-    return ["torch", "cpu"] + (["cupy"] if _cupy_problem() is None else [])
+    """Backends usable on this machine, e.g. ``["torch", "cpu"]`` (+ ``"cupy"`` with CUDA and cupy,
+    + the installed runtimes)."""
+    runtimes = [name for name in RUNTIMES if _runtime_problem(name) is None]
+    return ["torch", "cpu"] + (["cupy"] if _cupy_problem() is None else []) + runtimes
 
 
 def resolve_backend(name: str) -> str:
-    """Map ``auto`` to ``cupy`` when CUDA and cupy are usable, else ``cpu``; check other names.
+    """Map ``auto`` to ``cupy`` when CUDA and cupy are usable, else the first installed of
+    :data:`RUNTIMES`, else ``cpu``; check other names.
 
     Raises:
         ConfigError: an unknown name.
-        BackendUnavailableError: ``cupy`` requested but CUDA or cupy is missing (names which).
+        BackendUnavailableError: ``cupy`` requested but CUDA or cupy is missing (names which), or a
+            runtime whose packages are missing (names the extra).
     """
     if name == "auto":
-        return "cupy" if _cupy_problem() is None else "cpu"
+        if _cupy_problem() is None:
+            return "cupy"
+        return next((r for r in RUNTIMES if _runtime_problem(r) is None), "cpu")
     if name not in BACKENDS:
         raise ConfigError(f"unknown backend {name!r}; choose auto, {', '.join(BACKENDS)}")
-    if name == "cupy":
-        _module("cupy")
+    if name == "cupy" or name in RUNTIMES:
+        _module(name)
     return name
 
 
@@ -90,7 +110,8 @@ def use_backend(model: nn.Module, name: str = "auto") -> nn.Module:
 
     Args:
         model: a model holding packed modules (others are left as they are).
-        name: ``auto``, ``torch``, ``cpu`` or ``cupy``.
+        name: ``auto``, ``torch``, ``cpu``, ``cupy``, ``onnxruntime`` or ``openvino``. With ``auto``, a
+            runtime that cannot take the model (e.g. its export fails) falls back to ``cpu``.
 
     Returns:
         ``model``. Each packed module gets ``backend_note`` saying how it runs (e.g. a per-layer
@@ -103,7 +124,13 @@ def use_backend(model: nn.Module, name: str = "auto") -> nn.Module:
     if previous is not None and callable(getattr(previous, "release_model", None)):
         previous.release_model(model)
     backend = _module(resolved)
-    if callable(getattr(backend, "prepare_model", None)):
+    try:
+        if callable(getattr(backend, "prepare_model", None)):
+            backend.prepare_model(model)
+    except QuantSRError:
+        if name != "auto" or resolved not in RUNTIMES:
+            raise
+        resolved, backend = "cpu", _module("cpu")
         backend.prepare_model(model)
     for module in model.modules():
         if isinstance(module, PackedModule):

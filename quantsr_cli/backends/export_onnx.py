@@ -20,6 +20,7 @@ import io
 import logging
 import os
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -62,7 +63,8 @@ def trace_onnx(model: nn.Module, flavor: str = "onnx", example_hw: tuple[int, in
     for lg in quiet:
         lg.setLevel(logging.ERROR)
     try:
-        with contextlib.redirect_stdout(io.StringIO()), torch.no_grad():
+        with contextlib.redirect_stdout(io.StringIO()), torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the exporter's own deprecation chatter
             program = torch.onnx.export(graph, (x,), input_names=[INPUT], output_names=[OUTPUT], dynamo=True,
                                         opset_version=OPSET, dynamic_shapes={"x": dims}, verbose=False,
                                         external_data=False)
@@ -129,6 +131,9 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.fchmod(fd, 0o666 & ~umask)  # mkstemp creates 0600; exports are ordinary user files
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
         os.replace(tmp, path)

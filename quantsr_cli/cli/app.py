@@ -51,6 +51,7 @@ def _register_optional() -> None:
         ("distill", "distill", "distill", "SFD distillation"),
         ("pack", "pack", "pack", "packed model format"),
         ("info", "info", "info", "model report"),
+        ("export", "export", "export", "ONNX / OpenVINO export"),
     ):
         try:
             mod = importlib.import_module(f"quantsr_cli.cli.{module}")
