@@ -7,16 +7,17 @@ forward; while ``torch.onnx.export`` traces them they emit, through ``torch.onnx
 * **activations** (``a_bits < 32``): ``Add(shift)`` (if any) -> ``Clip`` (only when the code range
   ``[qmin, qmax]`` is narrower than the container) -> ``QuantizeLinear(step, zero point)`` ->
   ``DequantizeLinear`` -- exactly ``step * clamp(round((x + shift) / step), qmin, qmax)`` (ONNX
-  rounds half to even, like ``torch.round``). The container is the smallest of uint4/int4/uint8/int8
-  holding the codes with zero point 0 (4-bit codes need no ``Clip``), else uint8 with zero point ``-qmin``.
-* **weights**: a constant of integer values ``v = f * (u - zero)`` (``f = 2`` for a half-integer zero,
-  scale halved) -> ``DequantizeLinear(scale / f)`` (per tensor, or per output channel on axis 0),
-  in an int4 container when ``v`` fits ``[-8, 7]`` (2-bit codes), else int8, else int32. Zero points are 0:
-  OpenVINO's CPU plugin runs a convolution in u8 only for symmetric (zero-point-free) weights.
+  rounds half to even, like ``torch.round``). The container is uint8 with zero point ``-qmin``.
+* **weights**: an int8 constant ``v = f * (u - zero)`` (``f = 2`` for a half-integer zero, scale
+  halved; int32 when ``v`` does not fit) -> ``DequantizeLinear(scale / f)`` (per tensor, or per output
+  channel on axis 0). Zero points are 0: OpenVINO's CPU plugin runs a convolution in u8 only for
+  symmetric (zero-point-free) weights.
 * the float conv/linear on the two dequantized tensors, then the float bias.
 
-int4/uint4 tensors cannot be made in torch: the exported graph holds int8/uint8 initializers tagged
-through node metadata, and :func:`quantsr_cli.backends.export_onnx.narrow_containers` rewrites them.
+Why 8-bit containers, not ONNX's INT4/UINT4 (checked with onnxruntime 1.32 / OpenVINO 2026.4):
+ONNX Runtime fuses ``DQ -> Conv -> (Relu) -> Q`` into ``QLinearConv`` also for uint4 tensors and then
+rejects the graph ("tensor(uint4) of QLinearConv is invalid"), and its Clip+QuantizeLinear fusion
+throws on 4-bit zero points; OpenVINO's CPU plugin ran a 1x1 convolution with INT4 weights in f32.
 """
 
 from __future__ import annotations
@@ -32,12 +33,7 @@ from quantsr_cli.errors import ConfigError
 from quantsr_cli.packing.convert import is_act_point, is_qat_layer, quantized_layers
 from quantsr_cli.packing.modules import PackedActQuant, PackedConv2d, PackedLinear, PackedModule, fake_quantize
 
-ONNX_UINT8, ONNX_INT8, ONNX_INT32, ONNX_UINT4, ONNX_INT4 = 2, 3, 6, 21, 22
-CONTAINER_KEY = "quantsr.container"
-"""Node metadata key naming the container (``int4``/``uint4``) of a Q/DQ node's integer tensors."""
-
-_ACT_CONTAINERS = ((ONNX_UINT4, 0, 15), (ONNX_INT4, -8, 7), (ONNX_UINT8, 0, 255), (ONNX_INT8, -128, 127))
-_NAMES = {ONNX_UINT4: "uint4", ONNX_INT4: "int4", ONNX_UINT8: "uint8", ONNX_INT8: "int8", ONNX_INT32: "int32"}
+ONNX_UINT8, ONNX_INT8, ONNX_INT32 = 2, 3, 6
 
 
 def _exporting() -> bool:
@@ -45,10 +41,8 @@ def _exporting() -> bool:
 
 
 def _symbolic(op: str, inputs: tuple[torch.Tensor, ...], dtype: int | torch.dtype, like: torch.Tensor,
-              attrs: dict[str, int] | None = None, container: int | None = None, version: int = 21) -> torch.Tensor:
-    meta = {CONTAINER_KEY: _NAMES[container]} if container in (ONNX_UINT4, ONNX_INT4) else None
-    return torch.onnx.ops.symbolic(op, inputs, attrs or {}, dtype=dtype, shape=like.shape, version=version,
-                                   metadata_props=meta)
+              attrs: dict[str, int] | None = None, version: int = 21) -> torch.Tensor:
+    return torch.onnx.ops.symbolic(op, inputs, attrs or {}, dtype=dtype, shape=like.shape, version=version)
 
 
 class _ActQDQ(nn.Module):
@@ -58,21 +52,14 @@ class _ActQDQ(nn.Module):
         super().__init__()
         self.qmin, self.qmax, self.shift_dim = src.a_qmin, src.a_qmax, shift_dim
         self.flavor = "onnx"
-        # a 4-bit container only when it is the code range itself: with a Clip before it, ONNX Runtime's
-        # Clip+QuantizeLinear fusion rejects 4-bit zero points (1.32), and the Clip does the narrowing.
-        fit = [c for c in _ACT_CONTAINERS if (c[1], c[2]) == (src.a_qmin, src.a_qmax) or (
-            c[2] > 15 and c[1] <= src.a_qmin and src.a_qmax <= c[2])]
-        if fit:
-            self.container, zp, lo, hi = fit[0][0], 0, fit[0][1], fit[0][2]
-        elif 0 <= -src.a_qmin <= 255 and src.a_qmax - src.a_qmin <= 255:
-            self.container, zp, lo, hi = ONNX_UINT8, -src.a_qmin, src.a_qmin, src.a_qmin + 255
-        else:
+        if not (0 <= -src.a_qmin <= 255 and src.a_qmax - src.a_qmin <= 255):
             raise ConfigError(f"activation codes [{src.a_qmin}, {src.a_qmax}] do not fit an 8-bit container")
+        # uint8 with zero point -qmin for signed codes too: u8 x s8 is what x86 int8 kernels run fastest
+        self.container, zp, lo, hi = ONNX_UINT8, -src.a_qmin, src.a_qmin, src.a_qmin + 255
         self.clip = (lo, hi) != (src.a_qmin, src.a_qmax)
         step = src.a_step.detach().float().reshape(())
         self.register_buffer("step", step.clone())
-        signed = self.container in (ONNX_INT4, ONNX_INT8)
-        self.register_buffer("zp", torch.tensor(zp, dtype=torch.int8 if signed else torch.uint8))
+        self.register_buffer("zp", torch.tensor(zp, dtype=torch.uint8))
         self.register_buffer("lo", (step * src.a_qmin).clone())
         self.register_buffer("hi", (step * src.a_qmax).clone())
         shift = None if src.a_shift is None else src.a_shift.detach().float().clone()
@@ -97,8 +84,8 @@ class _ActQDQ(nn.Module):
             x = torch.clamp(x, self.lo, self.hi)
         elif shift is not None:
             x = x + shift
-        q = _symbolic("QuantizeLinear", (x, self.step, self.zp), self.container, x, container=self.container)
-        return _symbolic("DequantizeLinear", (q, self.step, self.zp), torch.float32, x, container=self.container)
+        q = _symbolic("QuantizeLinear", (x, self.step, self.zp), self.container, x)
+        return _symbolic("DequantizeLinear", (q, self.step, self.zp), torch.float32, x)
 
 
     def _fake_quantize(self, x: torch.Tensor, shift: torch.Tensor | None) -> torch.Tensor:
@@ -138,8 +125,7 @@ class _WeightDQ(nn.Module):
             view = [-1] + [1] * (self.values.dim() - 1) if self.axis == 0 else []
             return self.scale.view(view) * self.values.float()
         attrs = {"axis": 0} if self.axis == 0 else {}
-        return _symbolic("DequantizeLinear", (self.values, self.scale), torch.float32, self.values, attrs,
-                         container=self.container)
+        return _symbolic("DequantizeLinear", (self.values, self.scale), torch.float32, self.values, attrs)
 
 
 class _ExportConv2d(nn.Module):

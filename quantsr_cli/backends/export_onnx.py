@@ -3,8 +3,6 @@
 The graph is traced with ``torch.onnx.export(dynamo=True)`` from :func:`export_graph.export_copy`
 (see there for how each quantized layer is written), then post-processed here:
 
-* int4/uint4 containers: the int8/uint8 initializers the trace produced for 2-bit weights and 4-bit
-  activation zero points are rewritten as INT4/UINT4 (opset 21), so 2-bit weights take half a byte;
 * the exporter's per-node debugging metadata (stack traces) is dropped and quantsr's own is added
   (``quantsr.arch``, ``quantsr.scale``, ``quantsr.label``);
 * the input ``lr`` is ``(N, 3, H, W)`` float32 in ``[0, 1]`` with dynamic N, H and W; the output ``sr``
@@ -27,11 +25,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from quantsr_cli.backends.export_graph import CONTAINER_KEY, export_copy
+from quantsr_cli.backends.export_graph import export_copy
 from quantsr_cli.errors import BackendUnavailableError, ConfigError
 
 OPSET = 21
-"""INT4/UINT4 tensors and QuantizeLinear/DequantizeLinear on them need opset 21."""
+"""QuantizeLinear/DequantizeLinear as of opset 21 (per-axis scales, blocked layouts)."""
 
 INPUT, OUTPUT = "lr", "sr"
 EXTRA = "pip install 'quantsr[cpu-fast]'"
@@ -56,8 +54,7 @@ def trace_onnx(model: nn.Module, flavor: str = "onnx", example_hw: tuple[int, in
     require("onnx", "onnxscript")
     graph = export_copy(model, flavor)
     x = torch.rand(1, 3, *example_hw)
-    dims = {0: torch.export.Dim("n", min=1, max=64), 2: torch.export.Dim("h", min=4, max=1 << 15),
-            3: torch.export.Dim("w", min=4, max=1 << 15)}
+    dims = {0: torch.export.Dim.AUTO, 2: torch.export.Dim.AUTO, 3: torch.export.Dim.AUTO}
     quiet = [logging.getLogger(n) for n in ("torch.onnx", "torch.export", "torch._dynamo", "onnxscript")]
     levels = [lg.level for lg in quiet]
     for lg in quiet:
@@ -75,40 +72,8 @@ def trace_onnx(model: nn.Module, flavor: str = "onnx", example_hw: tuple[int, in
         for lg, level in zip(quiet, levels):
             lg.setLevel(level)
     proto = program.model_proto
-    narrow_containers(proto)
     _clean_metadata(proto, model)
     return proto
-
-
-def narrow_containers(proto: Any) -> int:
-    """Rewrite the initializers of nodes tagged ``quantsr.container=int4|uint4`` as INT4/UINT4.
-
-    Weight DequantizeLinear nodes get their input 0 rewritten, activation Q/DQ nodes their zero point
-    (input 2). Returns how many initializers changed.
-    """
-    import onnx
-    from onnx import numpy_helper
-
-    inits = {t.name: t for t in proto.graph.initializer}
-    infos = {v.name: v for v in proto.graph.value_info}
-    kinds = {"int4": onnx.TensorProto.INT4, "uint4": onnx.TensorProto.UINT4}
-    done: set[str] = set()
-    for node in proto.graph.node:
-        tag = next((p.value for p in node.metadata_props if p.key == CONTAINER_KEY), None)
-        if tag not in kinds:
-            continue
-        if node.op_type == "QuantizeLinear" and node.output[0] in infos:
-            infos[node.output[0]].type.tensor_type.elem_type = kinds[tag]
-        for index in (0, 2):
-            name = node.input[index] if len(node.input) > index else ""
-            if name in done or name not in inits:
-                continue
-            old = inits[name]
-            values = numpy_helper.to_array(old)
-            new = onnx.helper.make_tensor(name, kinds[tag], list(values.shape), values.astype(int).ravel().tolist())
-            old.CopyFrom(new)
-            done.add(name)
-    return len(done)
 
 
 def _clean_metadata(proto: Any, model: nn.Module) -> None:
