@@ -6,7 +6,9 @@ The graph is traced with ``torch.onnx.export(dynamo=True)`` from :func:`export_g
 * the exporter's per-node debugging metadata (stack traces) is dropped and quantsr's own is added
   (``quantsr.arch``, ``quantsr.scale``, ``quantsr.label``);
 * the input ``lr`` is ``(N, 3, H, W)`` float32 in ``[0, 1]`` with dynamic N, H and W; the output ``sr``
-  is ``(N, 3, sH, sW)``, unclamped (as the torch model).
+  is ``(N, 3, sH, sW)``, unclamped (as the torch model). Models that pad to a window multiple in Python
+  (SwinIR) are traced on a multiple: H and W must then be multiples of ``quantsr.input_multiple``
+  (metadata; the runtime backends pad and crop around the graph).
 
 ``onnx`` and ``onnxscript`` (what the exporter needs) are imported inside functions only.
 """
@@ -26,6 +28,7 @@ import torch
 from torch import nn
 
 from quantsr_cli.backends.export_graph import export_copy
+from quantsr_cli.backends.runtime_common import input_multiple
 from quantsr_cli.errors import BackendUnavailableError, ConfigError
 
 OPSET = 21
@@ -53,7 +56,8 @@ def trace_onnx(model: nn.Module, flavor: str = "onnx", example_hw: tuple[int, in
     """
     require("onnx", "onnxscript")
     graph = export_copy(model, flavor)
-    x = torch.rand(1, 3, *example_hw)
+    multiple = input_multiple(model)
+    x = torch.rand(1, 3, *(-(-side // multiple) * multiple for side in example_hw))
     dims = {0: torch.export.Dim.AUTO, 2: torch.export.Dim.AUTO, 3: torch.export.Dim.AUTO}
     quiet = [logging.getLogger(n) for n in ("torch.onnx", "torch.export", "torch._dynamo", "onnxscript")]
     levels = [lg.level for lg in quiet]
@@ -84,7 +88,8 @@ def _clean_metadata(proto: Any, model: nn.Module) -> None:
     del proto.metadata_props[:]
     hparams = getattr(model, "hparams", {}) or {}
     info = {"quantsr.arch": str(getattr(model, "arch", "")), "quantsr.scale": str(hparams.get("upscale", "")),
-            "quantsr.input": "lr: (N, 3, H, W) float32 RGB in [0, 1]; sr: (N, 3, sH, sW), unclamped"}
+            "quantsr.input": "lr: (N, 3, H, W) float32 RGB in [0, 1]; sr: (N, 3, sH, sW), unclamped",
+            "quantsr.input_multiple": str(input_multiple(model))}
     for key, value in info.items():
         entry = proto.metadata_props.add()
         entry.key, entry.value = key, value

@@ -71,13 +71,37 @@ def check_cpu_model(model: nn.Module, backend: str) -> None:
                                       " (use --device cpu)")
 
 
+def input_multiple(model: nn.Module) -> int:
+    """H and W of an exported graph's input must be multiples of this (SwinIR: its window size).
+
+    Models that pad to a window multiple branch on the input size in Python; the trace keeps only the
+    branch of its example (a multiple), so the runtime backends pad before and crop after the graph.
+    """
+    return max(1, int(getattr(model, "window_size", 1) or 1))
+
+
+def _padded(x: torch.Tensor, multiple: int) -> torch.Tensor:
+    """``x`` padded right/bottom to multiples of ``multiple`` like SwinIR (reflect, replicate if too small)."""
+    h, w = x.shape[-2:]
+    pad_h, pad_w = (-h) % multiple, (-w) % multiple
+    if not (pad_h or pad_w):
+        return x
+    mode = "reflect" if pad_h < h and pad_w < w else "replicate"
+    return torch.nn.functional.pad(x, (0, pad_w, 0, pad_h), mode=mode)
+
+
 def install_forward(model: nn.Module, run: Callable[[torch.Tensor], torch.Tensor]) -> None:
     """Make ``model(x)`` call ``run(x)`` (float32 ``(N,3,H,W)`` on the CPU) until :func:`remove_forward`."""
+    multiple = input_multiple(model)
+    scale = int((getattr(model, "hparams", {}) or {}).get("upscale", 1))
 
     def forward(x: torch.Tensor) -> torch.Tensor:
         if x.device.type != "cpu" or x.dtype != torch.float32 or (torch.is_grad_enabled() and x.requires_grad):
             return type(model).forward(model, x)  # gradients / other devices: the torch graph
-        return run(x.contiguous())
+        if multiple == 1:
+            return run(x.contiguous())
+        h, w = x.shape[-2:]
+        return run(_padded(x, multiple).contiguous())[..., : h * scale, : w * scale].contiguous()
 
     object.__setattr__(model, "forward", forward)
     object.__setattr__(model, _FORWARD_ATTR, True)

@@ -37,9 +37,12 @@ def _check_output(output: Path) -> None:
 
 
 def _max_diff(loaded: LoadedModel, fmt: str, output: Path) -> float:
-    """Max |runtime - torch backend| on a random (1, 3, 20, 28) input."""
+    """Max |runtime - torch backend| on a random (1, 3, ~20, ~28) input (a multiple of the window)."""
+    from quantsr_cli.backends.runtime_common import input_multiple
+
     torch.manual_seed(0)
-    x = torch.rand(1, 3, 20, 28)
+    m = input_multiple(loaded.model)
+    x = torch.rand(1, 3, -(-20 // m) * m, -(-28 // m) * m)
     ref = copy.deepcopy(loaded.model).cpu().eval()
     use_backend(ref, "torch")
     with torch.inference_mode():
