@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from quantsr_cli.backends import RUNTIMES, available_backends, backend_of, resolve_backend, use_backend
+from quantsr_cli.backends import AUTO_RUNTIMES, available_backends, backend_of, resolve_backend, use_backend
 from quantsr_cli.backends import cpu
 from quantsr_cli.backends.cpu import cpu_forward, layer_report, onednn_available
 from quantsr_cli.config import METHODS, QuantConfig
@@ -62,7 +62,7 @@ def test_backend_names() -> None:
     with pytest.raises(ConfigError, match="unknown backend"):
         resolve_backend("gpu")
     if "cupy" not in available_backends():
-        assert resolve_backend("auto") == next((r for r in RUNTIMES if r in available_backends()), "cpu")
+        assert resolve_backend("auto") == next((r for r in AUTO_RUNTIMES if r in available_backends()), "cpu")
         with pytest.raises(BackendUnavailableError, match="cupy"):
             resolve_backend("cupy")
 
@@ -79,7 +79,7 @@ def test_cupy_hook_names_what_is_missing(monkeypatch: pytest.MonkeyPatch) -> Non
     monkeypatch.setitem(sys.modules, "cupy", fake)
     with pytest.raises(BackendUnavailableError, match="backend 'cupy' cannot run here: no CUDA device"):
         resolve_backend("cupy")
-    auto = next((r for r in RUNTIMES if r in available_backends()), "cpu")
+    auto = next((r for r in AUTO_RUNTIMES if r in available_backends()), "cpu")
     assert resolve_backend("auto") == auto and "cupy" not in available_backends()
 
 

@@ -39,11 +39,6 @@ TINY = {
 }
 
 
-@pytest.fixture(autouse=True)
-def _cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("QUANTSR_CACHE", str(tmp_path_factory.getbasetemp() / "export-cache"))
-
-
 def qat_model(arch: str, method: str, w_bits: int, a_bits: int, seed: int = 0) -> nn.Module:
     """A tiny model quantized and calibrated on one random batch, with non-trivial shifts (eval mode)."""
     torch.manual_seed(seed)
@@ -59,10 +54,11 @@ def packed_model(arch: str, method: str, w_bits: int, a_bits: int) -> nn.Module:
 
 
 def close(got: torch.Tensor, ref: torch.Tensor) -> None:
-    """Equal up to float32 rounding, plus rare code flips (a float difference on a rounding boundary)."""
+    """Equal up to float32 rounding plus rare code flips (a float difference on a rounding boundary moves
+    one activation code by one step; the change spreads over that code's receptive field)."""
     diff = (got - ref).abs()
     assert got.shape == ref.shape
-    assert float((diff > 1e-4).float().mean()) < 0.02 and float(diff.max()) < 0.05, float(diff.max())
+    assert float(diff.mean()) < 1e-3 and float((diff > 1 / 255).float().mean()) < 0.02, float(diff.max())
 
 
 CASES = [("imdn", "rbd", 4, 4), ("imdn", "lsq", 2, 2), ("quantsr-c", "dorefa", 4, 4), ("quantsr-c", "pams", 8, 8),
@@ -101,12 +97,14 @@ def test_onnx_graph_carries_our_quantizers() -> None:
     assert zps == sorted(-m.a_qmin for m in layers)
     weights = [n for n in nodes if n.op_type == "DequantizeLinear" and n.input[0] in inits
                and inits[n.input[0]].ndim == 4]
-    got = sorted(tuple(inits[n.input[0]].ravel()[:64].tolist()) for n in weights)
-    want = sorted(tuple((m.codes().reshape(m.weight_shape[0], *m.kernel_size, -1).permute(0, 3, 1, 2)
-                         .to(torch.int32) - int(m.w_zero)).ravel()[:64].tolist()) for m in layers)
+    # every output channel's integer weights u - zero, in some DequantizeLinear (split convs are sliced)
+    got = sorted(tuple(row.ravel().tolist()) for n in weights for row in inits[n.input[0]])
+    want = sorted(tuple(row.ravel().tolist()) for m in layers for row in
+                  m.codes().reshape(m.weight_shape[0], *m.kernel_size, -1).permute(0, 3, 1, 2).to(torch.int32)
+                  - int(m.w_zero))
     assert got == want and all(inits[n.input[0]].dtype.name == "int8" for n in weights)
-    # 2-bit codes: the narrower clamp is in the graph (Max/Min around a per-channel shift, or Clip)
-    assert sum(n.op_type in ("Max", "Clip") for n in nodes) >= len(layers)
+    # 2-bit codes: the upper clamp is in the graph (Min before the per-channel shift; Q saturates below)
+    assert sum(n.op_type == "Min" for n in nodes) >= len(layers)
     dims = proto.graph.input[0].type.tensor_type.shape.dim
     assert dims[1].dim_value == 3 and dims[2].dim_param and dims[3].dim_param
 
@@ -119,10 +117,10 @@ def test_openvino_runs_quantized_convs_in_u8(w_bits: int, a_bits: int) -> None:
     model = packed_model("imdn", "rbd", w_bits, a_bits)
     compiled = compile_model(convert(model), threads=1)
     precisions = runtime_precisions(compiled)
-    n_quant = sum(isinstance(m, PackedConv2d) for m in model.modules())
+    n_quant = sum(isinstance(m, PackedConv2d) for m in model.modules())  # some are split in two (IMDN)
     n_float = sum(type(m) is nn.Conv2d for m in model.modules())
-    int8 = [p for p in precisions.values() if p in ("u8", "i8")]
-    assert len(int8) == n_quant and len(precisions) == n_quant + n_float, precisions
+    float_convs = [p for p in precisions.values() if p not in ("u8", "i8")]
+    assert len(float_convs) == n_float and len(precisions) >= n_quant + n_float, precisions
     x = torch.rand(1, 3, 11, 14)
     with torch.no_grad():
         ref = model(x)
@@ -178,7 +176,7 @@ def test_missing_runtime_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> Non
             use_backend(nn.Sequential(), name)
 
 
-@pytest.mark.skipif(not (has_ov or has_ort), reason="no runtime installed")
+@pytest.mark.skipif(not has_ov, reason="openvino not installed: auto never tries a runtime")
 def test_auto_falls_back_to_cpu_when_the_export_fails(monkeypatch: pytest.MonkeyPatch) -> None:
     from quantsr_cli.backends import runtime_common as rc
     from quantsr_cli.errors import ConfigError
@@ -191,7 +189,7 @@ def test_auto_falls_back_to_cpu_when_the_export_fails(monkeypatch: pytest.Monkey
     use_backend(model, "auto")
     assert backend_of(model) in ("cpu", "cupy")
     with pytest.raises(ConfigError, match="cannot trace"):
-        use_backend(model, resolve_backend("auto") if resolve_backend("auto") in RUNTIMES else RUNTIMES[0])
+        use_backend(model, next(r for r in RUNTIMES if r in available_backends()))
 
 
 @pytest.mark.skipif(not (has_ov and has_ort), reason="needs onnxruntime and openvino")

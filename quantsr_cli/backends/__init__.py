@@ -20,13 +20,17 @@ from torch import nn
 
 from quantsr_cli.errors import BackendUnavailableError, ConfigError, QuantSRError
 
-__all__ = ["BACKENDS", "available_backends", "resolve_backend", "use_backend", "backend_of"]
+__all__ = ["BACKENDS", "RUNTIMES", "AUTO_RUNTIMES", "available_backends", "resolve_backend", "use_backend", "backend_of"]
 
 BACKENDS = ("torch", "cpu", "cupy", "onnxruntime", "openvino")
 """Backend names accepted by :func:`use_backend` (plus ``"auto"``)."""
 
 RUNTIMES = ("openvino", "onnxruntime")
-"""Whole-model runtime backends, fastest first (``auto`` on a CPU picks the first installed, else ``cpu``)."""
+"""Whole-model runtime backends (the model exported and run there)."""
+
+AUTO_RUNTIMES = ("openvino",)
+"""What ``auto`` tries on a CPU before ``cpu``: onnxruntime runs our graphs with float convolutions
+(its int8 ``QLinearConv`` needs requantized outputs) and is slower than ``cpu`` (bench/cpu_peers.py)."""
 
 _FILES = {"torch": "torch_ref", "onnxruntime": "onnxruntime_backend", "openvino": "openvino_backend"}
 
@@ -82,7 +86,7 @@ def available_backends() -> list[str]:
 
 def resolve_backend(name: str) -> str:
     """Map ``auto`` to ``cupy`` when CUDA and cupy are usable, else the first installed of
-    :data:`RUNTIMES`, else ``cpu``; check other names.
+    :data:`AUTO_RUNTIMES`, else ``cpu``; check other names.
 
     Raises:
         ConfigError: an unknown name.
@@ -92,7 +96,7 @@ def resolve_backend(name: str) -> str:
     if name == "auto":
         if _cupy_problem() is None:
             return "cupy"
-        return next((r for r in RUNTIMES if _runtime_problem(r) is None), "cpu")
+        return next((r for r in AUTO_RUNTIMES if _runtime_problem(r) is None), "cpu")
     if name not in BACKENDS:
         raise ConfigError(f"unknown backend {name!r}; choose auto, {', '.join(BACKENDS)}")
     if name == "cupy" or name in RUNTIMES:

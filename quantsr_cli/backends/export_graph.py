@@ -4,8 +4,9 @@
 activation point is replaced by an ``_Export*`` module. In eager mode these compute the reference
 forward; while ``torch.onnx.export`` traces them they emit, through ``torch.onnx.ops.symbolic``:
 
-* **activations** (``a_bits < 32``): ``Add(shift)`` (if any) -> ``Clip`` (only when the code range
-  ``[qmin, qmax]`` is narrower than the container) -> ``QuantizeLinear(step, zero point)`` ->
+* **activations** (``a_bits < 32``): ``Min(x, qmax*step - shift)`` (when ``qmax`` is below the
+  container's top) -> ``Add(shift)`` (if any) -> ``QuantizeLinear(step, zero point -qmin)`` (its
+  saturation at 0 is the lower clamp) ->
   ``DequantizeLinear`` -- exactly ``step * clamp(round((x + shift) / step), qmin, qmax)`` (ONNX
   rounds half to even, like ``torch.round``). The container is uint8 with zero point ``-qmin``.
 * **weights**: an int8 constant ``v = f * (u - zero)`` (``f = 2`` for a half-integer zero, scale
@@ -46,7 +47,7 @@ def _symbolic(op: str, inputs: tuple[torch.Tensor, ...], dtype: int | torch.dtyp
 
 
 class _ActQDQ(nn.Module):
-    """``step * clamp(round((x + shift) / step), qmin, qmax)`` as (Add) -> (Clip) -> Q -> DQ."""
+    """``step * clamp(round((x + shift) / step), qmin, qmax)`` as (Min) -> (Add) -> Q -> DQ."""
 
     def __init__(self, src: PackedModule, shift_dim: int) -> None:
         super().__init__()
@@ -76,13 +77,12 @@ class _ActQDQ(nn.Module):
             return self.step * torch.clamp(torch.round(x / self.step), self.qmin, self.qmax)
         if self.flavor == "openvino":
             return self._fake_quantize(x, shift)
-        if self.clip and shift is not None:
-            # clamp(x + s, lo, hi) as clamp(x, lo - s, hi - s) + s: OpenVINO 2026.4's CPU plugin computes
-            # Add -> Clamp -> FakeQuantize wrongly (it moves the Add past the Clamp), Max/Min -> Add is right.
-            x = torch.minimum(torch.maximum(x, self.lo - shift), self.hi - shift) + shift
-        elif self.clip:
-            x = torch.clamp(x, self.lo, self.hi)
-        elif shift is not None:
+        # QuantizeLinear's uint8 saturation at 0 (zero point -qmin) is the lower clamp; the upper one is
+        # min(x + s, hi), written min(x, hi - s) + s: OpenVINO 2026.4's CPU plugin computes Add -> Clamp
+        # (or Minimum) -> FakeQuantize wrongly (it moves the Add past the clamp); Minimum -> Add is right.
+        if self.clip:
+            x = torch.minimum(x, self.hi if shift is None else self.hi - shift)
+        if shift is not None:
             x = x + shift
         q = _symbolic("QuantizeLinear", (x, self.step, self.zp), self.container, x)
         return _symbolic("DequantizeLinear", (q, self.step, self.zp), torch.float32, x)
@@ -92,14 +92,14 @@ class _ActQDQ(nn.Module):
         """OpenVINO ``FakeQuantize`` with the shift in its per-channel input range, 16 or 256 levels.
 
         Its CPU plugin runs the next convolution in u8 only for 16/256 levels, so a narrower code range
-        (2-bit) keeps the 16-level grid of the same step and is clamped first (Maximum/Minimum).
+        (2-bit) keeps the 16-level grid of the same step and is clamped above first (Minimum).
         """
         levels = self.qmax - self.qmin + 1
         grid = levels if levels in (16, 256) else 16 if levels < 16 else 256
         neg = -shift if shift is not None else torch.zeros((), dtype=x.dtype)
         low, top = self.lo + neg, self.step * (self.qmin + grid - 1)
-        if grid != levels:
-            x = torch.minimum(torch.maximum(x, low), self.hi + neg)
+        if grid != levels:  # the FakeQuantize clamps below at qmin itself
+            x = torch.minimum(x, self.hi + neg)
         return _symbolic("org.openvinotoolkit::FakeQuantize", (x, low, top + neg, self.lo, top), torch.float32, x,
                          {"levels": grid}, version=1)
 

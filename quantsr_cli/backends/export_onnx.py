@@ -3,8 +3,10 @@
 The graph is traced with ``torch.onnx.export(dynamo=True)`` from :func:`export_graph.export_copy`
 (see there for how each quantized layer is written), then post-processed here:
 
+* :func:`onnx_passes.split_conv_outputs`: a convolution whose output is split along channels becomes one
+  convolution per part (IMDN's distillation; no split copy at run time);
 * the exporter's per-node debugging metadata (stack traces) is dropped and quantsr's own is added
-  (``quantsr.arch``, ``quantsr.scale``, ``quantsr.label``);
+  (``quantsr.arch``, ``quantsr.scale``, ``quantsr.input``, ``quantsr.input_multiple``);
 * the input ``lr`` is ``(N, 3, H, W)`` float32 in ``[0, 1]`` with dynamic N, H and W; the output ``sr``
   is ``(N, 3, sH, sW)``, unclamped (as the torch model). Models that pad to a window multiple in Python
   (SwinIR) are traced on a multiple: H and W must then be multiples of ``quantsr.input_multiple``
@@ -28,6 +30,7 @@ import torch
 from torch import nn
 
 from quantsr_cli.backends.export_graph import export_copy
+from quantsr_cli.backends.onnx_passes import split_conv_outputs
 from quantsr_cli.backends.runtime_common import input_multiple
 from quantsr_cli.errors import BackendUnavailableError, ConfigError
 
@@ -76,6 +79,7 @@ def trace_onnx(model: nn.Module, flavor: str = "onnx", example_hw: tuple[int, in
         for lg, level in zip(quiet, levels):
             lg.setLevel(level)
     proto = program.model_proto
+    split_conv_outputs(proto)
     _clean_metadata(proto, model)
     return proto
 
