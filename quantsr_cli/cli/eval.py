@@ -36,7 +36,7 @@ def evaluate(
     tile: Annotated[int, typer.Option("--tile", help="LR tile size for large images (0 = whole image).", min=0)] = 0,
     compare_dir: Annotated[Path | None, typer.Option("--compare-dir", help="Write side-by-side zoomed crops (HR, bicubic, models) here.")] = None,
     compare_model: Annotated[list[str] | None, typer.Option("--compare-model", help="Another model for --compare-dir panels; repeatable.")] = None,
-    backend: Annotated[str, typer.Option("--backend", help="Packed models: torch (reference), cpu, cupy or auto.")] = "torch",
+    backend: Annotated[str, typer.Option("--backend", help="Packed models: torch (reference), cpu, cupy or auto; any model: openvino, onnxruntime.")] = "torch",
     depth: Annotated[str | None, typer.Option("--depth", help="DQA models: full, half or quarter depth.")] = None,
     device: DeviceOpt = "cpu",
 ) -> None:

@@ -20,7 +20,7 @@ def upscale(
     model: Annotated[str, typer.Option("--model", "-m", help="Model file or bundled name.")] = "default",
     tile: Annotated[int, typer.Option("--tile", "-t", help="LR tile size in pixels (0 = whole image).")] = 256,
     tile_pad: Annotated[int, typer.Option("--tile-pad", help="LR context pixels around each tile.")] = 16,
-    backend: Annotated[str, typer.Option("--backend", help="auto, torch, cpu or cupy (packed models).")] = "auto",
+    backend: Annotated[str, typer.Option("--backend", help="auto, torch, cpu, cupy (packed models), openvino or onnxruntime.")] = "auto",
     suffix: Annotated[str, typer.Option("--suffix", help="Appended to each output file's stem (folder output).")] = "",
     ext: Annotated[str, typer.Option("--ext", help="Output format: auto (as the input), png, jpg, webp, tif.")] = "auto",
     overwrite: Annotated[bool, typer.Option("--overwrite/--skip-existing", help="Replace or keep existing outputs.")] = True,
