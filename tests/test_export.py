@@ -192,6 +192,21 @@ def test_auto_falls_back_to_cpu_when_the_export_fails(monkeypatch: pytest.Monkey
         use_backend(model, next(r for r in RUNTIMES if r in available_backends()))
 
 
+@needs_ov
+def test_runtime_failure_is_one_line_and_auto_falls_back(monkeypatch: pytest.MonkeyPatch) -> None:
+    from quantsr_cli.backends import openvino_backend
+
+    def crash(_model: nn.Module) -> None:
+        raise RuntimeError("Exception from src/inference/src/cpp/core.cpp:112:\nplugin crashed")
+
+    monkeypatch.setattr(openvino_backend, "exported_file", crash)
+    model = packed_model("imdn", "rbd", 4, 4)
+    with pytest.raises(BackendUnavailableError, match=r"^backend 'openvino' cannot run this model \(RuntimeError: "
+                       r"Exception from src/inference/src/cpp/core.cpp:112:\)$"):
+        use_backend(model, "openvino")
+    assert backend_of(use_backend(model, "auto")) in ("cpu", "cupy") and "forward" not in model.__dict__
+
+
 @pytest.mark.skipif(not (has_ov and has_ort), reason="needs onnxruntime and openvino")
 def test_cli_export_writes_both_formats(tmp_path) -> None:
     from quantsr_cli.packing.io import save_model

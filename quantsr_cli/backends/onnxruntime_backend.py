@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from quantsr_cli.backends import runtime_common as rc
+from quantsr_cli.errors import QuantSRError
 from quantsr_cli.packing.modules import Impl, PackedModule, reference_forward
 
 NAME = "onnxruntime"
@@ -63,7 +64,12 @@ def prepare_model(model: nn.Module) -> None:
     """Export (or reuse the cached export), open a session and route ``model(x)`` through it."""
     release_model(model)
     rc.check_cpu_model(model, NAME)
-    sess = session(exported_file(model))
+    try:
+        sess = session(exported_file(model))
+    except QuantSRError:
+        raise
+    except Exception as exc:  # a runtime failure on load: one line (and auto falls back to cpu)
+        raise rc.runtime_error(NAME, exc) from exc
     name_in, name_out = sess.get_inputs()[0].name, sess.get_outputs()[0].name
 
     def run(x: torch.Tensor) -> torch.Tensor:

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from quantsr_cli.backends import runtime_common as rc
+from quantsr_cli.errors import QuantSRError
 from quantsr_cli.packing.modules import Impl, PackedModule, reference_forward
 
 NAME = "openvino"
@@ -56,7 +57,12 @@ def prepare_model(model: nn.Module) -> None:
     """Convert (or reuse the cached IR), compile it and route ``model(x)`` through an infer request."""
     release_model(model)
     rc.check_cpu_model(model, NAME)
-    net = compiled(exported_file(model))
+    try:
+        net = compiled(exported_file(model))
+    except QuantSRError:
+        raise
+    except Exception as exc:  # a converter/plugin failure: one line (and auto falls back to cpu)
+        raise rc.runtime_error(NAME, exc) from exc
     request = net.create_infer_request()
 
     def run(x: torch.Tensor) -> torch.Tensor:

@@ -90,6 +90,12 @@ def _padded(x: torch.Tensor, multiple: int) -> torch.Tensor:
     return torch.nn.functional.pad(x, (0, pad_w, 0, pad_h), mode=mode)
 
 
+def runtime_error(backend: str, exc: Exception) -> BackendUnavailableError:
+    """A one-line BackendUnavailableError for a runtime's own failure on this model."""
+    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+    return BackendUnavailableError(f"backend {backend!r} cannot run this model ({type(exc).__name__}: {first})")
+
+
 def install_forward(model: nn.Module, run: Callable[[torch.Tensor], torch.Tensor]) -> None:
     """Make ``model(x)`` call ``run(x)`` (float32 ``(N,3,H,W)`` on the CPU) until :func:`remove_forward`."""
     multiple = input_multiple(model)
