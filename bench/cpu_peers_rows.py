@@ -17,7 +17,7 @@ import torch
 
 from quantsr_cli.backends import use_backend
 from quantsr_cli.backends.export_onnx import atomic_write_bytes, trace_onnx
-from quantsr_cli.backends.export_openvino import compile_model, convert, save_ir
+from quantsr_cli.backends.export_openvino import compile_model, save_ir
 from quantsr_cli.backends.runtime_common import cache_dir, model_hash
 from quantsr_cli.data.imresize import imresize
 from quantsr_cli.data.io import read_image
@@ -86,10 +86,12 @@ def _ir_bytes(path: Path) -> int:
 def _fp_artifacts(fp: torch.nn.Module, artifacts: Path, data: str) -> dict[str, Path]:
     paths = {"onnx": artifacts / "imdn_fp32.onnx", "ir": artifacts / "imdn_fp32.xml",
              "ort_ptq": artifacts / "imdn_ort_int8.onnx", "nncf": artifacts / "imdn_ov_int8_nncf.xml"}
-    if not paths["onnx"].is_file():
-        atomic_write_bytes(paths["onnx"], trace_onnx(fp).SerializeToString())
-    if not paths["ir"].is_file():
-        save_ir(convert(fp), paths["ir"])
+    if not paths["onnx"].is_file():  # the FP32 graph as torch.onnx traces it (no quantsr graph passes)
+        atomic_write_bytes(paths["onnx"], trace_onnx(fp, passes=False).SerializeToString())
+    if not paths["ir"].is_file():  # OpenVINO's own conversion of that ONNX file
+        import openvino as ov
+
+        save_ir(ov.convert_model(str(paths["onnx"])), paths["ir"])
     calib = None
     if not paths["ort_ptq"].is_file():
         from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static

@@ -51,8 +51,10 @@ def require(*modules: str) -> None:
         raise BackendUnavailableError(f"{', '.join(missing)} not installed ({EXTRA})")
 
 
-def trace_onnx(model: nn.Module, flavor: str = "onnx", example_hw: tuple[int, int] = (24, 24)) -> Any:
-    """The ``onnx.ModelProto`` of ``model`` (packed, QAT or float) with dynamic N/H/W, post-processed.
+def trace_onnx(model: nn.Module, flavor: str = "onnx", example_hw: tuple[int, int] = (24, 24),
+               passes: bool = True) -> Any:
+    """The ``onnx.ModelProto`` of ``model`` (packed, QAT or float) with dynamic N/H/W, post-processed
+    (``passes=False``: without :mod:`onnx_passes`, the graph as torch traced it).
 
     ``flavor="openvino"`` writes activations as ``org.openvinotoolkit::FakeQuantize`` (for OpenVINO's
     converter only; see :mod:`quantsr_cli.backends.export_openvino`).
@@ -79,7 +81,8 @@ def trace_onnx(model: nn.Module, flavor: str = "onnx", example_hw: tuple[int, in
         for lg, level in zip(quiet, levels):
             lg.setLevel(level)
     proto = program.model_proto
-    split_conv_outputs(proto)
+    if passes:
+        split_conv_outputs(proto)
     _clean_metadata(proto, model)
     return proto
 
