@@ -25,6 +25,12 @@ def _one_thread() -> None:
     torch.set_num_threads(1)
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _export_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Runtime backends cache their exports here (and CLI subprocesses inherit it), not in ~/.cache."""
+    os.environ.setdefault("QUANTSR_CACHE", str(tmp_path_factory.mktemp("quantsr-cache")))
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     root = data_dir()

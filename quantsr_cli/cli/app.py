@@ -27,6 +27,7 @@ import typer
 from quantsr_cli.cli import diffusion as diffusion_cmd
 from quantsr_cli.cli import distill as distill_cmd
 from quantsr_cli.cli import eval as eval_cmd
+from quantsr_cli.cli import export as export_cmd
 from quantsr_cli.cli import info as info_cmd
 from quantsr_cli.cli import pack as pack_cmd
 from quantsr_cli.cli import quantize as quantize_cmd
@@ -60,7 +61,7 @@ app.command("eval", help="PSNR/SSIM (Y channel, BasicSR conventions) on Set5/Set
     eval_cmd.evaluate
 )
 for _name, _func in (("upscale", upscale_cmd.upscale), ("slim", slim_cmd.slim), ("distill", distill_cmd.distill),
-                     ("pack", pack_cmd.pack), ("info", info_cmd.info)):
+                     ("pack", pack_cmd.pack), ("info", info_cmd.info), ("export", export_cmd.export)):
     app.command(_name, help=_first_doc_line(_func))(_func)
 app.add_typer(diffusion_cmd.app, name="diffusion")
 
