@@ -25,8 +25,9 @@ def _device(value: str) -> str:
 
 
 DeviceOpt = Annotated[str, typer.Option("--device", help="Torch device: cpu, cuda or cuda:N.", callback=_device)]
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object to stdout.")]
-ScaleOpt = Annotated[int | None, typer.Option("--scale", "-s", help="Upscaling factor (2, 3 or 4).", min=2, max=4)]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object to stdout.", show_default="off")]
+ScaleOpt = Annotated[int | None, typer.Option("--scale", "-s", help="Upscaling factor (2, 3 or 4).", min=2, max=4,
+                                              show_default="the model's")]
 
 
 def _backend_help() -> str:
@@ -39,8 +40,14 @@ BackendOpt = Annotated[str, typer.Option("--backend", help=_backend_help())]
 """The one ``--backend`` option of every command that runs a model (default ``auto``)."""
 DataRootOpt = Annotated[
     Path | None,
-    typer.Option("--data-root", help="Folder holding benchmark dataset folders [default: $QUANTSR_DATA/benchmarks]."),
+    typer.Option("--data-root", help="Data folder, or a folder holding benchmark dataset folders.",
+                 show_default="$QUANTSR_DATA, else the per-user data folder"),
 ]
+
+
+def examples(*commands: str) -> str:
+    """The epilog of a command's ``--help``: its example command lines (no ``[``: rich markup eats it)."""
+    return "Examples:\n" + "\n".join(f"  {c}" for c in commands)
 
 
 def print_json(obj: Any) -> None:

@@ -25,7 +25,7 @@ from torch import nn
 
 from quantsr_cli.config import ModelConfig, QuantConfig, TrainConfig
 from quantsr_cli.distill import FeatureDistillHook
-from quantsr_cli.data import TrainDataset, check_patch_size, shared_data_dir
+from quantsr_cli.data import TrainDataset, check_patch_size, no_data_hint, shared_data_dir
 from quantsr_cli.engine.evaluate import evaluate_model
 from quantsr_cli.engine.modelio import LoadedModel, load_model, loading, resolve_model_path
 from quantsr_cli.engine.outputs import check_model_output, check_outputs, check_run_dir, clean_temp_files
@@ -213,7 +213,7 @@ def default_train_dirs() -> tuple[str, ...]:
     """``$QUANTSR_DATA/train/*`` folders (T91, BSD200 in the shared data)."""
     shared = shared_data_dir()
     if shared is None:
-        raise ConfigError("no training data: set QUANTSR_DATA or pass --train-data DIR")
+        raise ConfigError(f"no training data: pass --train-data DIR, or: {no_data_hint()}")
     root = shared / "train"
     dirs = sorted(str(p) for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
     if not dirs:
