@@ -10,7 +10,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from quantsr_cli.cli.common import DeviceOpt, JsonOpt, TrainRenderer, examples, log, print_json, progress_bar
+from quantsr_cli.cli.common import DeviceOpt, JsonOpt, TrainRenderer, examples, log, print_json
 from quantsr_cli.cli.trainopts import (
     Config,
     Out,
@@ -129,9 +129,12 @@ def run_training_command(
         print_resolved(opts, command, job.run_dir, json_out)
         return
     log(f"run directory: {job.run_dir}" + (f"  (preset {used_preset})" if used_preset else ""))
-    with progress_bar(enabled=int(os.environ.get("RANK", "0")) == 0) as progress:
-        renderer = TrainRenderer(progress, job.train.iters, f"{job.arch} W{job.quant.w_bits}A{job.quant.a_bits}")
+    renderer = TrainRenderer(f"{job.arch} W{job.quant.w_bits}A{job.quant.a_bits}",
+                             enabled=int(os.environ.get("RANK", "0")) == 0)
+    try:
         summary = run_quantize(job, on_event=renderer)
+    finally:
+        renderer.close()
     if not summary:
         return
     if json_out:
