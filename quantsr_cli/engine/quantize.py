@@ -69,9 +69,8 @@ class QuantizeJob(ModelConfig):
     start_model: str | None = None
 
     def __post_init__(self) -> None:
+        super().__post_init__()  # ModelConfig: scale, blocks
         method_spec(self.quant.method)  # an unknown method is refused before anything is loaded
-
-    def __post_init__(self) -> None:
         spec = ARCHS.get(self.arch)
         if spec is not None and spec.family != "sr":  # unknown names are refused when the model is built
             raise ConfigError(f"arch {self.arch!r} is a {spec.family} model: use `quantsr diffusion quantize`")
