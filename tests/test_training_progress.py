@@ -166,7 +166,7 @@ def test_tensorboard_without_the_package_is_one_line_before_any_work(tmp_path: P
     assert not any(e.get("phase") == "loading data" for e in events)
 
 
-@pytest.mark.parametrize("case", ["usage", "no data", "bad val set", "eval dataset", "upscale input"])
+@pytest.mark.parametrize("case", ["usage", "no data", "bad val set", "eval dataset", "upscale input", "cuda"])
 def test_no_progress_bar_before_a_usage_or_data_error(case: str, tmp_path: Path) -> None:
     run = ["--run-dir", str(tmp_path / "run"), "--arch", "quantsr-c", "--blocks", "2", "--iters", "2"]
     args = {
@@ -175,10 +175,16 @@ def test_no_progress_bar_before_a_usage_or_data_error(case: str, tmp_path: Path)
         "bad val set": ["quantize", *run, "--train-data", str(tmp_path), "--val-dataset", "NoSuchSet"],
         "eval dataset": ["eval", "--dataset", "NoSuchSet"],
         "upscale input": ["upscale", str(tmp_path / "nothere.png"), "-o", str(tmp_path / "x.png")],
+        "cuda": ["quantize", *run, "--device", "cuda"],
     }[case]
+    if case == "cuda" and torch.cuda.is_available():
+        pytest.skip("CUDA is available here")
     result = run_cli(*args)
     assert result.returncode == (2 if case == "usage" else 1), result.stderr
     assert BAR not in result.stderr and "0/" not in result.stderr, result.stderr
+    if case == "cuda":  # one line, like upscale and eval (tests/test_upscale_options.py)
+        assert result.stderr.strip().splitlines() == [result.stderr.strip()]
+        assert "--device cuda: CUDA is not available" in result.stderr
     if case != "usage":
         assert result.stderr.strip().splitlines()[-1].startswith("error: ")
 
@@ -190,6 +196,7 @@ def test_quantize_cli_phases_bar_and_strict_log(tmp_path: Path, tiny_train_dir: 
                      "--train-data", str(tiny_train_dir), "--run-dir", str(run_dir), "--threads", "1")
     assert result.returncode == 0, result.stderr
     err = result.stderr
+    assert "model: quantsr-c x4, starting from fresh random weights (no --init)" in err
     assert err.index("loading data: ") < err.index("calibrating: ") < err.index(BAR) < err.index("packing: ")
     assert "3/3" in err
     train = [strict(line) for line in (run_dir / "train_log.jsonl").read_text().splitlines()]

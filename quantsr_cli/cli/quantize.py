@@ -129,6 +129,9 @@ def run_training_command(
         print_resolved(opts, command, job.run_dir, json_out)
         return
     log(f"run directory: {job.run_dir}" + (f"  (preset {used_preset})" if used_preset else ""))
+    start = (f"--model {start_model}" if start_model else f"--init {job.init}" if job.init
+             else "fresh random weights (no --init)")
+    log(f"model: {job.arch} x{job.scale}, starting from {start}")
     renderer = TrainRenderer(f"{job.arch} W{job.quant.w_bits}A{job.quant.a_bits}",
                              enabled=int(os.environ.get("RANK", "0")) == 0)
     try:
