@@ -30,7 +30,7 @@ EXAMPLES = examples("quantsr eval --dataset Set5 --dataset Set14          # the 
 
 
 def evaluate(
-    model: Annotated[str | None, typer.Option("--model", "-m", help="Model file or bundled name.", show_default="default (bundled IMDN x4 W4A4)")] = None,
+    model: Annotated[str | None, typer.Option("--model", "-m", help="Model file or bundled name (default, default-w2).", show_default="default")] = None,
     arch: Annotated[str | None, typer.Option("--arch", help="Architecture of --weights.", show_default="detected from the weights")] = None,
     weights: Annotated[Path | None, typer.Option("--weights", help="Foreign full-precision .pth/.pt weights (instead of --model).", show_default="none")] = None,
     dataset: Annotated[list[str] | None, typer.Option("--dataset", "-d", help="Set5, Set14, B100, Urban100, Manga109 or a folder; repeatable.", show_default="Set5")] = None,
