@@ -33,9 +33,11 @@ def _export_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
 
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
+    """The shared data folder; also exported as ``$QUANTSR_DATA`` so the package's own default finds it."""
     root = data_dir()
     if not (root / "benchmarks" / "Set5" / "HR").is_dir():
         pytest.skip(f"shared data not found at {root} (set QUANTSR_DATA)")
+    os.environ.setdefault("QUANTSR_DATA", str(root))
     return root
 
 

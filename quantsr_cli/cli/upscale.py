@@ -21,7 +21,7 @@ from quantsr_cli.cli.common import (
 from quantsr_cli.data.io import MAX_PIXELS
 from quantsr_cli.engine.modelio import load_model
 from quantsr_cli.engine.runtime import select_backend
-from quantsr_cli.engine.upscale import UpscaleOptions, run_upscale
+from quantsr_cli.engine.upscale import UpscaleOptions, plan_upscale, run_upscale
 
 EXAMPLES = examples("quantsr upscale photo.jpg -o photo_x4.png",
                     "quantsr upscale photos/ -o out/ --outscale 2 --ext webp --quality 90")
@@ -52,8 +52,10 @@ def upscale(
     if threads:
         torch.set_num_threads(threads)
     loaded = load_model(model, device=device)
-    used = select_backend(loaded, backend, device, half=half)
-    err_console.print(f"model: {loaded.label}, backend: {used}{' (float16)' if half else ''}", highlight=False)
+    plan = plan_upscale(loaded, inputs, str(output), opts)  # paths and image headers, before any backend work
+    if plan.runnable:
+        used = select_backend(loaded, backend, device, half=half)
+        err_console.print(f"model: {loaded.label}, backend: {used}{' (float16)' if half else ''}", highlight=False)
     with progress_bar() as progress:
         task = progress.add_task("upscale", total=None, info="")
 
@@ -65,7 +67,7 @@ def upscale(
             else:
                 progress.update(task, completed=event["index"], total=event["total"], info=info)
 
-        report = run_upscale(loaded, inputs, str(output), opts, on_event=on_event)
+        report = run_upscale(loaded, inputs, str(output), opts, on_event=on_event, plan=plan)
     for message in report.warnings:
         err_console.print(f"warning: {message}", highlight=False, markup=False, soft_wrap=True)
     for message in report.failed.values():
