@@ -205,7 +205,13 @@ class TrainConfig:
     eta_min: float = 1e-7
     val_every: int = option(200, "Validate every N iterations (0 = never).", ge=0, hint="(0 = off/default)")
     save_every: int = option(100, "Write a resumable checkpoint every N iterations.", ge=1)
-    log_every: int = option(10, "Report the loss every N iterations.", commands=(), ge=1)
+    log_every: int = option(10, "Write the loss, learning rate and it/s to train_log.jsonl every N iterations.",
+                            ge=1)
+    tensorboard: bool = option(False, "Also log them, and validation PSNR, to TensorBoard in <run-dir>/tensorboard "
+                               "(needs the tensorboard package).")
+    save_val_images: int = option(0, "At each validation, save the SR output of the first N validation images as "
+                                  "<run-dir>/visualization/<dataset>/<image>_<iter>.png (0 = off).", ge=0, le=100,
+                                  hint="(0 = off)")
     seed: int = option(0, "Random seed.")
     num_workers: int = 0
     threads: int = option(0, "Torch CPU threads (0 = torch default).", ge=0, hint="(0 = off/default)")

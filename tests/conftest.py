@@ -25,11 +25,19 @@ def _one_thread() -> None:
     torch.set_num_threads(1)
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _export_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Runtime backends cache their exports here (and CLI subprocesses inherit it), not in ~/.cache."""
+    os.environ.setdefault("QUANTSR_CACHE", str(tmp_path_factory.mktemp("quantsr-cache")))
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
+    """The shared data folder; also exported as ``$QUANTSR_DATA`` so the package's own default finds it."""
     root = data_dir()
     if not (root / "benchmarks" / "Set5" / "HR").is_dir():
         pytest.skip(f"shared data not found at {root} (set QUANTSR_DATA)")
+    os.environ.setdefault("QUANTSR_DATA", str(root))
     return root
 
 

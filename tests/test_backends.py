@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from quantsr_cli.backends import available_backends, backend_of, resolve_backend, use_backend
+from quantsr_cli.backends import BACKENDS, auto_backend, available_backends, backend_of, resolve_backend, use_backend
 from quantsr_cli.backends import cpu
 from quantsr_cli.backends.cpu import cpu_forward, layer_report, onednn_available
 from quantsr_cli.config import QuantConfig
@@ -63,7 +63,8 @@ def test_backend_names() -> None:
     with pytest.raises(ConfigError, match="unknown backend"):
         resolve_backend("gpu")
     if "cupy" not in available_backends():
-        assert resolve_backend("auto") == "cpu"
+        ranked = sorted((n for n, sp in BACKENDS.items() if sp.auto_rank is not None), key=lambda n: BACKENDS[n].auto_rank)
+        assert resolve_backend("auto") == next(n for n in ranked if n in available_backends()) == auto_backend()
         with pytest.raises(BackendUnavailableError, match="cupy"):
             resolve_backend("cupy")
 
@@ -80,7 +81,7 @@ def test_cupy_hook_names_what_is_missing(monkeypatch: pytest.MonkeyPatch) -> Non
     monkeypatch.setitem(sys.modules, "cupy", fake)
     with pytest.raises(BackendUnavailableError, match="backend 'cupy' cannot run here: no CUDA device"):
         resolve_backend("cupy")
-    assert resolve_backend("auto") == "cpu" and "cupy" not in available_backends()
+    assert resolve_backend("auto") == auto_backend() != "cupy" and "cupy" not in available_backends()
 
 
 # --------------------------------------------------------------------------- torch reference == fake quant

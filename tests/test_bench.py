@@ -110,3 +110,18 @@ def test_qartsr_compare_smoke_two_processes_share_one_table(tmp_path: Path, shar
     assert "== trq+rpq+et@w4a4" in trq_changed.stdout and "== rpq@" not in trq_changed.stdout
     rows = json.loads(out.read_text())["rows"]
     assert "rpq@w2a2" in rows and "trq+rpq+et@w2a2" not in rows  # measured with the old TRQ settings: dropped
+
+
+@pytest.mark.slow
+def test_cpu_peers_smoke_and_cache(tmp_path: Path, shared_data: Path) -> None:
+    pytest.importorskip("openvino")
+    pytest.importorskip("nncf")
+    args = ["bench/cpu_peers.py", "--repeat", "1", "--threads", "1", "--sizes", "256", "--models", "default",
+            "--no-psnr", "--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "peers.json")]
+    first = _run(args)
+    assert first.returncode == 0, first.stderr[-3000:]
+    result = json.loads((tmp_path / "peers.json").read_text())
+    assert {"torch_fp32", "ov_int8_nncf", "default_ov", "default_cpu"} <= set(result["rows"])
+    assert result["ratios"]["default/t1_256"]["vs_ov_int8_nncf_min"] > 0 and result["version"]
+    second = _run(args)  # everything cached: same numbers
+    assert second.returncode == 0 and json.loads((tmp_path / "peers.json").read_text())["rows"] == result["rows"]

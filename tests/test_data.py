@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import struct
+import sys
 import zlib
 from pathlib import Path
 
@@ -266,16 +267,29 @@ def test_tensor_to_uint8_is_basicsr_tensor2img():
 # ----------------------------------------------------------------------------- datasets
 
 
-def test_shared_data_dir_env_and_cwd(tmp_path, monkeypatch):
+def test_shared_data_dir_env_then_user_data_dir_never_the_cwd(tmp_path, monkeypatch):
     monkeypatch.setenv("QUANTSR_DATA", str(tmp_path / "d"))
     assert shared_data_dir() == tmp_path / "d" and data_root_default() == tmp_path / "d" / "benchmarks"
     monkeypatch.delenv("QUANTSR_DATA")
-    (tmp_path / "shared" / "data").mkdir(parents=True)
+    monkeypatch.setattr(sys, "platform", "linux")
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "xdg"))
+    (tmp_path / "shared" / "data").mkdir(parents=True)  # the old cwd-relative guess must not be used
     (tmp_path / "repo").mkdir()
     monkeypatch.chdir(tmp_path / "repo")
-    assert shared_data_dir() == tmp_path / "shared" / "data"
+    assert shared_data_dir() is None  # the per-user folder does not exist yet
+    (tmp_path / "xdg" / "quantsr").mkdir(parents=True)
+    assert shared_data_dir() == tmp_path / "xdg" / "quantsr"
     monkeypatch.chdir(tmp_path)
-    assert shared_data_dir() is None
+    assert shared_data_dir() == tmp_path / "xdg" / "quantsr"
+
+
+def test_default_dataset_root_finds_edsr_benchmark_tar_layout(tmp_path, monkeypatch):
+    _make_dataset(tmp_path / "benchmark" / "Urban100")  # benchmark.tar extracts to benchmark/<Name>
+    monkeypatch.setenv("QUANTSR_DATA", str(tmp_path))
+    assert resolve_dataset("urban100") == (tmp_path / "benchmark" / "Urban100").resolve()
+    monkeypatch.setenv("QUANTSR_DATA", str(tmp_path / "nowhere"))
+    with pytest.raises(DatasetError, match="data check"):
+        resolve_dataset("Set5")
 
 
 def _make_dataset(root: Path, names=("a", "b"), size=(24, 20), scale=4, lr=True, tmpl="{}x{s}") -> Path:

@@ -88,5 +88,6 @@ def test_backend_table() -> None:
     for spec in BACKENDS.values():
         if spec.unavailable_reason() is None:
             assert isinstance(spec.load(), Backend)
-    if not torch.cuda.is_available():
-        assert auto_backend() == "cpu"
+    if not torch.cuda.is_available():  # the CPU runtimes when installed (cpu-fast extra), else cpu
+        assert auto_backend() == ("openvino" if BACKENDS["openvino"].unavailable_reason() is None else "cpu")
+    assert auto_backend(after="openvino") == "cpu" or torch.cuda.is_available()

@@ -3,8 +3,10 @@
 The interface every backend implements (:class:`Backend`) and the table that registers them
 (:data:`BACKENDS`, one :class:`BackendSpec` per backend) are in :mod:`quantsr_cli.backends.registry`.
 ``auto`` (every command's default) picks the available backend with the lowest ``auto_rank``: ``cupy``
-when CUDA and cupy are usable, else ``cpu``. Backend modules are imported only when used or checked;
-``cupy_backend`` is the only cupy user.
+when CUDA and cupy are usable, else ``openvino`` when the ``cpu-fast`` extra is installed, else ``cpu``;
+a whole-model runtime that cannot take a model under ``auto`` (its export fails) gives way to the next.
+Backend modules are imported only when used or checked; ``cupy_backend`` is the only cupy user, the
+runtime backends (``openvino_backend``, ``onnxruntime_backend``) the only onnx/OpenVINO users.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from __future__ import annotations
 from torch import nn
 
 from quantsr_cli.backends.registry import AUTO, BACKENDS, Backend, BackendSpec
-from quantsr_cli.errors import BackendUnavailableError, ConfigError
+from quantsr_cli.errors import BackendUnavailableError, ConfigError, QuantSRError
 from quantsr_cli.packing.modules import PackedModule
 
 __all__ = ["AUTO", "BACKENDS", "Backend", "BackendSpec", "auto_backend", "available_backends", "backend_choices",
@@ -33,9 +35,12 @@ def available_backends() -> list[str]:
     return [name for name, spec in BACKENDS.items() if spec.unavailable_reason() is None]
 
 
-def auto_backend() -> str:
-    """The available backend with the lowest ``auto_rank`` (``torch`` when none is)."""
+def auto_backend(after: str | None = None) -> str:
+    """The available backend with the lowest ``auto_rank`` (``torch`` when none is); ``after``: only those
+    ranked below that one (the next choice when it could not take the model)."""
     ranked = sorted((s for s in BACKENDS.values() if s.auto_rank is not None), key=lambda s: s.auto_rank or 0)
+    if after is not None and BACKENDS[after].auto_rank is not None:
+        ranked = [s for s in ranked if (s.auto_rank or 0) > (BACKENDS[after].auto_rank or 0)]
     return next((s.name for s in ranked if s.unavailable_reason() is None), DEFAULT)
 
 
@@ -80,7 +85,15 @@ def use_backend(model: nn.Module, name: str = AUTO) -> nn.Module:
     if previous != resolved and previous in BACKENDS:
         BACKENDS[previous].load().release_model(model)
     backend = BACKENDS[resolved].load()
-    backend.prepare_model(model)
+    while True:
+        try:
+            backend.prepare_model(model)
+            break
+        except QuantSRError:  # e.g. a runtime's export: under auto, the next backend takes the model
+            if name != AUTO or not BACKENDS[resolved].any_model:
+                raise
+            resolved = auto_backend(after=resolved)
+            backend = BACKENDS[resolved].load()
     for module in model.modules():
         if isinstance(module, PackedModule):
             module.impl = backend.prepare(module)

@@ -68,6 +68,8 @@ class BackendSpec:
         auto_rank: ``auto`` picks the available backend with the lowest rank; None: never picked by ``auto``.
         half: whether it runs the float parts in float16 when the model's ``quantsr_engine_precision`` is
             ``"fp16"`` (``upscale --half``).
+        any_model: a whole-model runtime that also runs float and fake-quant models (it exports the
+            network); the others run packed models (float and fake-quant models stay on torch).
     """
 
     name: str
@@ -78,6 +80,7 @@ class BackendSpec:
     device: str | None = None
     auto_rank: int | None = None
     half: bool = False
+    any_model: bool = False
 
     def load(self) -> Backend:
         """The implementation module (imported now); TypeError when it does not implement :class:`Backend`."""
@@ -116,10 +119,17 @@ def _installed(package: str) -> bool:
 AUTO = "auto"
 """The backend name that picks the preferred available backend (every command's default)."""
 
+_CPU_FAST = "pip install 'quantsr[cpu-fast]'"
+
 BACKENDS: dict[str, BackendSpec] = {spec.name: spec for spec in (
     BackendSpec("torch", "quantsr_cli.backends.torch_ref", "float reference: dequantized weights, torch conv/linear"),
-    BackendSpec("cpu", "quantsr_cli.backends.cpu", "oneDNN int8 kernels on the codes (x86)", auto_rank=1),
+    BackendSpec("cpu", "quantsr_cli.backends.cpu", "oneDNN int8 kernels on the codes (x86)", auto_rank=2),
     BackendSpec("cupy", "quantsr_cli.backends.cupy_backend", "CUDA kernels and the fused GPU engine",
                 requires=("cupy",), install_hint="pip install 'quantsr[gpu]'", device="cuda", auto_rank=0, half=True),
+    BackendSpec("openvino", "quantsr_cli.backends.openvino_backend",
+                "OpenVINO CPU plugin on the exported IR (u8 convolutions)", requires=("openvino", "onnx", "onnxscript"),
+                install_hint=_CPU_FAST, auto_rank=1, any_model=True),
+    BackendSpec("onnxruntime", "quantsr_cli.backends.onnxruntime_backend", "ONNX Runtime on the exported Q/DQ graph",
+                requires=("onnxruntime", "onnx", "onnxscript"), install_hint=_CPU_FAST, any_model=True),
 )}
 """Registered backends by name, in the order help texts list them."""

@@ -12,7 +12,8 @@ Exit codes:
 * 130 interrupted.
 
 To add a command: write ``cli/<name>.py`` (a function whose parameters are the Typer options and whose
-work is one call into ``engine``) and add it to the registration tuple below (one line).
+work is one call into ``engine``, and its ``EXAMPLES`` for ``--help``) and add it to the registration
+tuple below (one line).
 """
 
 from __future__ import annotations
@@ -20,15 +21,20 @@ from __future__ import annotations
 import os
 import sys
 import traceback
+from typing import Annotated
 
 import torch
 import typer
 
+from quantsr_cli import __version__
+from quantsr_cli.cli import data as data_cmd
 from quantsr_cli.cli import diffusion as diffusion_cmd
 from quantsr_cli.cli import distill as distill_cmd
 from quantsr_cli.cli import eval as eval_cmd
+from quantsr_cli.cli import export as export_cmd
 from quantsr_cli.cli import info as info_cmd
 from quantsr_cli.cli import pack as pack_cmd
+from quantsr_cli.cli import presets as presets_cmd
 from quantsr_cli.cli import quantize as quantize_cmd
 from quantsr_cli.cli import slim as slim_cmd
 from quantsr_cli.cli import upscale as upscale_cmd
@@ -49,20 +55,47 @@ app = typer.Typer(
 )
 
 
+def version_line() -> str:
+    """``quantsr --version``: this package's version and the torch build it runs on."""
+    cuda = f"CUDA {torch.version.cuda}" if torch.version.cuda else "CPU-only build"
+    return f"quantsr {__version__} (torch {torch.__version__}, {cuda}, python {sys.version.split()[0]})"
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(version_line())
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[bool, typer.Option("--version", help="Print the versions of quantsr and torch and exit.",
+                                          callback=_print_version, is_eager=True, show_default="off")] = False,
+) -> None:
+    pass
+
+
 def _first_doc_line(func: object) -> str:
     return (getattr(func, "__doc__", None) or "").strip().split("\n")[0]
 
 
-app.command("quantize", help=f"Quantization-aware training ({', '.join(METHODS)}) at W/A 2, 4 or 8 bits.")(
-    quantize_cmd.quantize
-)
-app.command("eval", help="PSNR/SSIM (Y channel, BasicSR conventions) on Set5/Set14/B100/Urban100/Manga109.")(
-    eval_cmd.evaluate
-)
-for _name, _func in (("upscale", upscale_cmd.upscale), ("slim", slim_cmd.slim), ("distill", distill_cmd.distill),
-                     ("pack", pack_cmd.pack), ("info", info_cmd.info)):
-    app.command(_name, help=_first_doc_line(_func))(_func)
+# One line per command: name, function, help (None: the first docstring line), --help examples.
+for _name, _func, _help, _examples in (
+    ("upscale", upscale_cmd.upscale, None, upscale_cmd.EXAMPLES),
+    ("eval", eval_cmd.evaluate, "PSNR/SSIM (Y channel, BasicSR conventions) on Set5/Set14/B100/Urban100/Manga109.",
+     eval_cmd.EXAMPLES),
+    ("quantize", quantize_cmd.quantize, f"Quantization-aware training ({', '.join(METHODS)}) at W/A 2, 4 or 8 bits.",
+     quantize_cmd.EXAMPLES),
+    ("slim", slim_cmd.slim, None, slim_cmd.EXAMPLES),
+    ("distill", distill_cmd.distill, None, distill_cmd.EXAMPLES),
+    ("pack", pack_cmd.pack, None, pack_cmd.EXAMPLES),
+    ("info", info_cmd.info, None, info_cmd.EXAMPLES),
+    ("export", export_cmd.export, None, export_cmd.EXAMPLES),
+    ("presets", presets_cmd.presets, None, presets_cmd.EXAMPLES),
+):
+    app.command(_name, help=_help or _first_doc_line(_func), epilog=_examples)(_func)
 app.add_typer(diffusion_cmd.app, name="diffusion")
+app.add_typer(data_cmd.app, name="data")
 
 
 def _say(message: str) -> None:

@@ -15,6 +15,7 @@ from quantsr_cli.cli.common import (
     JsonOpt,
     ScaleOpt,
     err_console,
+    examples,
     print_json,
     progress_bar,
 )
@@ -24,29 +25,25 @@ from quantsr_cli.engine.modelio import load_model, set_depth
 from quantsr_cli.engine.runtime import select_backend
 from quantsr_cli.errors import ConfigError
 
-EXAMPLES = """
-Examples:
-  quantsr eval --dataset Set5                                  # the bundled default model
-  quantsr eval --arch imdn --weights IMDN_x4.pth --dataset Set5 --dataset Set14 --json
-  quantsr eval --model runs/imdn_x4_w4a4/model.safetensors --dataset Set5 --verbose
-"""
+EXAMPLES = examples("quantsr eval --dataset Set5 --dataset Set14          # the bundled default model",
+                    "quantsr eval --weights IMDN_x4.pth --dataset Set5 --json")
 
 
 def evaluate(
-    model: Annotated[str | None, typer.Option("--model", "-m", help="Model file or bundled name [default: default].")] = None,
-    arch: Annotated[str | None, typer.Option("--arch", help="Architecture of --weights (detected when omitted).")] = None,
-    weights: Annotated[Path | None, typer.Option("--weights", help="Foreign weights (.pth/.pt/.ckpt/.safetensors); the architecture is detected.")] = None,
-    dataset: Annotated[list[str] | None, typer.Option("--dataset", "-d", help="Set5, Set14, B100, Urban100, Manga109 or a folder; repeatable.")] = None,
+    model: Annotated[str | None, typer.Option("--model", "-m", help="Model file or bundled name (default, default-w2).", show_default="default")] = None,
+    arch: Annotated[str | None, typer.Option("--arch", help="Architecture of --weights.", show_default="detected from the weights")] = None,
+    weights: Annotated[Path | None, typer.Option("--weights", help="Foreign full-precision weights (.pth/.pt/.ckpt/.safetensors, instead of --model); the architecture is detected.", show_default="none")] = None,
+    dataset: Annotated[list[str] | None, typer.Option("--dataset", "-d", help="Set5, Set14, B100, Urban100, Manga109 or a folder; repeatable.", show_default="Set5")] = None,
     scale: ScaleOpt = None,
     data_root: DataRootOpt = None,
     json_out: JsonOpt = False,
-    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Per-image rows.")] = False,
-    save_dir: Annotated[Path | None, typer.Option("--save-dir", help="Write SR images here.")] = None,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Per-image rows.", show_default="off")] = False,
+    save_dir: Annotated[Path | None, typer.Option("--save-dir", help="Write SR images here.", show_default="none")] = None,
     tile: Annotated[int, typer.Option("--tile", help="LR tile size for large images (0 = whole image).", min=0)] = 0,
-    compare_dir: Annotated[Path | None, typer.Option("--compare-dir", help="Write side-by-side zoomed crops (HR, bicubic, models) here.")] = None,
-    compare_model: Annotated[list[str] | None, typer.Option("--compare-model", help="Another model for --compare-dir panels; repeatable.")] = None,
+    compare_dir: Annotated[Path | None, typer.Option("--compare-dir", help="Write side-by-side zoomed crops (HR, bicubic, models) here.", show_default="none")] = None,
+    compare_model: Annotated[list[str] | None, typer.Option("--compare-model", help="Another model for --compare-dir panels; repeatable.", show_default="none")] = None,
     backend: BackendOpt = "auto",
-    depth: Annotated[str | None, typer.Option("--depth", help="DQA models: full, half or quarter depth.")] = None,
+    depth: Annotated[str | None, typer.Option("--depth", help="DQA models: full, half or quarter depth.", show_default="full")] = None,
     device: DeviceOpt = "cpu",
 ) -> None:
     """Evaluate PSNR/SSIM (Y channel, BasicSR conventions) on benchmark datasets."""

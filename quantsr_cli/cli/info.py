@@ -8,17 +8,19 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from quantsr_cli.cli.common import JsonOpt, print_json
+from quantsr_cli.cli.common import JsonOpt, examples, print_json
 from quantsr_cli.engine.report import model_info
+
+EXAMPLES = examples("quantsr info default", "quantsr info --arch swinir-s --bits 2 --layers")
 
 
 def info(
-    model: Annotated[str | None, typer.Argument(help="Model file or bundled name (or use --arch).")] = None,
-    arch: Annotated[str | None, typer.Option("--arch", help="Report an architecture instead of a file.")] = None,
+    model: Annotated[str | None, typer.Argument(help="Model file or bundled name (or use --arch).", show_default="none")] = None,
+    arch: Annotated[str | None, typer.Option("--arch", help="Report an architecture instead of a file.", show_default="none")] = None,
     scale: Annotated[int, typer.Option("--scale", "-s", help="Upscaling factor for --arch.", min=2, max=4)] = 4,
-    bits: Annotated[int | None, typer.Option("--bits", help="W/A bits for --arch (omit for FP32).")] = None,
-    blocks: Annotated[int | None, typer.Option("--blocks", help="Blocks for --arch.")] = None,
-    layers: Annotated[bool, typer.Option("--layers", help="Per-layer table.")] = False,
+    bits: Annotated[int | None, typer.Option("--bits", help="W/A bits for --arch.", show_default="FP32")] = None,
+    blocks: Annotated[int | None, typer.Option("--blocks", help="Blocks for --arch.", show_default="the architecture's")] = None,
+    layers: Annotated[bool, typer.Option("--layers", help="Per-layer table.", show_default="off")] = False,
     json_out: JsonOpt = False,
 ) -> None:
     """Params, quantized params, MACs at 3x256x256, equivalent ops, file size and compression."""

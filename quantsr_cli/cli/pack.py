@@ -7,8 +7,10 @@ from typing import Annotated
 
 import typer
 
-from quantsr_cli.cli.common import JsonOpt, log, print_json
+from quantsr_cli.cli.common import JsonOpt, examples, log, print_json
 from quantsr_cli.engine.report import pack_file
+
+EXAMPLES = examples("quantsr pack runs/imdn_x4_w4a4/qat_best.safetensors -o imdn_w4.safetensors")
 
 
 def pack(

@@ -11,14 +11,27 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from quantsr_cli.cli.common import DeviceOpt, JsonOpt, TrainRenderer, log, print_json, progress_bar
-from quantsr_cli.cli.trainopts import Config, Out, Preset, Resume, RunDir, StartModel, training_command
+from quantsr_cli.cli.common import DeviceOpt, JsonOpt, TrainRenderer, examples, log, print_json
+from quantsr_cli.cli.trainopts import (
+    Config,
+    Out,
+    Preset,
+    PrintConfig,
+    Resume,
+    RunDir,
+    StartModel,
+    print_resolved,
+    training_command,
+)
 from quantsr_cli.config import SCALES, ModelConfig, QuantConfig, TrainConfig
 from quantsr_cli.engine.modelio import read_model_meta
 from quantsr_cli.engine.quantize import QuantizeJob, check_rebuildable, init_arch, run_quantize
 from quantsr_cli.errors import CheckpointError, ConfigError
 from quantsr_cli.models import ARCHS
 from quantsr_cli.presets.resolve import Layer, Resolved, resolve
+
+EXAMPLES = examples("quantsr quantize --preset imdn_x4_w4a4                 # presets: quantsr presets",
+                    "quantsr quantize --arch swinir-s --bits 2 --iters 500 --print-config")
 
 def resolve_options(flags: Layer | Mapping[str, Any], config: Path | None, preset: str | None,
                     start: Layer | None = None) -> tuple[Resolved, str | None]:
@@ -102,6 +115,7 @@ def quantize(
     out: Out = None,
     device: DeviceOpt = "cpu",
     json_out: JsonOpt = False,
+    print_config: PrintConfig = False,
 ) -> None:
     """Quantization-aware training of an SR model at W/A 2, 4 or 8 bits.
 
@@ -114,7 +128,7 @@ def quantize(
         raise ConfigError("--model continues from a model file; it cannot be combined with --arch, --init, --blocks "
                           "or --share-qv-quantizer")
     run_training_command(flags, config=config, preset=preset, run_dir=run_dir, resume=resume, out=out,
-                         device=device, json_out=json_out, start_model=model)
+                         device=device, json_out=json_out, start_model=model, print_config=print_config)
 
 
 def start_model_layer(start_model: str) -> Layer:
@@ -147,16 +161,30 @@ def run_training_command(
     device: str,
     json_out: bool,
     start_model: str | None = None,
+    print_config: bool = False,
+    command: str = "quantize",
 ) -> None:
-    """Shared body of ``quantize``, ``slim`` and ``distill``: merge options, train, report."""
+    """Shared body of ``quantize``, ``slim`` and ``distill``: merge options, train, report.
+
+    With ``print_config`` the resolved options are printed with their sources instead of training.
+    """
     start = start_model_layer(start_model) if start_model is not None else None
     opts, used_preset = resolve_options(flags, config, preset, start=start)
     job = build_job(opts, run_dir=run_dir, out=out, resume=resume, device=device)
     job = replace(job, run_dir=job.run_dir or Path("runs") / job.run_name, start_model=start_model)
+    if print_config:
+        print_resolved(opts, command, job.run_dir, json_out)
+        return
     log(f"run directory: {job.run_dir}" + (f"  (preset {used_preset})" if used_preset else ""))
-    with progress_bar(enabled=int(os.environ.get("RANK", "0")) == 0) as progress:
-        renderer = TrainRenderer(progress, job.train.iters, f"{job.name or job.arch} W{job.quant.w_bits}A{job.quant.a_bits}")
+    start = (f"--model {start_model}" if start_model else f"--init {job.init}" if job.init
+             else "fresh random weights (no --init)")
+    log(f"model: {job.name or job.arch} x{job.scale}, starting from {start}")
+    renderer = TrainRenderer(f"{job.name or job.arch} W{job.quant.w_bits}A{job.quant.a_bits}",
+                             enabled=int(os.environ.get("RANK", "0")) == 0)
+    try:
         summary = run_quantize(job, on_event=renderer)
+    finally:
+        renderer.close()
     if not summary:
         return
     if json_out:

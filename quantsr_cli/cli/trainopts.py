@@ -17,12 +17,12 @@ from typing import Annotated, Any
 
 import typer
 
-from quantsr_cli.cli.common import finite
+from quantsr_cli.cli.common import finite, print_json
 from quantsr_cli.config import training_options
 from quantsr_cli.models import ARCHS
 from quantsr_cli.quant import METHODS, method_names
 from quantsr_cli.options import Declared
-from quantsr_cli.presets.resolve import Layer
+from quantsr_cli.presets.resolve import Layer, Resolved
 
 Preset = Annotated[str | None, typer.Option(
     "--preset", help="Bundled preset name.", show_default="<arch>_x<scale>_w<b>a<b> when it exists")]
@@ -34,6 +34,9 @@ Resume = Annotated[bool, typer.Option("--resume", help="Continue from the newest
                                       show_default="off: a folder with checkpoints is refused")]
 Out = Annotated[Path | None, typer.Option(
     "--out", "-o", help="Packed model file to write.", show_default="<run-dir>/model.safetensors")]
+PrintConfig = Annotated[bool, typer.Option(
+    "--print-config", help="Print every training option with its value and where it came from (flag, --config, "
+    "preset, --model or default), then exit without training.", show_default="off")]
 StartModel = Annotated[str | None, typer.Option(
     "--model", "-m", help="Model to continue from: a qat file, or a packed "
     f"{'/'.join(method_names(fine_tunable=True))} file or bundled name (fine-tuned from its codes).",
@@ -103,3 +106,29 @@ def training_command(command: str) -> Callable[[Callable[..., None]], Callable[.
         return command_function
 
     return decorate
+
+
+def _shown(decl: Declared, value: Any) -> str:
+    if value is None or value == () or value == "":
+        return decl.option.shown or "none"
+    if isinstance(value, tuple):
+        return ", ".join(map(str, value))
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    return str(value)
+
+
+def print_resolved(opts: Resolved, command: str, run_dir: Path, json_out: bool) -> None:
+    """``--print-config``: each option's value and source on stdout (``--json``: one object)."""
+    decls = {d.name: d for d in training_options()}
+    rows = opts.table()
+    if json_out:
+        print_json({"command": command, "preset": opts.preset, "run_dir": str(run_dir),
+                    "options": {name: {"value": value, "source": source} for name, value, source in rows}})
+        return
+    typer.echo(f"{command}: preset {opts.preset or 'none'}, run directory {run_dir}")
+    width = max(len(name) for name, _, _ in rows)
+    shown = [(name, _shown(decls[name], value), source) for name, value, source in rows]
+    vwidth = min(max(len(v) for _, v, _ in shown), 48)
+    for name, value, source in shown:
+        typer.echo(f"  {name:<{width}}  {value:<{vwidth}}  {source}")

@@ -8,11 +8,23 @@ from typing import Annotated
 import torch
 import typer
 
-from quantsr_cli.cli.common import BackendOpt, DeviceOpt, JsonOpt, err_console, finite, print_json, progress_bar
+from quantsr_cli.cli.common import (
+    BackendOpt,
+    DeviceOpt,
+    JsonOpt,
+    err_console,
+    examples,
+    finite,
+    print_json,
+    progress_bar,
+)
 from quantsr_cli.data.io import MAX_PIXELS
 from quantsr_cli.engine.modelio import load_model
 from quantsr_cli.engine.runtime import select_backend
-from quantsr_cli.engine.upscale import UpscaleOptions, run_upscale
+from quantsr_cli.engine.upscale import UpscaleOptions, plan_upscale, run_upscale
+
+EXAMPLES = examples("quantsr upscale photo.jpg -o photo_x4.png",
+                    "quantsr upscale photos/ -o out/ --outscale 2 --ext webp --quality 90")
 
 
 def upscale(
@@ -22,14 +34,14 @@ def upscale(
     tile: Annotated[int, typer.Option("--tile", "-t", help="LR tile size in pixels (0 = whole image).")] = 256,
     tile_pad: Annotated[int, typer.Option("--tile-pad", help="LR context pixels around each tile.")] = 16,
     backend: BackendOpt = "auto",
-    suffix: Annotated[str, typer.Option("--suffix", help="Appended to each output file's stem (folder output).")] = "",
+    suffix: Annotated[str, typer.Option("--suffix", help="Appended to each output file's stem (folder output).", show_default="none")] = "",
     ext: Annotated[str, typer.Option("--ext", help="Output format: auto (as the input), png, jpg, webp, tif.")] = "auto",
     overwrite: Annotated[bool, typer.Option("--overwrite/--skip-existing", help="Replace or keep existing outputs.")] = True,
     max_pixels: Annotated[int, typer.Option("--max-pixels", help="Refuse inputs, or outputs (input pixels x scale²), with more pixels (width x height) than this; checked from the file header; 0 = no limit.")] = MAX_PIXELS,
-    outscale: Annotated[float | None, typer.Option("--outscale", help="Final scale of the written images (e.g. 3 with an x4 model); the model output is resized with Lanczos [default: the model's scale].", callback=finite)] = None,
+    outscale: Annotated[float | None, typer.Option("--outscale", help="Final scale of the written images (e.g. 3 with an x4 model); the model output is resized with Lanczos.", callback=finite, show_default="the model's scale")] = None,
     alpha_upsampler: Annotated[str, typer.Option("--alpha-upsampler", help="Alpha channels: bicubic, or model (run the SR model on the alpha).")] = "bicubic",
     quality: Annotated[int, typer.Option("--quality", help="JPEG / WebP quality (100: lossless WebP).", min=0, max=100)] = 95,
-    half: Annotated[bool, typer.Option("--half", help="GPU engine (--backend cupy) with float16 glue: faster, slightly less exact.")] = False,
+    half: Annotated[bool, typer.Option("--half", help="GPU engine (--backend cupy) with float16 glue: faster, slightly less exact.", show_default="off")] = False,
     threads: Annotated[int, typer.Option("--threads", help="CPU threads (0 = torch's default).", min=0)] = 0,
     device: DeviceOpt = "cpu",
     json_out: JsonOpt = False,
@@ -42,8 +54,10 @@ def upscale(
     loaded = load_model(model, device=device)
     if loaded.detected:
         err_console.print(loaded.detected, highlight=False, markup=False, soft_wrap=True)
-    used = select_backend(loaded, backend, device, half=half)
-    err_console.print(f"model: {loaded.label}, backend: {used}{' (float16)' if half else ''}", highlight=False)
+    plan = plan_upscale(loaded, inputs, str(output), opts)  # paths and image headers, before any backend work
+    if plan.runnable:
+        used = select_backend(loaded, backend, device, half=half)
+        err_console.print(f"model: {loaded.label}, backend: {used}{' (float16)' if half else ''}", highlight=False)
     with progress_bar() as progress:
         task = progress.add_task("upscale", total=None, info="")
 
@@ -55,7 +69,7 @@ def upscale(
             else:
                 progress.update(task, completed=event["index"], total=event["total"], info=info)
 
-        report = run_upscale(loaded, inputs, str(output), opts, on_event=on_event)
+        report = run_upscale(loaded, inputs, str(output), opts, on_event=on_event, plan=plan)
     for message in report.warnings:
         err_console.print(f"warning: {message}", highlight=False, markup=False, soft_wrap=True)
     for message in report.failed.values():

@@ -10,6 +10,7 @@ from quantsr_cli.data.datasets import (
     BenchmarkDataset,
     cache_dir,
     data_root_default,
+    no_data_hint,
     resolve_dataset,
     shared_data_dir,
 )
@@ -18,7 +19,7 @@ from quantsr_cli.data.io import MAX_PIXELS, Image, list_images, read_image, tens
 from quantsr_cli.data.training import TrainDataset, check_patch_size
 
 __all__ = [
-    "BENCHMARKS", "BenchmarkDataset", "TrainDataset", "cache_dir", "data_root_default", "resolve_dataset",
+    "BENCHMARKS", "BenchmarkDataset", "TrainDataset", "cache_dir", "data_root_default", "no_data_hint", "resolve_dataset",
     "shared_data_dir", "imresize", "imresize_uint8", "matlab_lr", "MAX_PIXELS", "Image", "list_images",
     "read_image", "tensor_to_uint8", "write_image", "check_patch_size",
 ]

@@ -27,9 +27,10 @@ from quantsr_cli.data.io import image_error_reason, list_images, read_image, wri
 from quantsr_cli.data.training import TrainDataset
 from quantsr_cli.errors import DatasetError, ImageError
 from quantsr_cli.fileio import remove_stale_temp_files
+from quantsr_cli.paths import DATA_ENV, data_dir, default_data_dir
 
 __all__ = [
-    "BENCHMARKS", "shared_data_dir", "data_root_default", "cache_dir", "resolve_dataset", "list_images",
+    "BENCHMARKS", "shared_data_dir", "no_data_hint", "data_root_default", "cache_dir", "resolve_dataset", "list_images",
     "BenchmarkDataset", "TrainDataset",
 ]
 
@@ -41,12 +42,18 @@ _CACHE_VERSION = "lr-v1"
 
 
 def shared_data_dir() -> Path | None:
-    """The data folder: ``$QUANTSR_DATA`` if set, else ``../shared/data`` (from the cwd) if it exists, else None."""
-    env = os.environ.get("QUANTSR_DATA")
-    if env:
-        return Path(env).expanduser()
-    guess = Path.cwd().parent / "shared" / "data"
-    return guess if guess.is_dir() else None
+    """The data folder (:func:`quantsr_cli.paths.data_dir`): ``$QUANTSR_DATA`` if set, else the per-user
+    data folder if it exists, else None. Never relative to the current directory."""
+    if os.environ.get(DATA_ENV):
+        return data_dir()
+    default = default_data_dir()
+    return default if default.is_dir() else None
+
+
+def no_data_hint() -> str:
+    """The end of a "no data" error: where quantsr looked and how to fix it."""
+    return (f"no data folder at {data_dir()} (set {DATA_ENV} or put the datasets there; "
+            "`quantsr data check` shows the layout, docs/data.md where to get them)")
 
 
 def data_root_default() -> Path | None:
@@ -69,9 +76,10 @@ def resolve_dataset(name_or_path: str | Path, data_root: str | Path | None = Non
 
     Args:
         name_or_path: an existing folder, or a dataset name looked up case-insensitively in
-            ``data_root``, ``data_root/benchmarks`` and ``data_root/val`` (with the default root,
-            also ``<shared data>/val``, e.g. ``DIV2K256``).
-        data_root: folder holding the datasets; default :func:`data_root_default`.
+            ``data_root``, ``data_root/benchmarks``, ``data_root/benchmark`` (EDSR's ``benchmark.tar``)
+            and ``data_root/val`` (e.g. ``DIV2K256``).
+        data_root: folder holding the datasets (a data folder or its ``benchmarks/``); default
+            :func:`shared_data_dir`.
 
     Returns:
         The dataset folder (absolute).
@@ -85,22 +93,18 @@ def resolve_dataset(name_or_path: str | Path, data_root: str | Path | None = Non
     name = str(name_or_path)
     if os.sep in name or (os.altsep and os.altsep in name):
         raise DatasetError("dataset folder not found", p)
-    root = Path(data_root).expanduser() if data_root is not None else data_root_default()
+    root = Path(data_root).expanduser() if data_root is not None else shared_data_dir()
     if root is None:
-        raise DatasetError(
-            f"dataset {name!r} is not a folder and no data root is known; set QUANTSR_DATA or pass a path"
-        )
+        raise DatasetError(f"dataset {name!r} is not a folder and there is {no_data_hint()}")
     wanted = {name.lower(), _ALIASES.get(name.lower(), name.lower())}
     wanted |= {k for k, v in _ALIASES.items() if v in wanted}
-    bases = [root, root / "benchmarks", root / "val"]
-    if data_root is None and root.name == "benchmarks":
-        bases.append(root.parent / "val")  # e.g. val/DIV2K256 in the shared data
-    for base in bases:
+    for base in (root, root / "benchmarks", root / "benchmark", root / "val"):
         if base.is_dir():
             for child in sorted(base.iterdir()):
                 if child.is_dir() and child.name.lower() in wanted:
                     return child.resolve()
-    raise DatasetError(f"dataset {name!r} not found under {root} (known names: {', '.join(BENCHMARKS)})")
+    raise DatasetError(f"dataset {name!r} not found under {root} or its benchmarks/, benchmark/ and val/ folders "
+                       f"(known names: {', '.join(BENCHMARKS)}; `quantsr data check` shows what is there)")
 
 
 def _peek_size(path: Path) -> tuple[int, int] | None:

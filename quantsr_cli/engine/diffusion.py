@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from quantsr_cli.data import shared_data_dir
+from quantsr_cli.data import no_data_hint, shared_data_dir
 from quantsr_cli.diffusion.ckpt import load_model as load_diffusion_model
 from quantsr_cli.diffusion.ckpt import save_model as save_diffusion_model
 from quantsr_cli.diffusion.pipeline import QArtSRConfig, run_qartsr
@@ -42,7 +42,7 @@ def train_dirs(dirs: list[str] | None) -> list[Path]:
         return [Path(d) for d in dirs]
     root = shared_data_dir()
     if root is None:
-        raise ConfigError("no training data: set QUANTSR_DATA or pass --train-data DIR")
+        raise ConfigError(f"no training data: pass --train-data DIR, or: {no_data_hint()}")
     return [root / "train" / "T91", root / "train" / "BSD200"]
 
 

@@ -54,11 +54,13 @@ def evaluate_model(
     bicubic: bool = True,
     max_images: int = 0,
     on_event: EventFn | None = None,
+    on_sr: Callable[[str, str, torch.Tensor], None] | None = None,
 ) -> DatasetResult:
     """Evaluate ``loaded`` on one benchmark dataset (name like ``Set5`` or a folder path).
 
     Each SR output is rounded to uint8 before the metrics (BasicSR ``tensor2img``); PSNR/SSIM are on
     the Y channel with ``scale`` border pixels cropped. ``max_images`` > 0 limits the images (validation).
+    ``on_sr(dataset, image, sr)`` receives each SR output, ``(1, 3, H, W)`` in about ``[0, 1]``, on the CPU.
     """
     path = resolve_dataset(dataset, data_root)
     data = BenchmarkDataset(path, loaded.scale)
@@ -76,6 +78,8 @@ def evaluate_model(
             raise NumericError(f"{exc} for {path.name}/{name}", loaded.source) from None
         psnr, ssim = pair_metrics(sr, hr, loaded.scale, path / name)
         images[name] = {"psnr": psnr, "ssim": ssim}
+        if on_sr is not None:
+            on_sr(path.name, name, sr)
         if bicubic:
             up = imresize(lr, loaded.scale).clamp(0, 1)
             bp, bs = pair_metrics(up, hr, loaded.scale, path / name)

@@ -4,7 +4,8 @@ A run directory holds everything a run produces::
 
     runs/<arch>_x<scale>_w<b>a<b>/
       checkpoints/state_*.safetensors   resumable states (model, optimizer, RNG, counters)
-      train_log.jsonl                   validation, saves, slimming events
+      train_log.jsonl                   loss/lr/it/s every log_every iterations, validation, saves, slimming
+      visualization/<dataset>/          validation images (save_val_images), tensorboard/ (--tensorboard)
       qat_best.safetensors              fake-quant model with the best validation PSNR
       qat_last.safetensors              fake-quant model after the last iteration
       model.safetensors                 the packed model (or --out), built from qat_best
@@ -25,8 +26,7 @@ from torch import nn
 
 from quantsr_cli.config import ModelConfig, QuantConfig, TrainConfig
 from quantsr_cli.distill import FeatureDistillHook
-from quantsr_cli.data import TrainDataset, check_patch_size, shared_data_dir
-from quantsr_cli.engine.evaluate import evaluate_model
+from quantsr_cli.data import TrainDataset, check_patch_size, no_data_hint, shared_data_dir
 from quantsr_cli.engine.initmodel import (  # noqa: F401 (re-exported: the start of a run)
     build_initial_model,
     init_arch,
@@ -34,10 +34,12 @@ from quantsr_cli.engine.initmodel import (  # noqa: F401 (re-exported: the start
     load_start_model,
     random_init_notice,
 )
-from quantsr_cli.engine.modelio import LoadedModel, load_model, resolve_model_path
+from quantsr_cli.engine.modelio import load_model, loading, resolve_model_path
 from quantsr_cli.engine.outputs import check_model_output, check_outputs, check_run_dir, clean_temp_files
 from quantsr_cli.engine.runlock import RunDirLock
+from quantsr_cli.engine import tblog
 from quantsr_cli.engine.trainer import Trainer
+from quantsr_cli.engine.validation import check_val_dataset, make_validator
 from quantsr_cli.errors import ConfigError, QuantSRError
 from quantsr_cli.fileio import write_json
 from quantsr_cli.models import ARCHS, arch_spec, build_model
@@ -123,26 +125,22 @@ def write_packed_file(model: nn.Module, path: Path, quant: QuantConfig, extra: d
     return path
 
 
-def make_validator(job_scale: int, dataset: str, max_images: int, arch: str) -> Callable[[nn.Module], float]:
-    """``model -> mean Y-PSNR`` on the validation dataset (BasicSR conventions)."""
-
-    def validate(model: nn.Module) -> float:
-        loaded = LoadedModel(model=model, arch=arch, scale=job_scale, kind="qat", source="training")
-        return evaluate_model(loaded, dataset, bicubic=False, max_images=max_images).psnr
-
-    return validate
-
-
 def default_train_dirs() -> tuple[str, ...]:
     """``$QUANTSR_DATA/train/*`` folders (T91, BSD200 in the shared data)."""
     shared = shared_data_dir()
     if shared is None:
-        raise ConfigError("no training data: set QUANTSR_DATA or pass --train-data DIR")
+        raise ConfigError(f"no training data: pass --train-data DIR, or: {no_data_hint()}")
     root = shared / "train"
     dirs = sorted(str(p) for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
     if not dirs:
         raise ConfigError(f"no training data: {root} has no image folders; pass --train-data DIR")
     return tuple(dirs)
+
+
+def phase(on_event: EventFn | None, name: str, message: str = "") -> None:
+    """Tell the display what the run is doing now (``loading data``, ``calibrating`` ...)."""
+    if on_event is not None and int(os.environ.get("RANK", "0")) == 0:
+        on_event({"event": "phase", "phase": name, "message": message})
 
 
 def init_distributed() -> None:
@@ -156,6 +154,8 @@ def prepare_training(job: QuantizeJob, model: nn.Module, on_event: EventFn | Non
     """Quantize ``model``, set up data, validation and the trainer (resuming when asked)."""
     cfg = job.train
     check_patch_size(cfg.patch_size, job.scale)  # before the data is looked for: a bad flag is the error to report
+    if cfg.val_dataset and cfg.val_every > 0:
+        check_val_dataset(cfg.val_dataset, job.scale)  # a wrong name fails now, not at the first validation
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
@@ -170,14 +170,22 @@ def prepare_training(job: QuantizeJob, model: nn.Module, on_event: EventFn | Non
         quantize_(model, job.quant)
     device = torch.device(job.device)
     model.to(device)
+    if cfg.tensorboard:
+        tblog.require_tensorboard()
     train_dirs = cfg.train_data or default_train_dirs()
+    phase(on_event, "loading data", ", ".join(os.path.basename(d.rstrip("/\\")) for d in train_dirs))
     data = TrainDataset(list(train_dirs), scale=job.scale, patch_size=cfg.patch_size, seed=cfg.seed)
+    if on_event is not None:
+        on_event({"event": "log", "message": f"training data: {len(data.hr)} images" + (
+            f" ({len(data.skipped)} smaller than the {cfg.patch_size}-px patch left out)" if data.skipped else "")})
     if job.start_model is None:
+        phase(on_event, "calibrating", f"{cfg.batch_size} patches")
         calibrate_(model, data.sample_batch(0, cfg.batch_size)[0].to(device),
                   bias_correction=cfg.bias_correction and not job.quant.full_precision)
     if cfg.drop_path_rate:  # after calibration: the quantizers initialise on the whole network
         set_drop_path(cfg.drop_path_rate)
-    validate = make_validator(job.scale, cfg.val_dataset, cfg.val_max_images, job.arch) if cfg.val_dataset else None
+    validate = make_validator(job.scale, cfg.val_dataset, cfg.val_max_images, job.arch, run_dir=run_dir,
+                              save_images=cfg.save_val_images) if cfg.val_dataset else None
     extra: dict[str, Any] = {"command": job.command, "iters": cfg.iters, "act_sign": job.quant.act_sign,
                              **({"start_model": os.path.basename(job.start_model)} if job.start_model else {}),
                              "bias_correction": cfg.bias_correction,
@@ -214,6 +222,8 @@ def prepare_training(job: QuantizeJob, model: nn.Module, on_event: EventFn | Non
             trainer.emit({"event": "log", "message": f"no checkpoint in {run_dir}; starting fresh"})
     elif has_states:
         raise ConfigError(f"{run_dir} already holds checkpoints; pass --resume to continue or choose another --run-dir")
+    if cfg.tensorboard:
+        trainer.sinks = [tblog.TensorBoardLog(run_dir / "tensorboard")]
     return trainer
 
 
@@ -234,6 +244,7 @@ def finish_training(job: QuantizeJob, trainer: Trainer) -> dict[str, Any]:
     if best.is_file() and slim is None:
         source = packing_io.load_model_file(best)
     out = job.out or run_dir / "model.safetensors"
+    trainer.emit({"event": "phase", "phase": "packing", "message": str(out)})
     out.parent.mkdir(parents=True, exist_ok=True)
     write_packed_file(source, out, job.quant, extra)
     summary = {"run_dir": str(run_dir), "qat_last": str(last), "qat_best": str(best) if best.is_file() else None,

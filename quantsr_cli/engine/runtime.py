@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from quantsr_cli.backends import AUTO, BACKENDS, backend_choices, resolve_backend, use_backend
+from quantsr_cli.backends import AUTO, BACKENDS, backend_choices, backend_of, resolve_backend, use_backend
 from quantsr_cli.engine.modelio import LoadedModel
 from quantsr_cli.errors import ConfigError
 
@@ -18,13 +18,20 @@ def select_backend(loaded: LoadedModel, name: str, device: str, half: bool = Fal
     """Attach backend ``name`` (``auto`` or a registered name) to the packed layers of ``loaded``;
     returns the backend used. A backend that needs a device (``cupy``: CUDA) moves the model there.
 
-    Float (``fp``) and fake-quant (``qat``) models always run through torch; a named backend is still
-    checked, so that one that cannot run here is reported. ``half``: float16 glue, for backends whose
-    spec has ``half`` (the GPU engine); ConfigError elsewhere.
+    Float (``fp``) and fake-quant (``qat``) models run through torch unless a whole-model runtime
+    (``BackendSpec.any_model``: openvino, onnxruntime) is named; a named backend is still checked, so that
+    one that cannot run here is reported. Diffusion models always run through torch. ``half``: float16
+    glue, for backends whose spec has ``half`` (the GPU engine); ConfigError elsewhere.
     """
     if name != AUTO and name not in BACKENDS:
         raise ConfigError(f"--backend {name!r}; choose one of {', '.join(backend_choices())}")
+    spec_named = BACKENDS.get(name)
+    if spec_named is not None and spec_named.any_model and loaded.kind.startswith("diffusion"):
+        raise ConfigError(f"--backend {name}: diffusion models run through torch only")
     if loaded.kind != "packed":
+        if spec_named is not None and spec_named.any_model and not half:
+            use_backend(loaded.model, name)
+            return name
         if name != AUTO:
             resolve_backend(name)
         if half:
@@ -39,4 +46,4 @@ def select_backend(loaded: LoadedModel, name: str, device: str, half: bool = Fal
     if spec.device is not None and not str(device).startswith(spec.device):
         loaded.model.to(spec.device)
     use_backend(loaded.model, chosen)
-    return chosen
+    return backend_of(loaded.model)  # under auto a runtime that cannot take the model gives way to the next

@@ -18,6 +18,7 @@ import json
 import math
 import os
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +33,32 @@ from quantsr_cli.engine import checkpoint as ckpt
 from quantsr_cli.fileio import dumps
 
 EventFn = Callable[[dict[str, Any]], None]
+
+LOGGED = ("train", "val", "save", "log", "resume", "slim", "done")
+"""Event kinds written to ``train_log.jsonl`` (one strict JSON object per line). ``step`` (every iteration)
+and ``phase`` events only reach the progress display."""
+
+
+class Rate:
+    """Iterations per second over the last ``window`` iterations of this process (resumed runs count
+    from where they resumed), and the time left at that rate. ``clock`` is injectable for tests."""
+
+    def __init__(self, start_iter: int, clock: Callable[[], float], window: int = 50) -> None:
+        self.clock = clock
+        self.samples: deque[tuple[int, float]] = deque([(start_iter, clock())], maxlen=window + 1)
+
+    def tick(self, iteration: int) -> None:
+        self.samples.append((iteration, self.clock()))
+
+    @property
+    def it_s(self) -> float | None:
+        """None until two samples exist (the first iteration's rate is then known)."""
+        (i0, t0), (i1, t1) = self.samples[0], self.samples[-1]
+        return (i1 - i0) / (t1 - t0) if i1 > i0 and t1 > t0 else None
+
+    def eta_s(self, iteration: int, total: int) -> float | None:
+        rate = self.it_s
+        return (total - iteration) / rate if rate else None
 
 
 class TrainHook(Protocol):
@@ -68,23 +95,32 @@ class Trainer:
         cfg: training options.
         run_dir: folder for checkpoints, logs and outputs.
         sample_batch: ``(iteration, batch_size) -> (lr, hr)`` deterministic in the iteration.
-        validate: ``model -> PSNR (dB)`` on the validation set, or None to skip validation.
+        validate: ``(model, iteration) -> PSNR (dB)`` on the validation set (``iteration`` None: a second
+            model, e.g. the raw one beside the EMA, whose images are not saved), or None to skip validation.
         model_meta: safetensors metadata describing the model (arch, hparams, quant config).
         variants: DQA depth variants: callables that configure the model for one depth (None = one pass).
         hooks: slimming / distillation hooks.
-        on_event: progress callback (dicts with an ``"event"`` key).
+        on_event: progress callback (dicts with an ``"event"`` key): ``phase`` (``training``,
+            ``validating``), ``step`` every iteration (``iter``, ``iters``, ``loss``, ``it_s``, ``eta_s``),
+            ``train`` every ``cfg.log_every`` (also ``lr``; ``loss`` is the mean since the last one),
+            ``val``, ``save``, ``resume``, ``log``, ``done``.
+        sinks: more event consumers on rank 0 (TensorBoard); a sink with ``close()`` is closed when
+            :meth:`train` ends.
+        clock: seconds, for it/s and the ETA.
     """
 
     model: nn.Module
     cfg: TrainConfig
     run_dir: Path
     sample_batch: Callable[[int, int], tuple[torch.Tensor, torch.Tensor]]
-    validate: Callable[[nn.Module], float] | None = None
+    validate: Callable[[nn.Module, int | None], float] | None = None
     model_meta: dict[str, str] = field(default_factory=dict)
     variants: Sequence[Callable[[nn.Module], None]] = ()
     hooks: list[Any] = field(default_factory=list)
     on_event: EventFn | None = None
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    sinks: Sequence[EventFn] = ()
+    clock: Callable[[], float] = time.perf_counter
 
     def __post_init__(self) -> None:
         self.world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -121,9 +157,11 @@ class Trainer:
     def emit(self, event: dict[str, Any]) -> None:
         if self.rank != 0:
             return
-        if event.get("event") in ("val", "save", "log", "resume", "slim", "done"):
+        if event.get("event") in LOGGED:
             with open(self.run_dir / "train_log.jsonl", "a", encoding="utf-8") as fh:
                 fh.write(dumps(event) + "\n")
+        for sink in self.sinks:
+            sink(event)
         if self.on_event:
             self.on_event(event)
 
@@ -187,10 +225,11 @@ class Trainer:
     def run_validation(self) -> float | None:
         if self.validate is None or self.rank != 0:
             return None
+        self.emit({"event": "phase", "phase": "validating", "iter": self.iteration})
         self.model.eval()
         with torch.no_grad():
-            psnr = float(self.validate(self.eval_model))
-            raw = float(self.validate(self.model)) if self.ema is not None else None
+            psnr = float(self.validate(self.eval_model, self.iteration))
+            raw = float(self.validate(self.model, None)) if self.ema is not None else None
         self.model.train()
         improved = psnr > self.best_psnr
         if improved:
@@ -204,12 +243,23 @@ class Trainer:
 
     def train(self, on_best: Callable[[Trainer], None] | None = None) -> None:
         """Run from ``self.iteration`` to ``cfg.iters``; ``on_best`` is called when validation improves."""
+        try:
+            self._train(on_best)
+        finally:
+            for sink in self.sinks:
+                close = getattr(sink, "close", None)
+                if callable(close):
+                    close()
+
+    def _train(self, on_best: Callable[[Trainer], None] | None) -> None:
         cfg = self.cfg
         net: nn.Module = self.model
         if self.world > 1:
             net = nn.parallel.DistributedDataParallel(self.model, find_unused_parameters=True)
         self.model.train()
-        start_time, start_iter = time.perf_counter(), self.iteration
+        self.emit({"event": "phase", "phase": "training", "iter": self.iteration, "iters": cfg.iters})
+        rate = Rate(self.iteration, self.clock)
+        window: list[float] = []  # losses since the last "train" record
         while self.iteration < cfg.iters:
             it = self.iteration
             for hook in self.hooks:
@@ -226,10 +276,14 @@ class Trainer:
             self.optimizer.step()
             self._update_ema()
             self.iteration = it + 1
+            rate.tick(self.iteration)
+            window.append(loss.item())
+            progress = {"iter": self.iteration, "iters": cfg.iters, "it_s": rate.it_s,
+                        "eta_s": rate.eta_s(self.iteration, cfg.iters)}
+            self.emit({"event": "step", **progress, "loss": window[-1]})
             if self.iteration % cfg.log_every == 0 or self.iteration == cfg.iters:
-                elapsed = time.perf_counter() - start_time
-                self.emit({"event": "train", "iter": self.iteration, "iters": cfg.iters, "loss": loss.item(),
-                           "lr": lr_at(cfg, it), "it_s": (self.iteration - start_iter) / max(elapsed, 1e-9)})
+                self.emit({"event": "train", **progress, "loss": sum(window) / len(window), "lr": lr_at(cfg, it)})
+                window.clear()
             if cfg.val_every > 0 and (self.iteration % cfg.val_every == 0 or self.iteration == cfg.iters):
                 psnr = self.run_validation()
                 if psnr is not None:
@@ -239,4 +293,5 @@ class Trainer:
                         on_best(self)
             if self.iteration % cfg.save_every == 0 or self.iteration == cfg.iters:
                 self.save()
-        self.emit({"event": "done", "iter": self.iteration, "best_psnr": self.best_psnr, "best_iter": self.best_iter})
+        best = self.best_psnr if math.isfinite(self.best_psnr) else None
+        self.emit({"event": "done", "iter": self.iteration, "best_psnr": best, "best_iter": self.best_iter})

@@ -29,6 +29,8 @@ from quantsr_cli.data.io import (
     _NO_ALPHA_FORMATS,
     IMAGE_EXTENSIONS,
     MAX_PIXELS,
+    check_pixels,
+    image_size,
     image_array,
     list_images,
     read_image,
@@ -195,25 +197,57 @@ def _model_file(loaded: LoadedModel) -> list[tuple[Path, str]]:
         return []
 
 
-def run_upscale(
-    loaded: LoadedModel,
-    inputs: list[str],
-    output: str,
-    opts: UpscaleOptions,
-    on_event: EventFn | None = None,
-) -> UpscaleReport:
-    """Upscale every input; returns a report (failures are collected, not raised).
+@dataclass
+class UpscalePlan:
+    """What a run will do, decided before any model work: inputs, their outputs, and the inputs already
+    refused from their headers (path -> message: too large, not an image)."""
 
-    Every output path is decided and checked (:func:`~quantsr_cli.engine.outputs.check_outputs`: no
-    output may be an input -- image or model -- or another output) before the output folder is created
-    or anything is written.
-    """
+    files: list[Path]
+    targets: list[Path]
+    single: bool
+    out: Path
+    refused: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def runnable(self) -> int:
+        return len(self.files) - len(self.refused)
+
+
+def plan_upscale(loaded: LoadedModel, inputs: list[str], output: str, opts: UpscaleOptions) -> UpscalePlan:
+    """Expand the inputs, decide and check every output path (:func:`~quantsr_cli.engine.outputs.check_outputs`:
+    no output may be an input -- image or model -- or another output) and read each input's size from its
+    header (``--max-pixels`` on the input and on the output), all before a backend is prepared or anything
+    is written. Raises for run-level problems; per-image refusals go to ``refused``."""
     files = _unique(collect_inputs(inputs))
     out = Path(output)
     single = is_single_target(files, out)
     targets = output_paths(files, out, opts, single)
     check_outputs([(dst, "output") for dst in targets],
                   [(src, "input image") for src in files] + _model_file(loaded))
+    plan = UpscalePlan(files, targets, single, out)
+    scale = max(loaded.scale, int(-(-(opts.outscale or loaded.scale) // 1)))
+    for src in files:
+        size = image_size(src)
+        try:
+            if size is not None:
+                check_pixels(size[0], size[1], opts.max_pixels or None, src, scale)
+        except QuantSRError as exc:
+            plan.refused[str(src)] = str(exc)
+    return plan
+
+
+def run_upscale(
+    loaded: LoadedModel,
+    inputs: list[str],
+    output: str,
+    opts: UpscaleOptions,
+    on_event: EventFn | None = None,
+    plan: UpscalePlan | None = None,
+) -> UpscaleReport:
+    """Upscale every input (``plan`` from :func:`plan_upscale`, made now when None); returns a report
+    (failures are collected, not raised). Nothing is written before every output path is checked."""
+    plan = plan if plan is not None else plan_upscale(loaded, inputs, output, opts)
+    files, targets, single, out = plan.files, plan.targets, plan.single, plan.out
     if not single:
         try:
             out.mkdir(parents=True, exist_ok=True)
@@ -228,7 +262,9 @@ def run_upscale(
     remove_stale_temp_files(out.parent if single else out)
     for index, (src, dst) in enumerate(zip(files, targets)):
         try:
-            if dst.exists() and not opts.overwrite:
+            if str(src) in plan.refused:
+                report.failed[str(src)] = plan.refused[str(src)]
+            elif dst.exists() and not opts.overwrite:
                 report.skipped.append(str(dst))
             else:
                 def on_tile(done: int, total: int, index: int = index, src: Path = src) -> None:

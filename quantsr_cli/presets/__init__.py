@@ -12,7 +12,7 @@ A preset is a flat YAML mapping of ``quantsr quantize`` options, e.g. ``presets/
 Keys are the training options declared in :mod:`quantsr_cli.config` (with ``-`` or ``_``), plus
 ``description``; an unknown or repeated key, a value of the wrong type or out of bounds, ``nan``/``inf``, or a
 YAML tag such as ``!!python/object`` is a :class:`~quantsr_cli.errors.ConfigError` naming the file and the key. ``--preset`` takes only the name of a bundled preset. Files are read with ``yaml.safe_load`` only. ``${QUANTSR_DATA}`` in string
-values expands to the shared data folder (see :func:`expand_data_vars`).
+values expands to the data folder (see :func:`expand_data_vars`).
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ import yaml
 from quantsr_cli.config import training_options
 from quantsr_cli.errors import ConfigError
 from quantsr_cli.options import Declared, check_value, coerce, short
+from quantsr_cli.paths import data_dir
 
 DESCRIPTION = "description"
 """The one key that is not an option: a preset's one-line description (ignored when training)."""
@@ -57,6 +58,11 @@ def list_presets() -> list[str]:
     """Names (file stems) of the bundled presets, sorted."""
     folder = preset_dir()
     return sorted(p.stem for p in folder.glob("*.yaml")) if folder.is_dir() else []
+
+
+def describe_presets() -> list[tuple[str, str]]:
+    """``(name, description)`` of every bundled preset, sorted by name (each file is read and checked)."""
+    return [(name, str(load_preset(name).get(DESCRIPTION, ""))) for name in list_presets()]
 
 
 def load_preset(name: str) -> dict[str, Any]:
@@ -160,8 +166,8 @@ def validate_options(data: dict[Any, Any], path: str | Path | None = None) -> di
 
 
 def expand_data_vars(value: str) -> str:
-    """Expand ``${QUANTSR_DATA}`` (default ``../shared/data``) and ``~`` in a string option."""
+    """Expand ``${QUANTSR_DATA}`` (the data folder, :func:`quantsr_cli.paths.data_dir`) and ``~`` in a string."""
     if "${QUANTSR_DATA}" in value or "$QUANTSR_DATA" in value:
-        data = os.environ.get("QUANTSR_DATA", "../shared/data")
+        data = str(data_dir())
         value = value.replace("${QUANTSR_DATA}", data).replace("$QUANTSR_DATA", data)
     return os.path.expanduser(value)
