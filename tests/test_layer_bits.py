@@ -120,7 +120,7 @@ def test_a_random_start_says_so_times_itself_and_points_to_the_official_weights(
                str(config), "--batch-size", "1", "--patch-size", "32", "--val-every", "0", "--save-every", "3",
                "--threads", "1", "--train-data", str(tiny_train_dir), "--run-dir", str(tmp_path / "run"))
     lines = log.splitlines()
-    notice = next(ln for ln in lines if "random weights" in ln)
+    notice = next(ln for ln in lines if "from random weights" in ln and "official weights" in ln)
     assert "002_lightweightSR_DIV2K_s64w8_SwinIR-S_x" in notice and "--init" in notice
-    assert lines.index(notice) < 3  # at the start
+    assert lines.index(notice) < 4  # at the start, before data loading
     assert any(ln.startswith("timing: ") and "iterations take about" in ln for ln in lines)

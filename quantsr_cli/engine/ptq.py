@@ -22,14 +22,8 @@ import torch
 from torch import nn
 
 from quantsr_cli.data import TrainDataset, check_patch_size
-from quantsr_cli.engine.quantize import (
-    EventFn,
-    QuantizeJob,
-    default_train_dirs,
-    make_validator,
-    write_model_file,
-    write_packed_file,
-)
+from quantsr_cli.engine.quantize import EventFn, QuantizeJob, default_train_dirs, phase, write_model_file, write_packed_file
+from quantsr_cli.engine.validation import check_val_dataset, make_validator
 from quantsr_cli.errors import ConfigError
 from quantsr_cli.fileio import write_json
 from quantsr_cli.quant import calibrate_, quantize_, quantized_layers
@@ -41,6 +35,9 @@ def run_ptq(job: QuantizeJob, model: nn.Module, on_event: EventFn | None = None)
     ``val_dataset``) and write the run's files; returns the summary (also ``summary.json``)."""
     cfg = job.train
     check_patch_size(cfg.patch_size, job.scale)
+    validating = bool(cfg.val_dataset) and cfg.val_every > 0
+    if validating:
+        check_val_dataset(cfg.val_dataset, job.scale)  # a wrong name fails now, before calibration
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
@@ -50,7 +47,9 @@ def run_ptq(job: QuantizeJob, model: nn.Module, on_event: EventFn | None = None)
     device = torch.device(job.device)
     model.to(device)
     train_dirs = cfg.train_data or default_train_dirs()
+    phase(on_event, "loading data", ", ".join(os.path.basename(d.rstrip("/\\")) for d in train_dirs))
     data = TrainDataset(list(train_dirs), scale=job.scale, patch_size=cfg.patch_size, seed=cfg.seed)
+    phase(on_event, "calibrating", f"{cfg.batch_size} patches (no training: iters=0)")
     calibrate_(model, data.sample_batch(0, cfg.batch_size)[0].to(device), bias_correction=cfg.bias_correction,
                step_search=True)
     model.eval()
@@ -58,7 +57,8 @@ def run_ptq(job: QuantizeJob, model: nn.Module, on_event: EventFn | None = None)
     _emit(on_event, f"calibrated {len(quantized_layers(model))} layers on {cfg.batch_size} patches of {cfg.patch_size} px "
                     f"in {seconds:.1f} s (MSE step search, bias correction {'on' if cfg.bias_correction else 'off'})")
     psnr = None
-    if cfg.val_dataset and cfg.val_every > 0:
+    if validating:
+        phase(on_event, "validating", cfg.val_dataset)
         with torch.no_grad():
             psnr = make_validator(job.scale, cfg.val_dataset, cfg.val_max_images, job.arch)(model)
         if on_event is not None:
@@ -69,6 +69,7 @@ def run_ptq(job: QuantizeJob, model: nn.Module, on_event: EventFn | None = None)
                              "val_dataset": cfg.val_dataset if psnr is not None else None}
     last = write_model_file(model, run_dir / "qat_last.safetensors", job.quant, extra)
     out = job.out or run_dir / "model.safetensors"
+    phase(on_event, "packing", str(out))
     out.parent.mkdir(parents=True, exist_ok=True)
     write_packed_file(model, out, job.quant, extra)
     summary = {"run_dir": str(run_dir), "qat_last": str(last), "qat_best": None, "out": str(out), "iters": 0,
