@@ -192,3 +192,27 @@ def test_the_cupy_engine_runs_foreign_models_layer_by_layer(zoo) -> None:
     calibrate_(model, torch.rand(2, 3, 8, 8))
     plan, note = build_plan(to_packed(model.eval()), torch.device("cpu"), PRECISIONS["fp16"])
     assert plan is None and note.startswith("layer by layer")
+
+
+def test_a_foreign_teacher_distills_on_its_output(zoo, tiny_train_dir: Path, tmp_path: Path) -> None:
+    """distill --teacher accepts a foreign checkpoint; with no residual blocks to match, SFD's extra term is
+    the L1 distance to the teacher's output."""
+    from quantsr_cli.models import build_model
+
+    torch.manual_seed(0)
+    init = tmp_path / "imdn.pth"
+    torch.save(build_model("imdn", num_modules=2).state_dict(), init)
+    ptq = tmp_path / "ptq"
+    _cli("quantize", "--init", str(init), "--bits", "4", "--iters", "0", "--train-data", str(tiny_train_dir),
+         "--run-dir", str(ptq), *TRAIN)
+    run = tmp_path / "distill"
+    log = _cli("distill", "--model", str(ptq / "qat_last.safetensors"), "--teacher", str(zoo["realesrgan_compact"][1]),
+               "--iters", "2", "--train-data", str(tiny_train_dir), "--run-dir", str(run), *TRAIN)
+    assert "teacher: detected Compact (spandrel) x4" in log
+    assert json.loads(read_metadata_extra(run / "model.safetensors"))["distill"]["teacher"] == "realesrgan_compact.safetensors"
+
+
+def read_metadata_extra(path: Path) -> str:
+    from quantsr_cli.packing.io import read_metadata
+
+    return read_metadata(path)["extra"]

@@ -17,7 +17,7 @@ Hyperparameters (``model.hparams``, stored in quantsr files, enough to rebuild t
 * ``upscale``: the scale; ``size``: ``[minimum, multiple_of, square]`` input requirements: like spandrel's
   call, the forward pads the input (reflect, then replicate) to meet them and crops the output;
 * ``fold``: re-parameterised blocks (SPAN's ``Conv3XC``) are folded into their inference conv
-  (:data:`REPARAMETERIZE`), so that they can be quantized; the model's keys are then the folded ones.
+  (:data:`~quantsr_cli.models.reparam.REPARAMETERIZE`), so that they can be quantized; the model's keys are then the folded ones.
 
 The model is the spandrel module itself, its class swapped for a subclass that adds the quantsr
 contract (``arch``, ``hparams``, padding forward), so its state-dict keys are spandrel's. It has no
@@ -42,6 +42,7 @@ from quantsr_cli.config import SCALES
 from quantsr_cli.errors import ConfigError
 from quantsr_cli.models.common import MAX_SMALL, MAX_WIDTH, check_scale
 from quantsr_cli.models.spec import ArchSpec, Hparams, LayoutNotSupported, StateDict
+from quantsr_cli.models.reparam import fold_blocks
 from quantsr_cli.models.trace import trace_rule
 
 NAME = "spandrel"
@@ -55,10 +56,11 @@ _TRACE_SIDE = 32
 
 
 def _spandrel() -> Any:
-    """The spandrel package (imported now); LayoutNotSupported with the install hint when missing."""
+    """The spandrel package (imported now); LayoutNotSupported with the install hint when missing or broken
+    (a torchvision built for another torch fails at import with ``operator torchvision::nms does not exist``)."""
     try:
         return importlib.import_module(NAME)
-    except ImportError as exc:
+    except Exception as exc:  # noqa: BLE001 - ImportError, or RuntimeError from a mismatched torchvision
         raise LayoutNotSupported(f"architectures beyond quantsr's own need spandrel and torchvision ({exc}); "
                                  "pip install spandrel (with a torchvision matching your torch)") from None
 
@@ -102,46 +104,6 @@ class SpandrelSR(nn.Module):
 
     def feature_points(self) -> list[str]:
         return []
-
-
-class Reparameterized(nn.Module):
-    """A re-parameterised block folded into its inference conv (``eval_conv``, same key as in the block),
-    then an optional LeakyReLU: what the block computes in eval mode, as one plain conv to quantize."""
-
-    def __init__(self, eval_conv: nn.Conv2d, relu_slope: float | None) -> None:
-        super().__init__()
-        self.eval_conv = eval_conv
-        self.relu_slope = relu_slope
-
-    def forward(self, x: Tensor) -> Tensor:
-        out = self.eval_conv(x)
-        return out if self.relu_slope is None else F.leaky_relu(out, negative_slope=self.relu_slope)
-
-
-def _fold_conv3xc(module: nn.Module) -> nn.Module:
-    """SPAN's ``Conv3XC`` (1x1 -> 3x3 -> 1x1 plus a 1x1 skip in training, their exact sum ``eval_conv`` in eval)."""
-    with torch.no_grad():
-        if module.eval_conv.weight.device.type != "meta":
-            module.update_params()
-    conv = module.eval_conv
-    conv.weight.requires_grad_(True)
-    if conv.bias is not None:
-        conv.bias.requires_grad_(True)
-    return Reparameterized(conv, 0.05 if module.has_relu else None)
-
-
-REPARAMETERIZE = {"Conv3XC": _fold_conv3xc}
-"""Re-parameterised blocks (by class name) folded into one conv before quantization (hparam ``fold``):
-otherwise their training and eval paths differ and none of their convs could be quantized and packed."""
-
-
-def fold_blocks(model: nn.Module) -> int:
-    """Replace every :data:`REPARAMETERIZE` block of ``model`` by its folded conv, in place; returns how many."""
-    found = [(name, m) for name, m in model.named_modules() if type(m).__name__ in REPARAMETERIZE]
-    for name, module in found:
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child, REPARAMETERIZE[type(module).__name__](module))
-    return len(found)
 
 
 def _padded(n: int, minimum: int, multiple: int) -> int:
