@@ -6,7 +6,7 @@
 # With the device tool (one call, then give the machine back), from this machine's repo root:
 #   mkdir -p .gpudata/benchmarks && cp -r ../shared/data/benchmarks/Set5 ../shared/data/benchmarks/Set14 \
 #     .gpudata/benchmarks/ && echo /.gpudata/ >> .git/info/exclude        # once: the PSNR data travels
-#   run(command="QUANTSR_CODE_VERSION=$(git describe --always --dirty) bash bench/gpu_validate.sh",
+#   run(command="QUANTSR_CODE_VERSION=<git describe --always --dirty, run here> bash bench/gpu_validate.sh",
 #       carry=[".gpudata"], timeout_s=420)
 # then copy $OUT's gpu_inference.json to bench/results/ and run `python bench/report.py`.
 #
