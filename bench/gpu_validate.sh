@@ -3,6 +3,13 @@
 #
 #   bash bench/gpu_validate.sh            # results under $OUT (device tool) or bench/results/gpu_validate/
 #
+# With the device tool (one call, then give the machine back), from this machine's repo root:
+#   mkdir -p .gpudata/benchmarks && cp -r ../shared/data/benchmarks/Set5 ../shared/data/benchmarks/Set14 \
+#     .gpudata/benchmarks/ && echo /.gpudata/ >> .git/info/exclude        # once: the PSNR data travels
+#   run(command="QUANTSR_CODE_VERSION=<git describe --always --dirty, run here> bash bench/gpu_validate.sh",
+#       carry=[".gpudata"], timeout_s=420)
+# then copy $OUT's gpu_inference.json to bench/results/ and run `python bench/report.py`.
+#
 # Installs nothing (the device has no network): it runs the working tree with the machine's python3, which
 # must already hold torch (CUDA), cupy, numpy, safetensors, pytest, opencv, pyyaml. Steps, each in its own
 # process under a time cap, inside a global budget ($BUDGET seconds, default 420):
