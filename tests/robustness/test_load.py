@@ -114,14 +114,22 @@ def test_no_file_handle_leak_in_process(tiny_models, tmp_path: Path) -> None:
         assert len(os.listdir("/proc/self/fd")) == before
 
 
+def baseline_rss_mb() -> float:
+    """Peak RSS of a CLI that only prints its help: torch and the app imported, nothing run. The torch
+    build alone decides most of it (~300 MiB for a CPU wheel, ~650 MiB for a CUDA one)."""
+    return measure("--help")["maxrss_mb"]
+
+
 def test_folder_of_20_and_a_1200x900_image(tiny_models, tmp_path: Path) -> None:
+    base = baseline_rss_mb()
     folder = check_folder_run(tmp_path, tiny_models["packed"], 20)
     report("20 images 80x64", folder)
-    assert folder["maxrss_mb"] < 1024  # a fresh CLI with torch is ~300 MiB; generous for any machine
+    # the run's own cost (model, backend runtime such as OpenVINO's compiler, tiles) stays under 512 MiB
+    assert folder["maxrss_mb"] < base + 512, (base, folder["maxrss_mb"])
     assert folder["last_ms"] <= 3 * folder["first_ms"] + 50  # no slow-down as images accumulate
     large = check_large_run(tmp_path, tiny_models["packed"], 900, 1200)
     report("one 1200x900 image", large)
-    assert large["maxrss_mb"] < 1024 + 4 * large["float_output_mb"]
+    assert large["maxrss_mb"] < base + 512 + 4 * large["float_output_mb"], (base, large["maxrss_mb"])
 
 
 @pytest.mark.slow
