@@ -122,6 +122,21 @@ def test_slim_4_to_2_blocks_writes_2_blocks(tmp_path: Path, tiny_train_dir: Path
     assert log.count('"event": "slim"') >= 2
 
 
+def test_slim_swinir_built_with_fixed_shortcuts(tmp_path: Path, tiny_train_dir: Path, shared_data: Path) -> None:
+    """The QuantSR+-T recipe: SwinIR is built with official keys (fixed shortcuts); slimming makes them trainable."""
+    job = QuantizeJob(arch="swinir-s", scale=4, quant=QuantConfig("rbd", 2, 2), blocks=4, run_dir=tmp_path / "r",
+                      train=tiny_train(tmp_path, tiny_train_dir, iters=4, slim_to=2, batch_size=1))
+    summary = run_quantize(job)
+    meta = read_metadata(Path(summary["out"]))
+    hparams = json.loads(meta["hparams"])
+    assert len(hparams["depths"]) == 2 and hparams["learnable_shortcut"] is True
+    assert json.loads(meta["extra"])["slim"]["to_blocks"] == 2
+    model = load_model_file(Path(summary["out"]))
+    assert len(model.block_names()) == 2
+    assert all(isinstance(b.learnable_shortcut, torch.nn.Parameter) for b in model.blocks())
+    assert model(torch.rand(1, 3, 16, 16)).shape == (1, 3, 64, 64)
+
+
 def test_slim_removes_largest_shortcut_first() -> None:
     from quantsr_cli.slim import SlimHook
 

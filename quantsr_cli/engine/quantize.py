@@ -42,7 +42,7 @@ from quantsr_cli.engine.trainer import Trainer
 from quantsr_cli.engine.validation import check_val_dataset, make_validator
 from quantsr_cli.errors import ConfigError, QuantSRError
 from quantsr_cli.fileio import write_json
-from quantsr_cli.models import ARCHS, arch_spec, build_model
+from quantsr_cli.models import ARCHS, arch_spec, build_model, make_shortcuts_learnable
 from quantsr_cli.packing import io as packing_io
 from quantsr_cli.packing.unpack import check_rebuildable  # noqa: F401 (for the CLI)
 from quantsr_cli.quant import calibrate_, method_spec, quantize_
@@ -202,6 +202,7 @@ def prepare_training(job: QuantizeJob, model: nn.Module, on_event: EventFn | Non
     if cfg.slim_to:
         if arch_spec(job.arch).depth is None:  # the slimmed model is compacted at the end of the run
             raise ConfigError(f"--slim-to: arch {job.arch!r} has a fixed depth; its blocks cannot be removed")
+        make_shortcuts_learnable(model)  # QSA ranks blocks by their trainable identity scalars
         hooks.append(SlimHook(model, cfg.slim_to, cfg.iters, cfg.slim_start_ratio))
     if cfg.distill:
         teacher = load_model(cfg.distill, scale=job.scale, device=device)

@@ -16,10 +16,10 @@ Public API::
 This package never imports quant, packing, engine or any CLI library.
 """
 
-from quantsr_cli.models.common import SRModel
+from quantsr_cli.models.common import SRModel, make_shortcuts_learnable
 from quantsr_cli.models.loading import check_fits, detect_arch, load_weights, read_state_dict
 from quantsr_cli.models.registry import ARCHS, arch_names, arch_spec, block_hparams, build_model, probe_model
 from quantsr_cli.models.spec import ArchSpec, DepthRule, LayoutNotSupported
 
 __all__ = ["ARCHS", "ArchSpec", "DepthRule", "LayoutNotSupported", "SRModel", "arch_names", "arch_spec", "block_hparams",
-           "build_model", "check_fits", "detect_arch", "load_weights", "probe_model", "read_state_dict"]
+           "make_shortcuts_learnable", "build_model", "check_fits", "detect_arch", "load_weights", "probe_model", "read_state_dict"]

@@ -88,6 +88,23 @@ def init_shortcut(block: nn.Module, learnable: bool) -> None:
     block.skip = False
 
 
+def make_shortcuts_learnable(model: SRModel) -> bool:
+    """Turn every block's fixed ``learnable_shortcut`` buffer into a trainable parameter (value kept).
+
+    For block removal (QSA) on a model built with ``learnable_shortcut=False`` (official keys, e.g. a
+    SwinIR-S ``--init``). ``model.hparams["learnable_shortcut"]`` becomes True, so the files the run writes
+    rebuild with the parameter. Returns whether anything changed (False for archs without the option).
+    """
+    if "learnable_shortcut" not in model.hparams or model.hparams["learnable_shortcut"]:
+        return False
+    for block in model.blocks():
+        value = block.learnable_shortcut.detach().clone()
+        del block.learnable_shortcut  # the non-persistent buffer
+        block.learnable_shortcut = nn.Parameter(value)
+    model.hparams["learnable_shortcut"] = True
+    return True
+
+
 class DropPath(nn.Module):
     """Stochastic depth on a residual branch, per sample (timm's ``drop_path``, as in SwinIR).
 
