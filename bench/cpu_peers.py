@@ -171,7 +171,7 @@ def main() -> None:
     artifacts.mkdir(parents=True, exist_ok=True)
     result: dict[str, Any] = {"version": version, "machine": machine(), "settings": {
         "repeat": args.repeat, "threads": args.threads, "sizes": args.sizes, "models": args.models,
-        "tile": "1024x768: 256 tiles + 16 px context; 256: whole"}, "rows": {}}
+        "tile": "1024x768: 256 tiles + 16 px context; 256: whole"}, "rows": {}, "load_average": {}}
 
     built: dict[int, Any] = {}
     for threads in args.threads:
@@ -201,8 +201,13 @@ def main() -> None:
             settings = {"threads": threads, "size": size, "repeat": args.repeat, "rows": rows0.names()}
             group = cache.get("time", settings)
             if group is None:
+                before = os.getloadavg()[0]
                 group = time_group(built[threads].fn, SIZES[size], args.repeat)
+                # the 1-minute load average around the group: ~threads on a quiet machine, more when shared
+                group = {"rows": group, "load_average": [round(before, 2), round(os.getloadavg()[0], 2)]}
                 cache.put("time", settings, group)
+            result["load_average"][f"t{threads}_{size}"] = group.get("load_average")
+            group = group.get("rows", group)
             for name, t in group.items():
                 result["rows"][name]["times"][f"t{threads}_{size}"] = t
             print(f"timed threads={threads} size={size}", flush=True)

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import report_gpu
+import report_peers
 import report_tables as t
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -34,6 +35,7 @@ PRODUCERS = {
     "ablation_quantsr_plus": "`bench/ablation_quantsr_plus.py`",
     "qartsr_x4": "`bench/qartsr_compare.py`",
     "cpu_inference": "`bench/cpu_inference.py --out` (the first runs transcribed)",
+    "cpu_peers": "`bench/cpu_peers.py`",
     "gpu_first_runs": "`bench/gpu_validate.sh` outputs, parsed",
     "bundled_training": "transcribed (run folders not kept)",
     "calibration_imdn_w2a2": "transcribed (run folders not kept)",
@@ -82,16 +84,18 @@ def sources(r: Results) -> list[str]:
             v = ", ".join(sorted({t.version(x.get("code_version")) for x in d["runs"]}))
             m = "; ".join(sorted({_machine(x["machine"]) for x in d["runs"]}))
         else:
-            cv = d.get("code_version", (d.get("settings") or {}).get("code_version"))
-            v = d["code_version"] if isinstance(cv, str) else t.version(cv)
+            cv = d.get("code_version", (d.get("settings") or {}).get("code_version", d.get("version")))
+            v = cv if isinstance(cv, str) else t.version(cv)
             m = _machine(d.get("machine"))
         rows.append([f"`{name}.json`", producer, v, m])
     return t.table(["file", "written by", "code version", "machine"], rows)
 
 
 def readme_block(r: Results) -> list[str]:
-    b = r["bundled_models"]
-    return t.headline(b) + ["", f"Set5 with the `cpu` backend vs the `torch` reference: {t.cpu_backend_psnr(b)[0]}."]
+    b, p = r["bundled_models"], r["cpu_peers"]
+    return t.headline(b) + ["", f"Set5 with the `cpu` backend vs the `torch` reference: {t.cpu_backend_psnr(b)[0]}.",
+                            f"Speed on one CPU thread ({p['machine'].get('cpu')}, `bench/results/cpu_peers.json`; "
+                            "fastest quantsr backend in bold):", ""] + report_peers.headline(p)
 
 
 BLOCKS: dict[str, Callable[[Results], list[str]]] = {
@@ -108,6 +112,10 @@ BLOCKS: dict[str, Callable[[Results], list[str]]] = {
     "packed_sizes": lambda r: t.packed_sizes(r["packed_sizes"], r["bundled_models"]),
     "cpu_inference": lambda r: t.cpu_inference(r["cpu_inference"]),
     "cpu_backend_psnr": lambda r: t.cpu_backend_psnr(r["bundled_models"]),
+    "cpu_peers_t1": lambda r: report_peers.peers(r["cpu_peers"], 1),
+    "cpu_peers_t2": lambda r: report_peers.peers(r["cpu_peers"], 2),
+    "cpu_peers_settings": lambda r: report_peers.settings(r["cpu_peers"]),
+    "cpu_peers_ratio": lambda r: [report_peers.ratio_line(r["cpu_peers"])],
     "memory": lambda r: t.memory(r["memory"]),
     "gpu": gpu,
     "qartsr": lambda r: t.qartsr(r["qartsr_x4"]),

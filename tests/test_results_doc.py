@@ -90,7 +90,8 @@ def test_every_results_file_names_its_code_version() -> None:
         data = json.loads((BENCH / "results" / f"{name}.json").read_text())
         records = data["runs"] if name == "cpu_inference" else [data]
         for record in records:
-            version = record.get("code_version", (record.get("settings") or {}).get("code_version", "missing"))
+            version = record.get("code_version", (record.get("settings") or {}).get("code_version",
+                                                                                    record.get("version", "missing")))
             assert version != "missing", name  # None = measured before versions were recorded: says so
             if version is None:
                 assert "transcribed" in record.get("source", ""), name

@@ -1,0 +1,80 @@
+"""Markdown tables of ``bench/results/cpu_peers.json`` (``bench/cpu_peers.py``), used by ``bench/report.py``.
+
+Nothing here measures anything; the same JSON gives the same bytes.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from report_tables import NA, table
+
+REF = "ov_int8_nncf"  # the runtime's own int8 PTQ: the speed to match (issue #26)
+SIZES = ("256", "1024x768")
+LABELS = {"256": "256²", "1024x768": "1024×768"}
+
+
+def _label(name: str, row: dict[str, Any]) -> str:
+    what = row["what"]
+    for model in ("default-w2", "default"):
+        if name.startswith(model + "_"):
+            backend = name[len(model) + 1:]
+            if backend == "ov_bf16":
+                return f"`{model}`, its IR with bf16 float layers (not exact)"
+            text = f"`{model}` {'W2A2' if model == 'default-w2' else 'W4A4'}, `" + \
+                {"cpu": "cpu", "ort": "onnxruntime", "ov": "openvino"}[backend] + "`"
+            return text
+    return what
+
+
+def _fastest(d: dict[str, Any]) -> set[str]:
+    return {v["fastest"] for v in d.get("ratios", {}).values()}
+
+
+def peers(d: dict[str, Any], threads: int) -> list[str]:
+    """One row per candidate: Set5/Set14 x4, file MB, min seconds per size (x torch FP32), speed vs NNCF int8."""
+    rows, bold = d["rows"], _fastest(d)
+    base, ref = rows["torch_fp32"]["times"], rows[REF]["times"]
+    keys = [f"t{threads}_{s}" for s in SIZES]
+    out = []
+    for name, row in rows.items():
+        psnr = row.get("psnr") or {}
+        cells = []
+        for k in keys:
+            t = row["times"].get(k)
+            cells.append(f"{t['min']:.2f} s ({base[k]['min'] / t['min']:.1f}×)" if t and k in base else NA)
+        vs = " / ".join(f"{ref[k]['min'] / row['times'][k]['min']:.2f}" if k in row["times"] and k in ref else NA
+                        for k in keys)
+        label = _label(name, row)
+        out.append([f"**{label}**" if name in bold else label,
+                    f"{psnr['Set5']:.2f} / {psnr['Set14']:.2f}" if psnr else NA,
+                    f"{row['bytes'] / 1e6:.2f}" if row.get("bytes") else NA, *cells, vs])
+    header = ["IMDN x4", "Set5 / Set14", "MB", *(f"{LABELS[s]}, {threads} thread{'s' * (threads > 1)}" for s in SIZES),
+              "speed vs NNCF int8 (" + " / ".join(LABELS[s] for s in SIZES) + ")"]
+    return table(header, out)
+
+
+def ratio_line(d: dict[str, Any], model: str = "default", threads: int = 1) -> str:
+    """``0.84× (256²) and 0.80× (1024×768)``: the fastest exact backend of ``model`` vs NNCF int8, min times."""
+    r = d["ratios"]
+    return " and ".join(f"{r[f'{model}/t{threads}_{s}']['vs_ov_int8_nncf_min']:.2f}× ({LABELS[s]})" for s in SIZES
+                        if f"{model}/t{threads}_{s}" in r)
+
+
+def settings(d: dict[str, Any]) -> list[str]:
+    """The run's settings, machine and the load average around each timing group."""
+    m, s = d["machine"], d["settings"]
+    load = d.get("load_average") or {}
+    loads = ", ".join(f"{k}: {v[0]:.1f}→{v[1]:.1f}" for k, v in load.items() if v) or "not recorded"
+    return [f"`python bench/cpu_peers.py --repeat {s['repeat']}`, code {d['version']}; {m.get('cpu')}, "
+            f"{m.get('cores')} cores ({', '.join(m.get('isa', []))}); torch {m.get('torch')}, OpenVINO "
+            f"{str(m.get('openvino')).split('-')[0]}, ONNX Runtime {m.get('onnxruntime')}, NNCF {m.get('nncf')}. "
+            f"One interleaved run, min of {s['repeat']} (medians in the JSON); {s['tile']}. "
+            f"1-minute load average before→after each timing group: {loads}."]
+
+
+def headline(d: dict[str, Any]) -> list[str]:
+    """README: the rows a deploying user chooses between, 1 thread."""
+    keep = ("torch_fp32", "ov_bf16", REF, "default_cpu", "default_ov", "default-w2_ov")
+    sub = {**d, "rows": {k: v for k, v in d["rows"].items() if k in keep}}
+    return peers(sub, 1)
