@@ -78,3 +78,25 @@ def headline(d: dict[str, Any]) -> list[str]:
     keep = ("torch_fp32", "ov_bf16", REF, "default_cpu", "default_ov", "default-w2_ov")
     sub = {**d, "rows": {k: v for k, v in d["rows"].items() if k in keep}}
     return peers(sub, 1)
+
+
+def profile(d: dict[str, Any]) -> list[str]:
+    """``bench/ov_profile.py``: ms per run in each node group (share of the total), one column per IR."""
+    rows = d["rows"]
+    groups = list(dict.fromkeys(g for r in rows.values() for g in r["groups"]))
+    out = []
+    for g in groups + ["total"]:
+        cells = []
+        for r in rows.values():
+            if g == "total":
+                cells.append(f"**{r['total_ms']:.0f}**")
+            else:
+                v = r["groups"].get(g)
+                cells.append(f"{v['ms']:.1f} ({v['share']:.0%}, {v['nodes']} nodes)" if v else NA)
+        out.append([g, *cells])
+    s = d["settings"]
+    header = [f"ms per {s['input']} run, {s['threads']} thread{'s' * (s['threads'] > 1)}", *(f"`{n}`" for n in rows)]
+    slow = {n: r["slowest"][0] for n, r in rows.items()}
+    top = "; ".join(f"`{n}`: {v['node']} {v['exec_type']} {v['ms']:.1f} ms" for n, v in slow.items())
+    return table(header, out) + ["", f"Slowest node of each: {top}. `python bench/ov_profile.py --repeat "
+                                     f"{s['repeat']}`, code {d['version']}, load average {d['load_average']}."]
