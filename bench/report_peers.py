@@ -92,7 +92,7 @@ def profile(d: dict[str, Any]) -> list[str]:
                 cells.append(f"**{r['total_ms']:.0f}**")
             else:
                 v = r["groups"].get(g)
-                cells.append(f"{v['ms']:.1f} ({v['share']:.0%}, {v['nodes']} nodes)" if v else NA)
+                cells.append(f"{v['ms']:.1f} ({v['share']:.0%}, {v['nodes']} node{'s' * (v['nodes'] != 1)})" if v else NA)
         out.append([g, *cells])
     s = d["settings"]
     header = [f"ms per {s['input']} run, {s['threads']} thread{'s' * (s['threads'] > 1)}", *(f"`{n}`" for n in rows)]
