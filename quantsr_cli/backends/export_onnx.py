@@ -97,6 +97,10 @@ def _clean_metadata(proto: Any, model: nn.Module) -> None:
     info = {"quantsr.arch": str(getattr(model, "arch", "")), "quantsr.scale": str(hparams.get("upscale", "")),
             "quantsr.input": "lr: (N, 3, H, W) float32 RGB in [0, 1]; sr: (N, 3, sH, sW), unclamped",
             "quantsr.input_multiple": str(input_multiple(model))}
+    quant = getattr(model, "quant_config", None)
+    if quant is not None and hasattr(quant, "w_bits"):  # the label `quantsr eval --model FILE.onnx` shows
+        info.update({"quantsr.method": str(quant.method), "quantsr.w_bits": str(quant.w_bits),
+                     "quantsr.a_bits": str(quant.a_bits)})
     for key, value in info.items():
         entry = proto.metadata_props.add()
         entry.key, entry.value = key, value

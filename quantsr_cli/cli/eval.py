@@ -30,7 +30,7 @@ EXAMPLES = examples("quantsr eval --dataset Set5 --dataset Set14          # the 
 
 
 def evaluate(
-    model: Annotated[str | None, typer.Option("--model", "-m", help="Model file or bundled name (default, default-w2).", show_default="default")] = None,
+    model: Annotated[str | None, typer.Option("--model", "-m", help="Model file or bundled name (default, default-w2); a .onnx/.xml from quantsr export runs in its runtime.", show_default="default")] = None,
     arch: Annotated[str | None, typer.Option("--arch", help="Architecture of --weights.", show_default="detected from the weights")] = None,
     weights: Annotated[Path | None, typer.Option("--weights", help="Foreign full-precision weights (.pth/.pt/.ckpt/.safetensors, instead of --model); the architecture is detected.", show_default="none")] = None,
     dataset: Annotated[list[str] | None, typer.Option("--dataset", "-d", help="Set5, Set14, B100, Urban100, Manga109 or a folder; repeatable.", show_default="Set5")] = None,
@@ -50,7 +50,7 @@ def evaluate(
     if model is not None and weights is not None:
         raise ConfigError("pass either --model or --weights, not both")
     source = str(weights) if weights is not None else (model or "default")
-    loaded = load_model(source, arch=arch, scale=scale, device=device)
+    loaded = load_model(source, arch=arch, scale=scale, device=device, allow_exported=True)
     if loaded.detected:
         err_console.print(loaded.detected, highlight=False, markup=False, soft_wrap=True)
     if depth is not None:
@@ -69,7 +69,7 @@ def evaluate(
         result = run_eval(loaded, datasets, data_root=str(data_root) if data_root else None, tile=tile,
                           save_dir=str(save_dir) if save_dir else None, on_event=on_event)
     if compare_dir is not None:
-        others = [load_model(m, scale=loaded.scale, device=device) for m in (compare_model or [])]
+        others = [load_model(m, scale=loaded.scale, device=device, allow_exported=True) for m in (compare_model or [])]
         for name in datasets:
             write_comparisons([*others, loaded], name, compare_dir,
                               data_root=str(data_root) if data_root else None)

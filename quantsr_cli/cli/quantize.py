@@ -24,7 +24,7 @@ from quantsr_cli.cli.trainopts import (
     training_command,
 )
 from quantsr_cli.config import SCALES, ModelConfig, QuantConfig, TrainConfig
-from quantsr_cli.engine.modelio import read_model_meta
+from quantsr_cli.engine.modelio import EXPORTED_SUFFIXES, read_model_meta
 from quantsr_cli.engine.quantize import QuantizeJob, check_rebuildable, init_arch, run_quantize
 from quantsr_cli.errors import CheckpointError, ConfigError
 from quantsr_cli.models import ARCHS
@@ -63,7 +63,9 @@ def init_layer(init: str, resolved: Resolved) -> Layer | None:
     the file cannot be read: loading it reports why, when the run starts."""
     try:
         arch, hparams = init_arch(init)
-    except CheckpointError:
+    except CheckpointError as exc:
+        if exc.path is not None and Path(exc.path).suffix.lower() in EXPORTED_SUFFIXES:
+            raise  # an exported file: say so now, not "--arch is required"
         return None
     wanted = resolved.values.get("arch")
     if wanted and wanted != arch:

@@ -30,7 +30,7 @@ EXAMPLES = examples("quantsr upscale photo.jpg -o photo_x4.png",
 def upscale(
     inputs: Annotated[list[str], typer.Argument(help="Image files, folders or glob patterns.")],
     output: Annotated[Path, typer.Option("--output", "-o", help="Output file (one input) or folder.")],
-    model: Annotated[str, typer.Option("--model", "-m", help="Model file or bundled name.")] = "default",
+    model: Annotated[str, typer.Option("--model", "-m", help="Model file or bundled name; a .onnx/.xml from quantsr export runs in its runtime.")] = "default",
     tile: Annotated[int, typer.Option("--tile", "-t", help="LR tile size in pixels (0 = whole image).")] = 256,
     tile_pad: Annotated[int, typer.Option("--tile-pad", help="LR context pixels around each tile.")] = 16,
     backend: BackendOpt = "auto",
@@ -51,7 +51,7 @@ def upscale(
                           max_pixels=max_pixels, outscale=outscale, alpha_upsampler=alpha_upsampler, quality=quality)
     if threads:
         torch.set_num_threads(threads)
-    loaded = load_model(model, device=device)
+    loaded = load_model(model, device=device, allow_exported=True)
     if loaded.detected:
         err_console.print(loaded.detected, highlight=False, markup=False, soft_wrap=True)
     plan = plan_upscale(loaded, inputs, str(output), opts)  # paths and image headers, before any backend work

@@ -10,7 +10,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from quantsr_cli.engine.modelio import SAFETENSORS_SUFFIXES, load_model, loading, read_model_meta, resolve_model_path
+from quantsr_cli.engine.modelio import (SAFETENSORS_SUFFIXES, load_model, loading, read_model_meta, refuse_exported,
+                                        resolve_model_path)
 from quantsr_cli.errors import CheckpointError, ConfigError
 from quantsr_cli.models import ARCHS, arch_spec, block_hparams, build_model
 from quantsr_cli.models.loading import detect_arch, read_state_dict
@@ -105,6 +106,7 @@ def init_arch(source: str) -> tuple[str, dict[str, Any]]:
     """The architecture and hyperparameters of an ``--init`` file (a quantsr file's metadata, or detected
     from a foreign checkpoint's keys), so ``quantize --init FILE`` needs no ``--arch``/``--scale``."""
     path = resolve_model_path(source)
+    refuse_exported(path)
     with loading(path):
         if packing_foreign.is_quantsr_file(path):
             meta = read_model_meta(source)

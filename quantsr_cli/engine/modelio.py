@@ -41,7 +41,8 @@ class LoadedModel:
         model: the network in eval mode; maps (N,3,H,W) in [0,1] to (N,3,sH,sW).
         arch: registry name, e.g. ``"imdn"``.
         scale: upscaling factor.
-        kind: ``"fp"`` (float weights), ``"qat"`` (fake-quant) or ``"packed"`` (bit-packed codes).
+        kind: ``"fp"`` (float weights), ``"qat"`` (fake-quant), ``"packed"`` (bit-packed codes) or
+            ``"exported"`` (an ``.onnx``/``.xml`` file run by its runtime).
         source: what the user passed (path or bundled name).
         meta: the safetensors metadata (decoded JSON values), empty for ``.pth`` files.
         detected: for a foreign checkpoint, one line saying what it was detected as (else None).
@@ -59,7 +60,7 @@ class LoadedModel:
     def label(self) -> str:
         """Short human label: ``imdn x4 W4A4 rbd (packed)``."""
         bits = ""
-        if self.kind not in ("fp", "diffusion-fp"):
+        if self.kind not in ("fp", "diffusion-fp") and (self.kind != "exported" or "w_bits" in self.meta):
             src = self.meta.get("quant_spec") if isinstance(self.meta.get("quant_spec"), dict) else self.meta
             method = self.meta.get("method", "qartsr" if self.kind == "diffusion-qat" else "")
             bits = f" W{src.get('w_bits', '?')}A{src.get('a_bits', '?')} {method}"
@@ -98,6 +99,7 @@ def load_model(
     scale: int | None = None,
     hparams: dict[str, Any] | None = None,
     device: str | torch.device = "cpu",
+    allow_exported: bool = False,
 ) -> LoadedModel:
     """Load a model from a bundled name, a quantsr safetensors file or a foreign checkpoint.
 
@@ -113,10 +115,39 @@ def load_model(
         scale: expected upscaling factor; a mismatch is a CheckpointError. Detected when None.
         hparams: extra builder arguments for ``.pth`` files (e.g. ``{"num_block": 32}``).
         device: where to put the model.
+        allow_exported: accept a file ``quantsr export`` wrote (``.onnx``/``.xml``: kind ``"exported"``,
+            runs in its runtime only; for ``eval`` and ``upscale``). Otherwise such a file is an error
+            saying to use the model it was exported from.
     """
     path = resolve_model_path(source)
     with loading(path):
+        if path.suffix.lower() in EXPORTED_SUFFIXES:
+            return _load_exported(path, source, arch, scale, allow_exported)
         return _load(path, source, arch, scale, hparams, device)
+
+
+EXPORTED_SUFFIXES = (".onnx", ".xml")
+
+
+def refuse_exported(path: Path) -> None:
+    """CheckpointError for an exported file (``.onnx``/``.xml``) given where a trainable model is needed."""
+    if path.suffix.lower() in EXPORTED_SUFFIXES:
+        raise CheckpointError("an exported model runs in `quantsr eval` and `quantsr upscale` only; give the "
+                              ".safetensors (or bundled name) it was exported from", path)
+
+
+def _load_exported(path: Path, source: str, arch: str | None, scale: int | None, allowed: bool) -> LoadedModel:
+    if not allowed:
+        refuse_exported(path)
+    from quantsr_cli.backends.exported import load_exported
+
+    model, meta = load_exported(path)
+    if arch is not None and meta["arch"] not in (arch, "exported"):
+        raise CheckpointError(f"file holds a {meta['arch']!r} model, not {arch!r}", path)
+    if scale is not None and meta["scale"] != scale:
+        raise CheckpointError(f"model is x{meta['scale']}, not x{scale} (pass --scale {meta['scale']})", path)
+    return LoadedModel(model=model.eval(), arch=meta["arch"], scale=meta["scale"], kind="exported", source=source,
+                       meta=meta)
 
 
 @contextmanager

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from quantsr_cli.config import QuantConfig
-from quantsr_cli.engine.modelio import LoadedModel, load_model, loading, resolve_model_path
+from quantsr_cli.engine.modelio import LoadedModel, load_model, loading, refuse_exported, resolve_model_path
 from quantsr_cli.engine.outputs import check_model_output, check_outputs, clean_temp_files
 from quantsr_cli.errors import CheckpointError, ConfigError
 from quantsr_cli.metrics.complexity import count_macs
@@ -194,6 +194,7 @@ def model_info(
 def pack_file(src: str, dst: Path) -> dict[str, Any]:
     """Convert a fake-quant (``qat``) model file into the packed format; returns its size report."""
     path = resolve_model_path(src)
+    refuse_exported(path)
     check_model_output(dst, "-o")
     check_outputs([(dst, "-o")], [(path, "model")])
     meta = packing_io.read_metadata(path)

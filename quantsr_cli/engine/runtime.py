@@ -26,6 +26,12 @@ def select_backend(loaded: LoadedModel, name: str, device: str, half: bool = Fal
     if name != AUTO and name not in BACKENDS:
         raise ConfigError(f"--backend {name!r}; choose one of {', '.join(backend_choices())}")
     spec_named = BACKENDS.get(name)
+    if loaded.kind == "exported":  # the file runs in the runtime it was written for
+        runtime = str(loaded.meta["runtime"])
+        if name not in (AUTO, runtime) or half:
+            raise ConfigError(f"{loaded.source} is an exported model and runs on --backend {runtime} only"
+                              + (" (no --half)" if half else ""))
+        return runtime
     if spec_named is not None and spec_named.any_model and loaded.kind.startswith("diffusion"):
         raise ConfigError(f"--backend {name}: diffusion models run through torch only")
     if loaded.kind != "packed":
