@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib.util
 import json
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -127,6 +128,30 @@ def test_openvino_runs_quantized_convs_in_u8(w_bits: int, a_bits: int) -> None:
     with torch.no_grad():
         ref = model(x)
     close(torch.from_numpy(compiled.create_infer_request().infer({0: x.numpy()})[0].copy()), ref)
+
+
+@needs_ov
+@pytest.mark.parametrize("w_bits,a_bits", [(4, 4), (2, 2)])
+def test_concat_quantized_per_input_runs_in_u8_and_changes_nothing(w_bits: int, a_bits: int,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    from quantsr_cli.backends import export_openvino as eo
+
+    model = packed_model("imdn", "rbd", w_bits, a_bits)
+    moved = eo.convert(model)
+    monkeypatch.setattr(eo, "quantize_concat_inputs", lambda ov_model: 0)
+    kept = eo.convert(model)
+    fed_by_concat = [op for op in moved.get_ordered_ops() if op.get_type_name() == "FakeQuantize"
+                     and op.input_value(0).get_node().get_type_name() == "Concat"]
+    assert not fed_by_concat  # IMDN's final 6-way concatenation now takes quantized inputs
+    x = torch.rand(1, 3, 13, 10).numpy()
+    out = [np.array(eo.compile_model(m, threads=1).create_infer_request().infer({0: x})[0]) for m in (moved, kept)]
+    assert np.array_equal(out[0], out[1])  # exact: the same element-wise FakeQuantize, per input
+    compiled = eo.compile_model(moved, threads=1)
+    concat_precisions = [op.get_rt_info()["runtimePrecision"].astype(str) for op in
+                         compiled.get_runtime_model().get_ordered_ops()
+                         if op.get_rt_info()["layerType"].astype(str) == "Concatenation"]
+    if a_bits == 4:  # 2-bit inputs keep their clamp before the FakeQuantize, so that concat stays f32
+        assert "u8" in concat_precisions or "i8" in concat_precisions, concat_precisions
 
 
 @needs_ort

@@ -40,11 +40,53 @@ def convert(model: nn.Module) -> Any:
         path = Path(tmp) / "model.onnx"
         path.write_bytes(proto.SerializeToString())
         ov_model = ov.convert_model(str(path))
+    quantize_concat_inputs(ov_model)
     for key, value in RUNTIME_OPTIONS.items():
         ov_model.set_rt_info(value, ["runtime_options", key])
     for entry in proto.metadata_props:
         ov_model.set_rt_info(entry.value, ["quantsr", entry.key.removeprefix("quantsr.")])
     return ov_model
+
+
+def quantize_concat_inputs(ov_model: Any) -> int:
+    """``FakeQuantize(Concat(x1..xn))`` -> ``Concat(FakeQuantize(x1)..FakeQuantize(xn))``; returns how many.
+
+    Exact: FakeQuantize is element-wise with per-tensor or per-channel ranges, so each input gets its
+    channels' slice of the ranges. It lets the CPU plugin run the concatenation in u8 instead of writing
+    and re-reading it in f32 (IMDN's final 6-way concatenation, 384 channels: 4 % of the W4A4 model's
+    time at 256², bit-identical output). 2-bit quantizers, which clamp before their FakeQuantize, are
+    left as they are.
+    """
+    import numpy as np
+    import openvino as ov
+
+    opset = ov.opset13
+    done = 0
+    for fq in list(ov_model.get_ordered_ops()):
+        if fq.get_type_name() != "FakeQuantize":
+            continue
+        cat = fq.input_value(0).get_node()
+        if cat.get_type_name() != "Concat" or len(cat.output(0).get_target_inputs()) != 1 or \
+                cat.get_attributes().get("axis") not in (1, -3):
+            continue
+        ranges = [fq.input_value(i).get_node() for i in range(1, 5)]
+        if any(r.get_type_name() != "Constant" for r in ranges):
+            continue
+        data = [r.get_data() for r in ranges]
+        widths = [x.get_partial_shape()[1] for x in cat.inputs()]
+        if any(not w.is_static for w in widths) or any(d.ndim != 4 for d in data):
+            continue
+        parts, start = [], 0
+        for value, width in zip(cat.input_values(), (w.get_length() for w in widths)):
+            sliced = [opset.constant(np.ascontiguousarray(d[:, start:start + width] if d.shape[1] > 1 else d))
+                      for d in data]
+            parts.append(opset.fake_quantize(value, *sliced, fq.get_attributes()["levels"]))
+            start += width
+        fq.output(0).replace(opset.concat(parts, 1).output(0))
+        done += 1
+    if done:
+        ov_model.validate_nodes_and_infer_types()
+    return done
 
 
 def save_ir(ov_model: Any, path: str | Path) -> int:

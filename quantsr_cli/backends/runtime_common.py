@@ -24,7 +24,7 @@ from torch import nn
 from quantsr_cli.errors import BackendUnavailableError
 from quantsr_cli.packing.modules import PackedModule
 
-EXPORT_VERSION = "2"
+EXPORT_VERSION = "3"
 """Bump when the exported graph changes, so caches of the previous exporter are not reused."""
 
 _FORWARD_ATTR = "_quantsr_runtime_forward"
