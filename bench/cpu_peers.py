@@ -53,9 +53,14 @@ SIZES = {"256": (256, 256), "1024x768": (768, 1024)}
 
 
 def code_version() -> str:
+    """``git describe``, with ``-dirty`` when a tracked file outside ``bench/results`` (what benchmarks
+    write) differs from the commit."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, check=True).stdout.strip()
+
     try:
-        return subprocess.run(["git", "describe", "--always", "--dirty", "--tags"], cwd=REPO, capture_output=True,
-                              text=True, check=True).stdout.strip()
+        dirty = git("status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)bench/results")
+        return git("describe", "--always", "--tags") + ("-dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
 
