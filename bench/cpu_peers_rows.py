@@ -59,11 +59,10 @@ def calibration_images(data: str, count: int = 32, crop: int = 48, seed: int = 0
 
 
 def _ort_fn(path: Path, threads: int) -> Fn:
-    from quantsr_cli.backends.onnxruntime_backend import session
+    from quantsr_cli.backends.onnxruntime_backend import runner
 
-    sess = session(path, threads)
-    name = sess.get_inputs()[0].name
-    return lambda x: torch.from_numpy(sess.run(None, {name: x.contiguous().numpy()})[0])
+    run = runner(path, threads)
+    return lambda x: torch.from_numpy(run(x.contiguous().numpy()))
 
 
 def _ov_fn(path: Path, threads: int, precision: str | None, rows: Rows) -> Fn:

@@ -15,28 +15,21 @@ convolutions on the exactly fake-quantized inputs. ``onnxruntime`` is imported i
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
 from quantsr_cli.backends import runtime_common as rc
-from quantsr_cli.errors import QuantSRError
 from quantsr_cli.packing.modules import Impl, PackedModule, reference_forward
 
 NAME = "onnxruntime"
-_STATE = "_quantsr_ort"
 
 
 def unavailable_reason() -> str | None:
     """None when the packages are importable, else which are missing and the extra to install."""
-    from quantsr_cli.backends.export_onnx import EXTRA
-
-    missing = [m for m in ("onnxruntime", "onnx", "onnxscript") if importlib.util.find_spec(m) is None]
-    return f"{', '.join(missing)} not installed ({EXTRA})" if missing else None
+    return rc.missing_reason(("onnxruntime", "onnx", "onnxscript"))
 
 
 def exported_file(model: nn.Module) -> Path:
@@ -60,30 +53,21 @@ def session(path: str | Path, threads: int | None = None) -> Any:
     return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
 
+def runner(path: str | Path, threads: int | None = None) -> rc.Runner:
+    """One call of the ONNX file at ``path`` in a CPU session (see :func:`session`)."""
+    sess = session(path, threads)
+    name_in, name_out = sess.get_inputs()[0].name, sess.get_outputs()[0].name
+    return lambda x: sess.run([name_out], {name_in: x})[0]
+
+
 def prepare_model(model: nn.Module) -> None:
     """Export (or reuse the cached export), open a session and route ``model(x)`` through it."""
-    release_model(model)
-    rc.check_cpu_model(model, NAME)
-    try:
-        sess = session(exported_file(model))
-    except QuantSRError:
-        raise
-    except Exception as exc:  # a runtime failure on load: one line (and auto falls back to cpu)
-        raise rc.runtime_error(NAME, exc) from exc
-    name_in, name_out = sess.get_inputs()[0].name, sess.get_outputs()[0].name
-
-    def run(x: torch.Tensor) -> torch.Tensor:
-        out = sess.run([name_out], {name_in: x.numpy()})[0]
-        return torch.from_numpy(np.ascontiguousarray(out))
-
-    rc.install_forward(model, run)
-    object.__setattr__(model, _STATE, sess)
+    rc.attach_runtime(model, NAME, lambda: runner(exported_file(model)))
 
 
 def release_model(model: nn.Module) -> None:
     """Drop the session and restore the torch forward."""
     rc.remove_forward(model)
-    model.__dict__.pop(_STATE, None)
 
 
 def prepare(module: PackedModule) -> Impl:

@@ -10,7 +10,6 @@ compiled model's runtime precisions). ``openvino`` is imported inside functions 
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 from typing import Any
 
@@ -19,19 +18,14 @@ import torch
 from torch import nn
 
 from quantsr_cli.backends import runtime_common as rc
-from quantsr_cli.errors import QuantSRError
 from quantsr_cli.packing.modules import Impl, PackedModule, reference_forward
 
 NAME = "openvino"
-_STATE = "_quantsr_ov"
 
 
 def unavailable_reason() -> str | None:
     """None when the packages are importable, else which are missing and the extra to install."""
-    from quantsr_cli.backends.export_onnx import EXTRA
-
-    missing = [m for m in ("openvino", "onnx", "onnxscript") if importlib.util.find_spec(m) is None]
-    return f"{', '.join(missing)} not installed ({EXTRA})" if missing else None
+    return rc.missing_reason(("openvino", "onnx", "onnxscript"))
 
 
 def exported_file(model: nn.Module) -> Path:
@@ -44,39 +38,35 @@ def exported_file(model: nn.Module) -> Path:
     return path
 
 
-def compiled(path: str | Path, threads: int | None = None) -> Any:
-    """The IR at ``path`` compiled for the CPU (f32 inference precision, ``threads`` threads)."""
-    import openvino as ov
-
+def runner(ov_model: Any, threads: int | None = None) -> rc.Runner:
+    """One call of ``ov_model`` (an ``openvino.Model``) compiled for the CPU (f32 inference precision,
+    ``threads`` threads, default ``torch.get_num_threads()``)."""
     from quantsr_cli.backends.export_openvino import compile_model
 
-    return compile_model(ov.Core().read_model(str(path)), int(threads or torch.get_num_threads()))
+    net = compile_model(ov_model, int(threads or torch.get_num_threads()))
+    request = net.create_infer_request()
+
+    def run(x: np.ndarray, _net: Any = net) -> np.ndarray:  # _net: the compiled model lives as long as `run`
+        return np.array(request.infer({0: x}, share_inputs=True)[0], copy=True)  # the request owns its output
+
+    return run
+
+
+def read(path: str | Path) -> Any:
+    """The ``openvino.Model`` of the IR at ``path``."""
+    import openvino as ov
+
+    return ov.Core().read_model(str(path))
 
 
 def prepare_model(model: nn.Module) -> None:
     """Convert (or reuse the cached IR), compile it and route ``model(x)`` through an infer request."""
-    release_model(model)
-    rc.check_cpu_model(model, NAME)
-    try:
-        net = compiled(exported_file(model))
-    except QuantSRError:
-        raise
-    except Exception as exc:  # a converter/plugin failure: one line (and auto falls back to cpu)
-        raise rc.runtime_error(NAME, exc) from exc
-    request = net.create_infer_request()
-
-    def run(x: torch.Tensor) -> torch.Tensor:
-        out = request.infer({0: x.numpy()}, share_inputs=True)
-        return torch.from_numpy(np.array(out[0], copy=True))
-
-    rc.install_forward(model, run)
-    object.__setattr__(model, _STATE, (net, request))
+    rc.attach_runtime(model, NAME, lambda: runner(read(exported_file(model))))
 
 
 def release_model(model: nn.Module) -> None:
     """Drop the compiled model and restore the torch forward."""
     rc.remove_forward(model)
-    model.__dict__.pop(_STATE, None)
 
 
 def prepare(module: PackedModule) -> Impl:

@@ -5,29 +5,36 @@
   for the same model exported by the same exporter.
 * :func:`cache_dir` -- ``$QUANTSR_CACHE`` or ``$XDG_CACHE_HOME/quantsr`` (``~/.cache/quantsr``) +
   ``/export``; a temp folder when that cannot be created. Nothing is ever written next to user files.
-* :func:`install_forward` / :func:`remove_forward` -- replace ``model.forward`` by a runtime call (an
-  instance attribute, so ``model(x)`` uses it) and undo that.
+* :func:`attach_runtime` / :func:`remove_forward` -- replace ``model.forward`` by a runtime call (an
+  instance attribute, so ``model(x)`` uses it; runtime failures become one line) and undo that;
+  :func:`padded_call` -- one call of a runtime on an image batch, padded to the graph's input multiple.
+* :func:`missing_reason` -- which runtime packages are not installed, and the extra that installs them.
 """
 
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import os
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
-from quantsr_cli.errors import BackendUnavailableError
+from quantsr_cli.errors import BackendUnavailableError, QuantSRError
 from quantsr_cli.packing.modules import PackedModule
 
 EXPORT_VERSION = "3"
 """Bump when the exported graph changes, so caches of the previous exporter are not reused."""
 
 _FORWARD_ATTR = "_quantsr_runtime_forward"
+
+Runner = Callable[[np.ndarray], np.ndarray]
+"""One runtime call: float32 ``(N,3,H,W)`` array -> ``(N,3,sH,sW)`` array the caller may keep."""
 
 
 def model_hash(model: nn.Module, flavor: str) -> str:
@@ -96,24 +103,46 @@ def runtime_error(backend: str, exc: Exception) -> BackendUnavailableError:
     return BackendUnavailableError(f"backend {backend!r} cannot run this model ({type(exc).__name__}: {first})")
 
 
-def install_forward(model: nn.Module, run: Callable[[torch.Tensor], torch.Tensor]) -> None:
-    """Make ``model(x)`` call ``run(x)`` (float32 ``(N,3,H,W)`` on the CPU) until :func:`remove_forward`."""
+def missing_reason(packages: tuple[str, ...]) -> str | None:
+    """None when every package is importable, else which are missing and the extra to install."""
+    from quantsr_cli.backends.export_onnx import EXTRA
+
+    missing = [m for m in packages if importlib.util.find_spec(m) is None]
+    return f"{', '.join(missing)} not installed ({EXTRA})" if missing else None
+
+
+def padded_call(run: Runner, x: torch.Tensor, multiple: int, scale: int) -> torch.Tensor:
+    """``run`` on ``x`` (float32 ``(N,3,H,W)``, CPU) padded to multiples of ``multiple``, cropped to ``sH x sW``."""
+    h, w = x.shape[-2:]
+    y = torch.from_numpy(np.ascontiguousarray(run(_padded(x, multiple).contiguous().numpy())))
+    return y if multiple == 1 else y[..., : h * scale, : w * scale].contiguous()
+
+
+def attach_runtime(model: nn.Module, backend: str, open_runner: Callable[[], Runner]) -> None:
+    """Make ``model(x)`` call the runner ``open_runner()`` returns (float32 input on the CPU, no gradient)
+    until :func:`remove_forward`; the torch forward serves everything else. A failure of the runtime
+    while opening becomes a one-line BackendUnavailableError (``auto`` then falls back)."""
+    remove_forward(model)
+    check_cpu_model(model, backend)
+    try:
+        run = open_runner()
+    except QuantSRError:
+        raise
+    except Exception as exc:  # a converter/plugin failure on this model
+        raise runtime_error(backend, exc) from exc
     multiple = input_multiple(model)
     scale = int((getattr(model, "hparams", {}) or {}).get("upscale", 1))
 
     def forward(x: torch.Tensor) -> torch.Tensor:
         if x.device.type != "cpu" or x.dtype != torch.float32 or (torch.is_grad_enabled() and x.requires_grad):
             return type(model).forward(model, x)  # gradients / other devices: the torch graph
-        if multiple == 1:
-            return run(x.contiguous())
-        h, w = x.shape[-2:]
-        return run(_padded(x, multiple).contiguous())[..., : h * scale, : w * scale].contiguous()
+        return padded_call(run, x, multiple, scale)
 
     object.__setattr__(model, "forward", forward)
     object.__setattr__(model, _FORWARD_ATTR, True)
 
 
 def remove_forward(model: nn.Module) -> None:
-    """Undo :func:`install_forward` (no-op when nothing is installed)."""
+    """Undo :func:`attach_runtime` (no-op when nothing is attached)."""
     if model.__dict__.pop(_FORWARD_ATTR, None):
         model.__dict__.pop("forward", None)

@@ -36,7 +36,7 @@ def _check_output(output: Path) -> None:
         raise ImageError("output folder does not exist or is not writable", folder)
 
 
-def _max_diff(loaded: LoadedModel, fmt: str, output: Path) -> float:
+def _max_diff(loaded: LoadedModel, output: Path) -> float:
     """Max |runtime - torch backend| on a random (1, 3, ~20, ~28) input (a multiple of the window)."""
     from quantsr_cli.backends.runtime_common import input_multiple
 
@@ -47,15 +47,9 @@ def _max_diff(loaded: LoadedModel, fmt: str, output: Path) -> float:
     use_backend(ref, "torch")
     with torch.inference_mode():
         expected = ref(x)
-    if fmt == "onnx":
-        from quantsr_cli.backends.onnxruntime_backend import session
+    from quantsr_cli.backends.exported import load_exported
 
-        sess = session(output, threads=1)
-        got = torch.from_numpy(sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0])
-    else:
-        from quantsr_cli.backends.openvino_backend import compiled
-
-        got = torch.from_numpy(compiled(output, threads=1).create_infer_request().infer({0: x.numpy()})[0].copy())
+    got = load_exported(output, threads=1)[0](x)  # the written file, loaded as `eval --model FILE` loads it
     return float((got - expected).abs().max())
 
 
@@ -80,5 +74,5 @@ def run_export(loaded: LoadedModel, output: str | Path, *, check: bool = True) -
     if fmt == "openvino":
         report["bin"] = str(output.with_suffix(".bin"))
     if check:
-        report["max_abs_diff"] = _max_diff(loaded, fmt, output)
+        report["max_abs_diff"] = _max_diff(loaded, output)
     return report

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from quantsr_cli.backends.exported import RUNTIMES as _EXPORTED_RUNTIMES
 from quantsr_cli.config import QUANT_BITS
 from quantsr_cli.errors import CheckpointError, QuantSRError
 from quantsr_cli.models import ARCHS, arch_spec
@@ -126,7 +127,8 @@ def load_model(
         return _load(path, source, arch, scale, hparams, device)
 
 
-EXPORTED_SUFFIXES = (".onnx", ".xml")
+EXPORTED_SUFFIXES = tuple(_EXPORTED_RUNTIMES)
+"""Suffixes of the files ``quantsr export`` writes (run by ``backends.exported``)."""
 
 
 def refuse_exported(path: Path) -> None:
