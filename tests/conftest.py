@@ -50,6 +50,21 @@ def tiny_train_dir(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) 
     return out
 
 
+def calibrated_qat(arch: str, hparams: dict, method: str, w_bits: int, a_bits: int, seed: int = 0) -> torch.nn.Module:
+    """A small ``arch`` model (``hparams``) quantized and calibrated on one random batch, so its quantizers
+    have non-trivial steps and shifts (eval mode)."""
+    from quantsr_cli.config import QuantConfig
+    from quantsr_cli.models import build_model
+    from quantsr_cli.quant import quantize_
+
+    torch.manual_seed(seed)
+    model = quantize_(build_model(arch, **hparams), QuantConfig(method, w_bits, a_bits))
+    model.train()
+    with torch.no_grad():
+        model(torch.rand(2, 3, 16, 16))
+    return model.eval()
+
+
 def run_cli(*args: str, cwd: Path | None = None, env: dict[str, str] | None = None,
             timeout: float = 600) -> subprocess.CompletedProcess[str]:
     """Run ``python -m quantsr_cli ARGS`` in a subprocess (one torch thread)."""

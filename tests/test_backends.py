@@ -15,14 +15,12 @@ from torch import nn
 from quantsr_cli.backends import BACKENDS, auto_backend, available_backends, backend_of, resolve_backend, use_backend
 from quantsr_cli.backends import cpu
 from quantsr_cli.backends.cpu import cpu_forward, layer_report, onednn_available
-from quantsr_cli.config import QuantConfig
 from quantsr_cli.errors import BackendUnavailableError, ConfigError
 from quantsr_cli.packing.convert import to_packed
 from quantsr_cli.packing.modules import PackedModule
 from quantsr_cli.quant import METHODS
+from tests.conftest import calibrated_qat
 
-models = pytest.importorskip("quantsr_cli.models")
-quant = pytest.importorskip("quantsr_cli.quant")
 
 TINY = {
     "quantsr-c": {"upscale": 2, "num_block": 3, "num_feat": 16},
@@ -33,12 +31,7 @@ needs_onednn = pytest.mark.skipif(not onednn_available(), reason="this torch bui
 
 def qat_model(arch: str, method: str, w_bits: int, a_bits: int, seed: int = 0) -> nn.Module:
     """A tiny model of ``arch`` quantized and calibrated on one random batch (eval mode)."""
-    torch.manual_seed(seed)
-    model = quant.quantize_(models.build_model(arch, **TINY[arch]), QuantConfig(method, w_bits, a_bits))
-    model.train()
-    with torch.no_grad():
-        model(torch.rand(2, 3, 16, 16))
-    return model.eval()
+    return calibrated_qat(arch, TINY[arch], method, w_bits, a_bits, seed)
 
 
 def layer_io(model: nn.Module, x: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:

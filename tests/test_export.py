@@ -24,12 +24,10 @@ from quantsr_cli.errors import BackendUnavailableError
 from quantsr_cli.packing.convert import to_packed
 from quantsr_cli.packing.modules import PackedConv2d, PackedModule
 
-from tests.conftest import run_cli
+from tests.conftest import calibrated_qat, run_cli
 
 onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxscript")
-models = pytest.importorskip("quantsr_cli.models")
-quant = pytest.importorskip("quantsr_cli.quant")
 has_ort = importlib.util.find_spec("onnxruntime") is not None
 has_ov = importlib.util.find_spec("openvino") is not None
 needs_ort = pytest.mark.skipif(not has_ort, reason="onnxruntime not installed (pip install 'quantsr[cpu-fast]')")
@@ -44,12 +42,7 @@ TINY = {
 
 def qat_model(arch: str, method: str, w_bits: int, a_bits: int, seed: int = 0) -> nn.Module:
     """A tiny model quantized and calibrated on one random batch, with non-trivial shifts (eval mode)."""
-    torch.manual_seed(seed)
-    model = quant.quantize_(models.build_model(arch, **TINY[arch]), QuantConfig(method, w_bits, a_bits))
-    model.train()
-    with torch.no_grad():
-        model(torch.rand(2, 3, 16, 16))
-    return model.eval()
+    return calibrated_qat(arch, TINY[arch], method, w_bits, a_bits, seed)
 
 
 def packed_model(arch: str, method: str, w_bits: int, a_bits: int) -> nn.Module:
