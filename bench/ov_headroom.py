@@ -247,7 +247,7 @@ def main() -> None:
     for name in rows.names():
         result["rows"][name] = {"times": {}}
         if not args.no_psnr:
-            result["rows"][name]["psnr"] = psnr_of(rows.fn[name], None)
+            result["rows"][name]["psnr"] = psnr_of(rows.fn[name], data)
             print(name, result["rows"][name]["psnr"], flush=True)
     result["load_average"] = {}
     for size, hw in SIZES.items():

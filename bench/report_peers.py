@@ -100,3 +100,31 @@ def profile(d: dict[str, Any]) -> list[str]:
     top = "; ".join(f"`{n}`: {v['node']} {v['exec_type']} {v['ms']:.1f} ms" for n, v in slow.items())
     return table(header, out) + ["", f"Slowest node of each: {top}. `python bench/ov_profile.py --repeat "
                                      f"{s['repeat']}`, code {d['version']}, load average {d['load_average']}."]
+
+
+HEADROOM_WHAT = {
+    "ov_int8_nncf": "OpenVINO int8 PTQ (NNCF) of the FP32 model: the reference",
+    "exported": "our IR as `quantsr export` writes it (exact)",
+    "+u8_concat": "+ 8-bit quantizer on each block's distillation concat (CCA input)",
+    "+int8_head_upsampler": "+ first conv and upsampler at W8A8",
+    "+u8_residual": "+ 8-bit quantizer on each block's output (residual stream)",
+    "+one_pass_variance": "+ CCA variance in one pass (same math)",
+    "+bf16_glue": "+ remaining float layers in bf16",
+}
+
+
+def headroom(d: dict[str, Any]) -> list[str]:
+    """``bench/ov_headroom.py``: each cumulative step's Set5/Set14 (PTQ of the new points) and speed vs NNCF."""
+    out = []
+    for name, row in d["rows"].items():
+        psnr = row.get("psnr") or {}
+        cells = [f"{row['times'][s]['vs_nncf_min']:.3f} ({row['times'][s]['min']:.3f} s)" if s in row["times"] else NA
+                 for s in SIZES]
+        out.append([HEADROOM_WHAT.get(name, name), f"{psnr['Set5']:.2f} / {psnr['Set14']:.2f}" if psnr else NA, *cells])
+    s = d["settings"]
+    header = [f"`{d['model']}` via OpenVINO, cumulative", "Set5 / Set14",
+              *(f"speed vs NNCF, {LABELS[z]} (min s)" for z in SIZES)]
+    loads = ", ".join(f"{k}: {v[0]:.1f}→{v[1]:.1f}" for k, v in (d.get("load_average") or {}).items())
+    return table(header, out) + ["", f"`python bench/ov_headroom.py --repeat {s['repeat']}`, code {d['version']}, "
+                                     f"1 thread, min of {s['repeat']} interleaved rounds (medians in the JSON); "
+                                     f"{s['tile']}; load average before→after: {loads}."]
