@@ -214,10 +214,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeat", type=int, default=10)
     parser.add_argument("--model", default="default")
+    parser.add_argument("--trained", nargs="*", default=[], metavar="MODEL",
+                        help="also time these models (e.g. QAT of the 8-bit points) as exported, and with step 5")
     parser.add_argument("--no-psnr", action="store_true")
     parser.add_argument("--cache-dir", type=Path, default=Path.home() / ".cache" / "quantsr" / "bench")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "ov_headroom.json")
     args = parser.parse_args()
+    import openvino as ov
+
     from quantsr_cli.backends.export_openvino import compile_model
 
     torch.set_num_threads(1)
@@ -240,10 +244,25 @@ def main() -> None:
         keep.append(request)
         rows.add(name, lambda x, r=request: torch.from_numpy(np.array(r.infer({0: x.contiguous().numpy()})[0],
                                                                           copy=True)), name, 0)
+    trained = {}
+    for source in args.trained:
+        model = load_model(source).model.eval()
+        use_backend(copy.deepcopy(model), "openvino")
+        ir = cache_dir() / f"{model_hash(model, 'openvino')}.xml"
+        label = Path(source).parent.name if source.endswith(".safetensors") else source
+        for name, edit in ((f"trained:{label}", None), (f"trained:{label}+one_pass_variance", one_pass_variance)):
+            ov_model = ov.Core().read_model(str(ir))
+            if edit is not None:
+                edit(ov_model)
+            request = compile_model(ov_model, 1, {"INFERENCE_PRECISION_HINT": "f32"}).create_infer_request()
+            keep.append(request)
+            rows.add(name, lambda x, r=request: torch.from_numpy(np.array(r.infer({0: x.contiguous().numpy()})[0],
+                                                                              copy=True)), name, 0)
+            trained[name] = source
     result: dict[str, Any] = {"version": version, "machine": machine(), "model": args.model,
                               "settings": {"repeat": args.repeat, "threads": 1, "sizes": list(SIZES),
                                            "tile": "1024x768: 256 tiles + 16 px context; 256: whole"},
-                              "calibration": steps, "steps": list(STEPS), "rows": {}}
+                              "calibration": steps, "steps": list(STEPS), "trained": trained, "rows": {}}
     for name in rows.names():
         result["rows"][name] = {"times": {}}
         if not args.no_psnr:

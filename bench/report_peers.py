@@ -113,6 +113,14 @@ HEADROOM_WHAT = {
 }
 
 
+def _headroom_label(name: str, d: dict[str, Any]) -> str:
+    if not name.startswith("trained:"):
+        return HEADROOM_WHAT.get(name, name)
+    source = d.get("trained", {}).get(name, name)
+    return f"**`{source}`** (trained with those 8-bit points), as exported" + \
+        (" + CCA variance in one pass" if name.endswith("+one_pass_variance") else " (exact)")
+
+
 def headroom(d: dict[str, Any]) -> list[str]:
     """``bench/ov_headroom.py``: each cumulative step's Set5/Set14 (PTQ of the new points) and speed vs NNCF."""
     out = []
@@ -120,7 +128,7 @@ def headroom(d: dict[str, Any]) -> list[str]:
         psnr = row.get("psnr") or {}
         cells = [f"{row['times'][s]['vs_nncf_min']:.3f} ({row['times'][s]['min']:.3f} s)" if s in row["times"] else NA
                  for s in SIZES]
-        out.append([HEADROOM_WHAT.get(name, name), f"{psnr['Set5']:.2f} / {psnr['Set14']:.2f}" if psnr else NA, *cells])
+        out.append([_headroom_label(name, d), f"{psnr['Set5']:.2f} / {psnr['Set14']:.2f}" if psnr else NA, *cells])
     s = d["settings"]
     header = [f"`{d['model']}` via OpenVINO, cumulative", "Set5 / Set14",
               *(f"speed vs NNCF, {LABELS[z]} (min s)" for z in SIZES)]

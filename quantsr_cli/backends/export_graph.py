@@ -32,7 +32,7 @@ from torch import nn
 
 from quantsr_cli.errors import ConfigError
 from quantsr_cli.packing.convert import is_act_point, is_qat_layer, quantized_layers
-from quantsr_cli.packing.modules import PackedActQuant, PackedConv2d, PackedLinear, PackedModule, fake_quantize
+from quantsr_cli.packing.modules import PackedActQuant, PackedConv2d, PackedLinear, PackedModule
 
 ONNX_UINT8, ONNX_INT8, ONNX_INT32 = 2, 3, 6
 

@@ -4,6 +4,7 @@ a fresh model of a registered architecture, or a quantized model file to continu
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -12,6 +13,7 @@ from torch import nn
 
 from quantsr_cli.engine.modelio import (SAFETENSORS_SUFFIXES, load_model, loading, read_model_meta, refuse_exported,
                                         resolve_model_path)
+from quantsr_cli.config import QuantConfig
 from quantsr_cli.errors import CheckpointError, ConfigError
 from quantsr_cli.models import ARCHS, arch_spec, block_hparams, build_model
 from quantsr_cli.models.loading import detect_arch, read_state_dict
@@ -19,6 +21,7 @@ from quantsr_cli.packing import PackedModule
 from quantsr_cli.packing import foreign as packing_foreign
 from quantsr_cli.packing import io as packing_io
 from quantsr_cli.packing.unpack import to_qat
+from quantsr_cli.quant import add_layers_
 
 if TYPE_CHECKING:
     from quantsr_cli.engine.quantize import QuantizeJob
@@ -34,6 +37,27 @@ def load_start_model(source: str) -> nn.Module:
         if any(isinstance(m, PackedModule) for m in model.modules()):
             model = to_qat(model, path=path)
     return model
+
+
+def extend_start_model(model: nn.Module, quant: QuantConfig, on_event: EventFn | None = None) -> QuantConfig:
+    """The config a ``--model`` run trains and writes: the file's own ``layers`` rules, then the run's.
+
+    Rules the run adds (a preset, ``--config`` or flags) may only quantize layers the file leaves full
+    precision, e.g. IMDN's optional 8-bit points or its upsampler (:func:`quantsr_cli.quant.add_layers_`,
+    which swaps them in ``model``); changing a layer the file quantizes is a ConfigError.
+    """
+    own = getattr(model, "quant_config", None)
+    if own is None:
+        return quant
+    rules = own.layers + tuple(r for r in quant.layers if r not in own.layers)
+    merged = replace(quant, layers=rules)
+    if rules != own.layers:
+        added = add_layers_(model, merged)
+        _say(on_event, f"--model: {len(added)} more layers quantized by the layers rules "
+                       f"({', '.join(added[:4])}{', ...' if len(added) > 4 else ''})")
+    else:
+        model.quant_config = merged
+    return merged
 
 
 def share_qv_hparams(arch: str, share: bool) -> dict[str, Any]:

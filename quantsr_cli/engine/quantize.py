@@ -17,7 +17,7 @@ import json
 import math
 import os
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -30,11 +30,12 @@ from quantsr_cli.data import TrainDataset, check_patch_size, no_data_hint, share
 from quantsr_cli.engine.initmodel import (  # noqa: F401 (re-exported: the start of a run)
     build_initial_model,
     init_arch,
+    extend_start_model,
     load_into_deeper,
     load_start_model,
     random_init_notice,
 )
-from quantsr_cli.engine.modelio import load_model, loading, resolve_model_path
+from quantsr_cli.engine.modelio import load_model, resolve_model_path
 from quantsr_cli.engine.outputs import check_model_output, check_outputs, check_run_dir, clean_temp_files
 from quantsr_cli.engine.runlock import RunDirLock
 from quantsr_cli.engine import tblog
@@ -45,7 +46,7 @@ from quantsr_cli.fileio import write_json
 from quantsr_cli.models import ARCHS, arch_spec, build_model, make_shortcuts_learnable
 from quantsr_cli.packing import io as packing_io
 from quantsr_cli.packing.unpack import check_rebuildable  # noqa: F401 (for the CLI)
-from quantsr_cli.quant import calibrate_, method_spec, quantize_
+from quantsr_cli.quant import calibrate_, initialize_pending_, method_spec, pending_quantizers, quantize_
 from quantsr_cli.slim import SlimHook, compact_state_dict, dqa_keep_lists, dqa_variants
 
 EventFn = Callable[[dict[str, Any]], None]
@@ -182,6 +183,9 @@ def prepare_training(job: QuantizeJob, model: nn.Module, on_event: EventFn | Non
         phase(on_event, "calibrating", f"{cfg.batch_size} patches")
         calibrate_(model, data.sample_batch(0, cfg.batch_size)[0].to(device),
                   bias_correction=cfg.bias_correction and not job.quant.full_precision)
+    elif pending_quantizers(model):  # layers the run's rules added to a --model file
+        phase(on_event, "calibrating", f"{len(pending_quantizers(model))} new quantizers, {cfg.batch_size} patches")
+        initialize_pending_(model, data.sample_batch(0, cfg.batch_size)[0].to(device))
     if cfg.drop_path_rate:  # after calibration: the quantizers initialise on the whole network
         set_drop_path(cfg.drop_path_rate)
     validate = make_validator(job.scale, cfg.val_dataset, cfg.val_max_images, job.arch, run_dir=run_dir,
@@ -296,6 +300,7 @@ def _run_locked(job: QuantizeJob, on_event: EventFn | None) -> dict[str, Any]:
     torch.manual_seed(job.train.seed)  # fresh weights (no --init) are part of the run's determinism
     if job.start_model is not None:
         model = load_start_model(job.start_model)
+        job = replace(job, quant=extend_start_model(model, job.quant, on_event))
         if job.share_qv_quantizer and not model.hparams.get("share_qv_quantizer"):
             raise ConfigError(f"--model {job.start_model} quantizes attention v with its own quantizer; "
                               "share_qv_quantizer applies to a fresh model only")

@@ -39,6 +39,8 @@ class SRModel(nn.Module):
         quant_patterns: ``fnmatch`` patterns over ``named_modules()`` names; matching ``nn.Conv2d`` /
             ``nn.Linear`` are quantized, matching ``nn.Identity`` are activation points. Set by
             ``build_model`` from the arch spec's ``quant_rule``.
+        act_points: ``fnmatch`` patterns of ``nn.Identity`` activation points that stay full precision
+            unless a ``layers:`` rule gives them bits (e.g. IMDN's ``IMDB*.out_act``); empty for most models.
         qk_points, av_points: ``fnmatch`` patterns of the activation points whose inputs are the operands
             of attention matmuls (``q`` of ``q @ k^T``, the softmax output of ``attn @ v``), so that
             ``metrics.count_macs`` counts those matmuls; empty for models without attention.
@@ -49,6 +51,7 @@ class SRModel(nn.Module):
 
     arch: str = ""
     quant_patterns: tuple[str, ...] = ()
+    act_points: tuple[str, ...] = ()
     derived_keys: tuple[str, ...] = ()
     qk_points: tuple[str, ...] = ()
     av_points: tuple[str, ...] = ()

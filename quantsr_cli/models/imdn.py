@@ -16,6 +16,11 @@ stripping ``module.``; 92 tensors)::
 The CCA convs are tiny (4 x 64 weights each, applied to a 1x1 pooled vector) and stay in full
 precision, like the first and last convs.
 
+Optional activation points (``act_points``; full precision, so absent from the state dict, unless a
+``layers:`` rule gives them bits): ``IMDB{k}.cat_act`` on the distillation concatenation (the CCA's
+input) and ``IMDB{k}.out_act`` on the block's output (the residual stream). At 8 bits they let a runtime
+keep those tensors in u8 (``bench/ov_headroom.py``).
+
 Blocks and skip: ``IMDB{k}`` is already residual inside (``y = c5(cca(distilled)) + x``). Each block
 gets ``learnable_shortcut`` multiplying that inner identity (``y = ls * x + c5(...)``); it is a
 non-persistent buffer fixed at 1 unless built with ``learnable_shortcut=True`` (then the key
@@ -79,6 +84,8 @@ class IMDB(nn.Module):
         self.act = nn.LeakyReLU(LRELU_SLOPE)
         self.c5 = _conv(num_feat, num_feat, 1)
         self.cca = CCALayer(self.distilled * 4)
+        self.cat_act = nn.Identity()
+        self.out_act = nn.Identity()
         init_shortcut(self, learnable_shortcut)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -89,8 +96,8 @@ class IMDB(nn.Module):
         d2, r2 = torch.split(self.act(self.c2(r1)), split, dim=1)
         d3, r3 = torch.split(self.act(self.c3(r2)), split, dim=1)
         d4 = self.c4(r3)
-        fused = self.c5(self.cca(torch.cat([d1, d2, d3, d4], dim=1)))
-        return x * self.learnable_shortcut + fused
+        fused = self.c5(self.cca(self.cat_act(torch.cat([d1, d2, d3, d4], dim=1))))
+        return self.out_act(x * self.learnable_shortcut + fused)
 
 
 class IMDN(SRModel):
@@ -107,6 +114,7 @@ class IMDN(SRModel):
     """
 
     arch = "imdn"
+    act_points = ("IMDB*.cat_act", "IMDB*.out_act")
 
     def __init__(
         self, upscale: int = 4, num_feat: int = 64, num_modules: int = 6, learnable_shortcut: bool = False

@@ -23,6 +23,7 @@ from quantsr_cli.quant.act import (
     RLQActQuantizer,
 )
 from quantsr_cli.quant.api import (
+    add_layers_,
     layer_plan,
     param_groups,
     quant_summary,
@@ -31,7 +32,8 @@ from quantsr_cli.quant.api import (
     quantizer_parameters,
 )
 from quantsr_cli.quant.base import ActParams, ActQuantizer, WeightParams, WeightQuantizer, apply_act_params
-from quantsr_cli.quant.calibrate import calibrate_, correct_biases_, initialize_quantizers
+from quantsr_cli.quant.calibrate import (calibrate_, correct_biases_, initialize_pending_, initialize_quantizers,
+                                        pending_quantizers)
 from quantsr_cli.quant.layers import ActQuant, QConv2d, QLinear, make_act_quantizer, make_weight_quantizer
 from quantsr_cli.quant.methods import METHODS, MethodSpec, method_names, method_spec
 from quantsr_cli.quant.weight import (
@@ -63,9 +65,11 @@ __all__ = [
     "RLQWeightQuantizer",
     "WeightParams",
     "WeightQuantizer",
+    "add_layers_",
     "apply_act_params",
     "calibrate_",
     "correct_biases_",
+    "initialize_pending_",
     "initialize_quantizers",
     "layer_plan",
     "make_act_quantizer",
@@ -73,6 +77,7 @@ __all__ = [
     "method_names",
     "method_spec",
     "param_groups",
+    "pending_quantizers",
     "quant_summary",
     "quantize_",
     "quantized_layers",

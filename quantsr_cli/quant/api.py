@@ -56,15 +56,17 @@ def layer_plan(model: nn.Module, config: QuantConfig,
         pats = (pats,)
     if not pats and not config.layers:
         raise ConfigError(f"{type(model).__name__} has no quant_patterns: nothing to quantize")
-    modules = {name: m for name, m in model.named_modules() if name and type(m) in _QUANTIZABLE}
-    layers = {name: m for name, m in modules.items() if not isinstance(m, nn.Identity)}
+    modules = _candidates(model)
+    layers = {name: m for name, m in modules.items() if m is not nn.Identity}
     chosen: dict[str, tuple[int, int]] = {}
     for pattern in pats or ():
         hits = _matches(modules, pattern)
         if not hits:
             raise ConfigError(f"quant pattern {pattern!r} matches no Conv2d, Linear or Identity module")
         chosen.update((name, (config.w_bits, config.a_bits)) for name in hits)
-    points = {name for name in chosen if isinstance(modules[name], nn.Identity)}
+    identities = {name: m for name, m in modules.items() if m is nn.Identity}
+    points = {name for name in chosen if modules[name] is nn.Identity}
+    points.update(n for p in getattr(model, "act_points", None) or () for n in _matches(identities, p))
     blocked: dict[str, str] = dict(getattr(model, "unquantizable", None) or {})
     for pattern, w, a in config.layers:
         hits = [n for n in _matches(modules, pattern) if n in layers or n in points]
@@ -106,7 +108,54 @@ def quantize_(model: nn.Module, config: QuantConfig, patterns: tuple[str, ...] |
     method_spec(config.method)
     if quantized_layers(model):
         raise ConfigError(f"{type(model).__name__} is already quantized")
-    plan = layer_plan(model, config, patterns)
+    _swap(model, config, layer_plan(model, config, patterns))
+    model.quant_config = config
+    return model
+
+
+def _candidates(model: nn.Module) -> dict[str, type]:
+    """``{name: nn.Conv2d | nn.Linear | nn.Identity}`` of the modules a plan may select, already quantized
+    ones under the type they replaced."""
+    out: dict[str, type] = {}
+    for name, m in model.named_modules():
+        if not name:
+            continue
+        if type(m) in _QUANTIZABLE:
+            out[name] = type(m)
+        elif isinstance(m, _QUANTIZED):
+            out[name] = {QConv2d: nn.Conv2d, QLinear: nn.Linear, ActQuant: nn.Identity}[type(m)]
+    return out
+
+
+def add_layers_(model: nn.Module, config: QuantConfig) -> list[str]:
+    """Quantize, in place, the layers ``config`` adds to an already quantized ``model``; returns their names.
+
+    ``config``'s plan (:func:`layer_plan`) must keep every layer ``model`` quantizes at its bits; the layers
+    it selects that ``model`` leaves full precision are swapped as :func:`quantize_` does (their quantizers
+    initialise on their first batch). Sets ``model.quant_config = config``.
+
+    Raises:
+        ConfigError: the plan drops a quantized layer or changes its bits, or ``model`` is not quantized.
+    """
+    current = quantized_layers(model)
+    if not current:
+        raise ConfigError(f"{type(model).__name__} is not quantized: use quantize_")
+    plan = layer_plan(model, config)
+    for name, module in current.items():
+        bits = (getattr(module, "w_bits", None), module.a_bits)
+        wanted = plan.get(name)
+        if wanted is None or (wanted[1] != bits[1] or bits[0] is not None and wanted[0] != bits[0]):
+            now = f"a{bits[1]}" if bits[0] is None else f"w{bits[0]}a{bits[1]}"
+            then = "full precision" if wanted is None else f"w{wanted[0]}a{wanted[1]}"
+            raise ConfigError(f"layers: {name} is {now} in the model being continued; the rules make it {then} "
+                              "(a continued model can only gain quantized layers)")
+    added = {name: bits for name, bits in plan.items() if name not in current}
+    _swap(model, config, added)
+    model.quant_config = config
+    return [name for name in added if name in quantized_layers(model)]
+
+
+def _swap(model: nn.Module, config: QuantConfig, plan: dict[str, tuple[int, int]]) -> None:
     device = _model_device(model)
     for name, (w_bits, a_bits) in plan.items():
         module = model.get_submodule(name)
@@ -124,8 +173,6 @@ def quantize_(model: nn.Module, config: QuantConfig, patterns: tuple[str, ...] |
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, new)
-    model.quant_config = config
-    return model
 
 
 def quantized_layers(model: nn.Module) -> dict[str, nn.Module]:

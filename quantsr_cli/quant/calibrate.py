@@ -118,3 +118,31 @@ def calibrate_(model: nn.Module, batch: Tensor, bias_correction: bool = True, st
     finally:
         for q in quantizers:
             q.__dict__.pop("step_search", None)
+
+
+def pending_quantizers(model: nn.Module) -> list[nn.Module]:
+    """The quantizers of ``model`` not yet initialised (e.g. layers just added to a trained model)."""
+    return [m for m in model.modules()
+            if isinstance(getattr(m, "initialized", None), Tensor) and not bool(m.initialized)]
+
+
+@torch.no_grad()
+def initialize_pending_(model: nn.Module, batch: Tensor) -> int:
+    """Initialise only the quantizers :func:`pending_quantizers` lists, by an MSE step search, in one
+    eval-mode forward on ``batch`` (no bias correction; initialised quantizers and training-mode state
+    such as PAMS's warm-up are left alone). Returns how many there were; the model is left in training mode.
+    """
+    pending = pending_quantizers(model)
+    if not pending:
+        return 0
+    searching = [q for q in pending if hasattr(type(q), "step_search")]
+    for q in searching:
+        q.step_search = True
+    try:
+        model.eval()
+        model(batch)
+    finally:
+        for q in searching:
+            q.__dict__.pop("step_search", None)
+        model.train()
+    return len(pending)

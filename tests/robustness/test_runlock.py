@@ -5,7 +5,6 @@ one-line notice; the lock is released when a run ends (normally or with Ctrl-C).
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
