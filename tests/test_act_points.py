@@ -97,6 +97,13 @@ def test_quantize_model_with_rules_adds_points_to_the_written_file(tmp_path: Pat
     x = torch.rand(1, 3, 10, 10)
     with torch.no_grad():
         assert packed(x).shape == (1, 3, 40, 40)
+    again = runner.invoke(app, ["quantize", "--model", str(out), "--iters", "2", "--run-dir", str(tmp_path / "d"),
+                                *common])  # continuing a file with rules, no rules given: the file's are kept
+    assert again.exit_code == 0, again.output
+    kept = tmp_path / "d" / "model.safetensors"
+    assert json.loads(read_metadata(kept)["layer_bits"]) == [["IMDB*.cat_act", 8, 8], ["IMDB*.out_act", 8, 8]]
+    assert isinstance(load_model_file(kept).IMDB2.cat_act, torch.nn.Module)
+    assert "IMDB2.cat_act" in quantized_layers(load_model_file(tmp_path / "d" / "qat_last.safetensors"))
     bad = tmp_path / "bad.yaml"
     bad.write_text("layers:\n  IMDB1.c1: 2\n")
     refused = runner.invoke(app, ["quantize", "--model", str(start), "--config", str(bad), "--iters", "2",
