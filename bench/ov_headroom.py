@@ -29,7 +29,6 @@ rounds. Writes ``bench/results/ov_headroom.json``::
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import sys
@@ -42,10 +41,9 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "bench")]
 
-from cpu_peers import SIZES, code_version, machine, psnr_of, time_group  # noqa: E402
-from cpu_peers_rows import Rows, _fp_artifacts, _ov_fn, calibration_images  # noqa: E402
-from quantsr_cli.backends import use_backend  # noqa: E402
-from quantsr_cli.backends.runtime_common import cache_dir, model_hash  # noqa: E402
+from cpu_peers import SIZES, machine, psnr_of, time_group  # noqa: E402
+from cpu_peers_rows import Rows, _ov_fn, calibration_images  # noqa: E402
+from ov_profile import exported_ir, setup  # noqa: E402
 from quantsr_cli.engine.modelio import load_model  # noqa: E402
 
 STEPS = ("exported", "+u8_concat", "+int8_head_upsampler", "+u8_residual", "+one_pass_variance", "+bf16_glue")
@@ -225,17 +223,8 @@ def main() -> None:
     from quantsr_cli.backends.export_openvino import compile_model
 
     torch.set_num_threads(1)
-    version = code_version()
-    os.environ.setdefault("QUANTSR_CACHE", str(args.cache_dir / "exports"))
-    data = os.environ.get("QUANTSR_DATA", str(REPO.parent / "shared" / "data"))
-    artifacts = args.cache_dir / "artifacts" / version
-    artifacts.mkdir(parents=True, exist_ok=True)
-    fp = load_model(str(Path(data) / "weights" / "IMDN_x4.pth")).model.eval()
-    nncf_ir = _fp_artifacts(fp, artifacts, data)["nncf"]
-    packed = load_model(args.model).model.eval()
+    version, data, nncf_ir, packed, ours = setup(args.cache_dir, args.model)
     steps = calibrate(packed, calibration_images(data))
-    use_backend(copy.deepcopy(packed), "openvino")  # exports (or finds) our IR in the export cache
-    ours = cache_dir() / f"{model_hash(packed, 'openvino')}.xml"
 
     rows, keep = Rows(), []
     rows.add("ov_int8_nncf", _ov_fn(nncf_ir, 1, None, rows), "OpenVINO int8 PTQ (NNCF) of the FP32 model", 0)
@@ -246,9 +235,7 @@ def main() -> None:
                                                                           copy=True)), name, 0)
     trained = {}
     for source in args.trained:
-        model = load_model(source).model.eval()
-        use_backend(copy.deepcopy(model), "openvino")
-        ir = cache_dir() / f"{model_hash(model, 'openvino')}.xml"
+        ir = exported_ir(load_model(source).model.eval())
         label = Path(source).parent.name if source.endswith(".safetensors") else source
         for name, edit in ((f"trained:{label}", None), (f"trained:{label}+one_pass_variance", one_pass_variance)):
             ov_model = ov.Core().read_model(str(ir))
@@ -258,7 +245,7 @@ def main() -> None:
             keep.append(request)
             rows.add(name, lambda x, r=request: torch.from_numpy(np.array(r.infer({0: x.contiguous().numpy()})[0],
                                                                               copy=True)), name, 0)
-            trained[name] = source
+            trained[name] = label if label == source else f"runs/{label}/{Path(source).name}"
     result: dict[str, Any] = {"version": version, "machine": machine(), "model": args.model,
                               "settings": {"repeat": args.repeat, "threads": 1, "sizes": list(SIZES),
                                            "tile": "1024x768: 256 tiles + 16 px context; 256: whole"},

@@ -92,6 +92,25 @@ def profile(ir: Path, threads: int, repeat: int, precision: str | None) -> dict[
             "slowest": [{"node": n, "type": t, "exec_type": e, "ms": ms / repeat} for (n, t, e), ms in slowest]}
 
 
+def exported_ir(model: torch.nn.Module) -> Path:
+    """Our OpenVINO IR of ``model`` (exported into, or found in, the ``openvino`` backend's export cache)."""
+    use_backend(copy.deepcopy(model), "openvino")
+    return cache_dir() / f"{model_hash(model, 'openvino')}.xml"
+
+
+def setup(cache: Path, model: str) -> tuple[str, str, Path, torch.nn.Module, Path]:
+    """(code version, data folder, NNCF's int8 IR of the FP32 IMDN, our packed ``model``, its IR)."""
+    version = code_version()
+    os.environ.setdefault("QUANTSR_CACHE", str(cache / "exports"))
+    data = os.environ.get("QUANTSR_DATA", str(REPO.parent / "shared" / "data"))
+    artifacts = cache / "artifacts" / version
+    artifacts.mkdir(parents=True, exist_ok=True)
+    fp = load_model(str(Path(data) / "weights" / "IMDN_x4.pth")).model.eval()
+    nncf_ir = _fp_artifacts(fp, artifacts, data)["nncf"]
+    packed = load_model(model).model.eval()
+    return version, data, nncf_ir, packed, exported_ir(packed)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeat", type=int, default=20)
@@ -101,16 +120,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "ov_profile.json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    version = code_version()
-    os.environ.setdefault("QUANTSR_CACHE", str(args.cache_dir / "exports"))
-    data = os.environ.get("QUANTSR_DATA", str(REPO.parent / "shared" / "data"))
-    artifacts = args.cache_dir / "artifacts" / version
-    artifacts.mkdir(parents=True, exist_ok=True)
-    fp = load_model(str(Path(data) / "weights" / "IMDN_x4.pth")).model.eval()
-    nncf_ir = _fp_artifacts(fp, artifacts, data)["nncf"]
-    packed = load_model(args.model).model.eval()
-    use_backend(copy.deepcopy(packed), "openvino")  # exports (or finds) our IR in the export cache
-    ours = cache_dir() / f"{model_hash(packed, 'openvino')}.xml"
+    version, _, nncf_ir, _, ours = setup(args.cache_dir, args.model)
     rows = {f"{args.model}_ov": profile(ours, args.threads, args.repeat, "f32"),
             f"{args.model}_ov_bf16": profile(ours, args.threads, args.repeat, "bf16"),
             "ov_int8_nncf": profile(nncf_ir, args.threads, args.repeat, None)}
