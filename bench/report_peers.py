@@ -133,6 +133,9 @@ def headroom(d: dict[str, Any]) -> list[str]:
     header = [f"`{d['model']}` via OpenVINO, cumulative", "Set5 / Set14",
               *(f"speed vs NNCF, {LABELS[z]} (min s)" for z in SIZES)]
     loads = ", ".join(f"{k}: {v[0]:.1f}→{v[1]:.1f}" for k, v in (d.get("load_average") or {}).items())
-    return table(header, out) + ["", f"`python bench/ov_headroom.py --repeat {s['repeat']}`, code {d['version']}, "
+    trained = sorted(set((d.get("trained") or {}).values()))
+    command = f"python bench/ov_headroom.py --repeat {s['repeat']}" + "".join(f" --trained {t}" for t in trained[:1]) + \
+        "".join(f" {t}" for t in trained[1:])
+    return table(header, out) + ["", f"`{command}`, code {d['version']}, "
                                      f"1 thread, min of {s['repeat']} interleaved rounds (medians in the JSON); "
                                      f"{s['tile']}; load average before→after: {loads}."]
