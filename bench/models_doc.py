@@ -68,6 +68,18 @@ layers:
 ```
 
 The rules are recorded once in the packed file (`layer_bits`), and every packed layer must agree with them.
+Rules also reach an architecture's optional activation points, which stay full precision otherwise: IMDN's
+`IMDB*.cat_act` (the distillation concatenation, the channel attention's input) and `IMDB*.out_act` (each
+block's output, the residual stream). At 8 bits they let OpenVINO keep those tensors in u8
+(`bench/ov_headroom.py`, docs/results.md). `quantize --model FILE` with rules continues a trained model and
+quantizes what the rules add (their quantizers start from an MSE step search on the first batch); a rule
+that changes or drops a layer the file already quantizes is an error:
+
+```bash
+printf 'layers:\\n  "IMDB*.cat_act": 8\\n  "IMDB*.out_act": 8\\n  upsampler.0: 8\\n' > int8glue.yaml
+quantsr quantize --model default --preset imdn_x4_w4a4_ft --config int8glue.yaml --lr 2e-5 --iters 1500 \\
+    --ema-decay 0.995 --val-every 50 --threads 2 --run-dir runs/w4_int8glue
+```
 
 **PTQ.** `quantize --iters 0` quantizes pretrained weights without training: one calibration batch
 initialises every quantizer (steps by a mean-squared-error search) while the biases absorb the mean
