@@ -65,10 +65,11 @@ def _ort_fn(path: Path, threads: int) -> Fn:
     return lambda x: torch.from_numpy(run(x.contiguous().numpy()))
 
 
-def _ov_fn(path: Path, threads: int, precision: str | None, rows: Rows) -> Fn:
+def _ov_fn(source: Path | Any, threads: int, precision: str | None, rows: Rows) -> Fn:
+    """``source`` (an IR path or an ``openvino.Model``) compiled for the CPU at ``precision`` (None: OpenVINO's own)."""
     import openvino as ov
 
-    model = ov.Core().read_model(str(path))
+    model = ov.Core().read_model(str(source)) if isinstance(source, (str, Path)) else source
     if precision is None:  # OpenVINO's own default: drop the f32 runtime option our IR files carry
         net = ov.Core().compile_model(model, "CPU", {"INFERENCE_NUM_THREADS": threads})
     else:

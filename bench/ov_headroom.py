@@ -220,19 +220,14 @@ def main() -> None:
     args = parser.parse_args()
     import openvino as ov
 
-    from quantsr_cli.backends.export_openvino import compile_model
-
     torch.set_num_threads(1)
     version, data, nncf_ir, packed, ours = setup(args.cache_dir, args.model)
     steps = calibrate(packed, calibration_images(data))
 
-    rows, keep = Rows(), []
+    rows = Rows()
     rows.add("ov_int8_nncf", _ov_fn(nncf_ir, 1, None, rows), "OpenVINO int8 PTQ (NNCF) of the FP32 model", 0)
     for name, (model, precision) in variants(ours, steps).items():
-        request = compile_model(model, 1, {"INFERENCE_PRECISION_HINT": precision}).create_infer_request()
-        keep.append(request)
-        rows.add(name, lambda x, r=request: torch.from_numpy(np.array(r.infer({0: x.contiguous().numpy()})[0],
-                                                                          copy=True)), name, 0)
+        rows.add(name, _ov_fn(model, 1, precision, rows), name, 0)
     trained = {}
     for source in args.trained:
         ir = exported_ir(load_model(source).model.eval())
@@ -241,10 +236,7 @@ def main() -> None:
             ov_model = ov.Core().read_model(str(ir))
             if edit is not None:
                 edit(ov_model)
-            request = compile_model(ov_model, 1, {"INFERENCE_PRECISION_HINT": "f32"}).create_infer_request()
-            keep.append(request)
-            rows.add(name, lambda x, r=request: torch.from_numpy(np.array(r.infer({0: x.contiguous().numpy()})[0],
-                                                                              copy=True)), name, 0)
+            rows.add(name, _ov_fn(ov_model, 1, "f32", rows), name, 0)
             trained[name] = label if label == source else f"runs/{label}/{Path(source).name}"
     result: dict[str, Any] = {"version": version, "machine": machine(), "model": args.model,
                               "settings": {"repeat": args.repeat, "threads": 1, "sizes": list(SIZES),

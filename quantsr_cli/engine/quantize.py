@@ -183,8 +183,8 @@ def prepare_training(job: QuantizeJob, model: nn.Module, on_event: EventFn | Non
         phase(on_event, "calibrating", f"{cfg.batch_size} patches")
         calibrate_(model, data.sample_batch(0, cfg.batch_size)[0].to(device),
                   bias_correction=cfg.bias_correction and not job.quant.full_precision)
-    elif pending_quantizers(model):  # layers the run's rules added to a --model file
-        phase(on_event, "calibrating", f"{len(pending_quantizers(model))} new quantizers, {cfg.batch_size} patches")
+    elif pending := len(pending_quantizers(model)):  # layers the run's rules added to a --model file
+        phase(on_event, "calibrating", f"{pending} new quantizers, {cfg.batch_size} patches")
         initialize_pending_(model, data.sample_batch(0, cfg.batch_size)[0].to(device))
     if cfg.drop_path_rate:  # after calibration: the quantizers initialise on the whole network
         set_drop_path(cfg.drop_path_rate)

@@ -149,14 +149,16 @@ def add_layers_(model: nn.Module, config: QuantConfig) -> list[str]:
             then = "full precision" if wanted is None else f"w{wanted[0]}a{wanted[1]}"
             raise ConfigError(f"layers: {name} is {now} in the model being continued; the rules make it {then} "
                               "(a continued model can only gain quantized layers)")
-    added = {name: bits for name, bits in plan.items() if name not in current}
-    _swap(model, config, added)
+    added = _swap(model, config, {name: bits for name, bits in plan.items() if name not in current})
     model.quant_config = config
-    return [name for name in added if name in quantized_layers(model)]
+    return added
 
 
-def _swap(model: nn.Module, config: QuantConfig, plan: dict[str, tuple[int, int]]) -> None:
+def _swap(model: nn.Module, config: QuantConfig, plan: dict[str, tuple[int, int]]) -> list[str]:
+    """Replace the modules ``plan`` names by their quantized versions; returns the names replaced
+    (activation points at 32 bits stay ``nn.Identity``)."""
     device = _model_device(model)
+    swapped = []
     for name, (w_bits, a_bits) in plan.items():
         module = model.get_submodule(name)
         layer_config = replace(config, w_bits=w_bits, a_bits=a_bits, layers=())
@@ -173,6 +175,8 @@ def _swap(model: nn.Module, config: QuantConfig, plan: dict[str, tuple[int, int]
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, new)
+        swapped.append(name)
+    return swapped
 
 
 def quantized_layers(model: nn.Module) -> dict[str, nn.Module]:

@@ -13,6 +13,9 @@ trainable FP parameter and where the steps start, never the quantizer.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -106,15 +109,23 @@ def calibrate_(model: nn.Module, batch: Tensor, bias_correction: bool = True, st
             (:func:`~quantsr_cli.quant.primitives.mse_step`) instead of LSQ's rule of thumb, in the same
             pass: post-training quantization, where no training moves the steps afterwards.
     """
-    quantizers = [m for m in model.modules() if hasattr(type(m), "step_search")]
-    for q in quantizers:
-        q.step_search = step_search
-    try:
+    with _step_search(model.modules(), step_search):
         if bias_correction:
             model.train()
             correct_biases_(model, batch)
         else:
             initialize_quantizers(model, batch)
+
+
+@contextmanager
+def _step_search(modules: Iterable[nn.Module], on: bool) -> Iterator[None]:
+    """Set ``step_search`` on the learned-step quantizers among ``modules`` for the block (their class
+    default afterwards)."""
+    quantizers = [m for m in modules if hasattr(type(m), "step_search")]
+    for q in quantizers:
+        q.step_search = on
+    try:
+        yield
     finally:
         for q in quantizers:
             q.__dict__.pop("step_search", None)
@@ -135,14 +146,10 @@ def initialize_pending_(model: nn.Module, batch: Tensor) -> int:
     pending = pending_quantizers(model)
     if not pending:
         return 0
-    searching = [q for q in pending if hasattr(type(q), "step_search")]
-    for q in searching:
-        q.step_search = True
     try:
-        model.eval()
-        model(batch)
+        with _step_search(pending, True):
+            model.eval()
+            model(batch)
     finally:
-        for q in searching:
-            q.__dict__.pop("step_search", None)
         model.train()
     return len(pending)
