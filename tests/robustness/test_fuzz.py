@@ -90,7 +90,8 @@ def _mutate(data: st.DataObject, tensors: dict[str, torch.Tensor], meta: dict[st
             tensors[key] = t.flatten()[:n].clone().reshape(data.draw(st.sampled_from([(n,), (1, n), (n, 1)])))
         elif what == "values":
             fill = data.draw(st.sampled_from([math.nan, math.inf, -math.inf, 1e38, -1.0, 0.0, 255.0]))
-            tensors[key] = torch.full_like(t, fill) if t.is_floating_point() else torch.full_like(t, 255 if t.dtype == torch.uint8 else -1)
+            # via float32: 1e38 in a float16 tensor becomes inf (torch.full_like refuses the overflow)
+            tensors[key] = torch.full_like(t, fill, dtype=torch.float32).to(t.dtype) if t.is_floating_point() else torch.full_like(t, 255 if t.dtype == torch.uint8 else -1)
         else:
             tensors[data.draw(st.sampled_from([f"{key}.x", "body.9.conv1.weight", "upsample.7.qweight"]))] = torch.zeros(
                 data.draw(st.lists(st.integers(0, 3), max_size=3)))
