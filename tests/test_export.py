@@ -125,26 +125,31 @@ def test_openvino_runs_quantized_convs_in_u8(w_bits: int, a_bits: int) -> None:
 
 @needs_ov
 @pytest.mark.parametrize("w_bits,a_bits", [(4, 4), (2, 2)])
-def test_concat_quantized_per_input_runs_in_u8_and_changes_nothing(w_bits: int, a_bits: int,
-                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+def test_graph_passes_keep_the_output_and_run_every_feature_map_concat_in_u8(w_bits: int, a_bits: int) -> None:
     from quantsr_cli.backends import export_openvino as eo
+    from quantsr_cli.backends import openvino_passes as op
 
-    model = packed_model("imdn", "rbd", w_bits, a_bits)
-    moved = eo.convert(model)
-    monkeypatch.setattr(eo, "quantize_concat_inputs", lambda ov_model: 0)
-    kept = eo.convert(model)
-    fed_by_concat = [op for op in moved.get_ordered_ops() if op.get_type_name() == "FakeQuantize"
-                     and op.input_value(0).get_node().get_type_name() == "Concat"]
-    assert not fed_by_concat  # IMDN's final 6-way concatenation now takes quantized inputs
-    x = torch.rand(1, 3, 13, 10).numpy()
-    out = [np.array(eo.compile_model(m, threads=1).create_infer_request().infer({0: x})[0]) for m in (moved, kept)]
-    assert np.array_equal(out[0], out[1])  # exact: the same element-wise FakeQuantize, per input
-    compiled = eo.compile_model(moved, threads=1)
-    concat_precisions = [op.get_rt_info()["runtimePrecision"].astype(str) for op in
-                         compiled.get_runtime_model().get_ordered_ops()
-                         if op.get_rt_info()["layerType"].astype(str) == "Concatenation"]
-    if a_bits == 4:  # 2-bit inputs keep their clamp before the FakeQuantize, so that concat stays f32
-        assert "u8" in concat_precisions or "i8" in concat_precisions, concat_precisions
+    model = packed_model("imdn", "rbd", w_bits, a_bits)  # 2 blocks
+    plain, moved = eo.convert(model, passes=False), eo.convert(model, passes=False)
+    counts = (op.one_pass_variance(moved), op.quantize_before_concat(moved), op.quantize_concat_inputs(moved))
+    assert counts == (2, 2, 1)  # each block's variance and distillation concat; the final 2-way concat
+    assert (op.one_pass_variance(moved), op.quantize_before_concat(moved), op.quantize_concat_inputs(moved)) == (0, 0, 0)
+    x = torch.rand(1, 3, 13, 10)
+    with torch.no_grad():
+        ref = model(x)
+    out = {}
+    for name, graph in (("plain", plain), ("moved", moved), ("convert", eo.convert(model))):
+        compiled = eo.compile_model(graph, threads=1)
+        out[name] = torch.from_numpy(np.array(compiled.create_infer_request().infer({0: x.numpy()})[0]))
+        feature_map_concats = [o.get_rt_info()["runtimePrecision"].astype(str)
+                               for o in compiled.get_runtime_model().get_ordered_ops()
+                               if o.get_rt_info()["layerType"].astype(str) == "Concatenation"
+                               and o.get_output_partial_shape(0)[2] != 1]
+        assert len(feature_map_concats) == 3 and (name == "plain") == ("f32" in feature_map_concats), \
+            (name, feature_map_concats)
+        close(out[name], ref)
+    assert torch.equal(out["moved"], out["convert"])  # convert() applies exactly these passes
+    close(out["moved"], out["plain"])  # float rounding of the variance only
 
 
 @needs_ort

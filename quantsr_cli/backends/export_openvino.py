@@ -7,7 +7,9 @@ its own op) whose per-channel input range carries our shift and whose 16 or 256 
 2-bit code ranges are clamped first (Maximum/Minimum) and stay on a 16-level grid of the same step, since
 the CPU plugin runs a convolution in u8 only after 16- or 256-level FakeQuantize. Weights are int8
 constants ``u - zero`` dequantized by a per-tensor or per-channel scale (exact, zero-point free), which
-the plugin keeps as i8. OpenVINO's converter (``ov.convert_model``) then builds the IR.
+the plugin keeps as i8. OpenVINO's converter (``ov.convert_model``) then builds the IR, and
+:mod:`openvino_passes` rewrites it so that concatenations run in u8 and the channel attention reads its
+input fewer times.
 
 The IR records ``INFERENCE_PRECISION_HINT=f32`` in its runtime options: on CPUs with bf16 OpenVINO
 would otherwise run the float layers (and the float glue between the quantizers) in bf16, which
@@ -25,13 +27,18 @@ from typing import Any
 from torch import nn
 
 from quantsr_cli.backends.export_onnx import require, trace_onnx
+from quantsr_cli.backends.openvino_passes import one_pass_variance, quantize_before_concat, quantize_concat_inputs
 
 RUNTIME_OPTIONS = {"INFERENCE_PRECISION_HINT": "f32"}
 """Stored in the IR's ``runtime_options``; OpenVINO applies them when the model is compiled."""
 
 
-def convert(model: nn.Module) -> Any:
-    """The ``openvino.Model`` of ``model`` (packed, QAT or float); dynamic N/H/W like the ONNX export."""
+def convert(model: nn.Module, passes: bool = True) -> Any:
+    """The ``openvino.Model`` of ``model`` (packed, QAT or float); dynamic N/H/W like the ONNX export.
+
+    ``passes``: apply :mod:`openvino_passes`' graph rewrites (same math up to float rounding, fewer f32
+    memory passes); off only to measure what they save.
+    """
     require("onnx", "onnxscript", "openvino")
     import openvino as ov
 
@@ -40,54 +47,15 @@ def convert(model: nn.Module) -> Any:
         path = Path(tmp) / "model.onnx"
         path.write_bytes(proto.SerializeToString())
         ov_model = ov.convert_model(str(path))
-    quantize_concat_inputs(ov_model)
+    if passes:
+        one_pass_variance(ov_model)
+        quantize_before_concat(ov_model)
+        quantize_concat_inputs(ov_model)
     for key, value in RUNTIME_OPTIONS.items():
         ov_model.set_rt_info(value, ["runtime_options", key])
     for entry in proto.metadata_props:
         ov_model.set_rt_info(entry.value, ["quantsr", entry.key.removeprefix("quantsr.")])
     return ov_model
-
-
-def quantize_concat_inputs(ov_model: Any) -> int:
-    """``FakeQuantize(Concat(x1..xn))`` -> ``Concat(FakeQuantize(x1)..FakeQuantize(xn))``; returns how many.
-
-    Exact: FakeQuantize is element-wise with per-tensor or per-channel ranges, so each input gets its
-    channels' slice of the ranges. It lets the CPU plugin run the concatenation in u8 instead of writing
-    and re-reading it in f32 (IMDN's final 6-way concatenation, 384 channels; bit-identical output). The
-    per-input FakeQuantize nodes cost about what the f32 concatenation did: on the 2-core development
-    machine interleaved timings of the two IRs differ by less than their spread (±2 %). 2-bit quantizers,
-    which clamp before their FakeQuantize, are left as they are.
-    """
-    import numpy as np
-    import openvino as ov
-
-    opset = ov.opset13
-    done = 0
-    for fq in list(ov_model.get_ordered_ops()):
-        if fq.get_type_name() != "FakeQuantize":
-            continue
-        cat = fq.input_value(0).get_node()
-        if cat.get_type_name() != "Concat" or len(cat.output(0).get_target_inputs()) != 1 or \
-                cat.get_attributes().get("axis") not in (1, -3):
-            continue
-        ranges = [fq.input_value(i).get_node() for i in range(1, 5)]
-        if any(r.get_type_name() != "Constant" for r in ranges):
-            continue
-        data = [r.get_data() for r in ranges]
-        widths = [x.get_partial_shape()[1] for x in cat.inputs()]
-        if any(not w.is_static for w in widths) or any(d.ndim != 4 for d in data):
-            continue
-        parts, start = [], 0
-        for value, width in zip(cat.input_values(), (w.get_length() for w in widths)):
-            sliced = [opset.constant(np.ascontiguousarray(d[:, start:start + width] if d.shape[1] > 1 else d))
-                      for d in data]
-            parts.append(opset.fake_quantize(value, *sliced, fq.get_attributes()["levels"]))
-            start += width
-        fq.output(0).replace(opset.concat(parts, 1).output(0))
-        done += 1
-    if done:
-        ov_model.validate_nodes_and_infer_types()
-    return done
 
 
 def save_ir(ov_model: Any, path: str | Path) -> int:

@@ -28,7 +28,7 @@ from torch import nn
 from quantsr_cli.errors import BackendUnavailableError, QuantSRError
 from quantsr_cli.packing.modules import PackedModule
 
-EXPORT_VERSION = "3"
+EXPORT_VERSION = "4"
 """Bump when the exported graph changes, so caches of the previous exporter are not reused."""
 
 _FORWARD_ATTR = "_quantsr_runtime_forward"
