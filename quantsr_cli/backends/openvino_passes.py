@@ -13,6 +13,7 @@ in bf16 halve that node's time, but the CPU plugin also rounds the conv's output
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 
@@ -69,6 +70,16 @@ def _channel_slices(value: Any, widths: list[int]) -> list[Any]:
     return out
 
 
+def _channel_concats(ov_model: Any) -> Iterator[tuple[Any, list[int], set[str]]]:
+    """(concat, its channel widths, the names of the live nodes) for each channel Concat of ``ov_model``."""
+    ops = list(ov_model.get_ordered_ops())
+    live = {op.get_name() for op in ops}
+    for cat in ops:
+        widths = _channel_widths(cat)
+        if widths is not None:
+            yield cat, widths, live
+
+
 def _clamps_then_quantizer(node: Any, live: set[str]) -> tuple[list[Any], Any]:
     """(the Minimum/Maximum-by-constant ops, the FakeQuantize) that alone follow ``node``, each the only
     reader of the one before; ``([], None)`` when the chain ends elsewhere."""
@@ -94,12 +105,7 @@ def quantize_concat_inputs(ov_model: Any) -> int:
     (IMDN's final 6-way concatenation, 384 channels; bit-identical output).
     """
     opset, done = _opset(), 0
-    ops = list(ov_model.get_ordered_ops())
-    live = {op.get_name() for op in ops}
-    for cat in ops:
-        widths = _channel_widths(cat)
-        if widths is None:
-            continue
+    for cat, widths, live in _channel_concats(ov_model):
         chain, fq = _clamps_then_quantizer(cat, live)
         if fq is None:
             continue
@@ -204,12 +210,7 @@ def quantize_before_concat(ov_model: Any) -> int:
     channel.
     """
     opset, done = _opset(), 0
-    ops = list(ov_model.get_ordered_ops())
-    live = {op.get_name() for op in ops}
-    for cat in ops:
-        widths = _channel_widths(cat)
-        if widths is None:
-            continue
+    for cat, widths, live in _channel_concats(ov_model):
         users = _consumers(cat.output(0), live)
         muls = [u for u in users if u.get_type_name() == "Multiply"]
         rest = [u for u in users if u.get_type_name() != "Multiply"]
