@@ -94,11 +94,11 @@ def _tiff(data: bytes) -> tuple[int, int] | None:
     if version == 42:
         (ifd,) = struct.unpack(e + "I", data[4:8])
         (count,) = struct.unpack(e + "H", data[ifd : ifd + 2])
-        entry_size, first, count_fmt, value_at = 12, ifd + 2, "I", 8
+        entry_size, first, value_at = 12, ifd + 2, 8
     elif version == 43:
         (ifd,) = struct.unpack(e + "Q", data[8:16])
         (count,) = struct.unpack(e + "Q", data[ifd : ifd + 8])
-        entry_size, first, count_fmt, value_at = 20, ifd + 8, "Q", 12
+        entry_size, first, value_at = 20, ifd + 8, 12
     else:
         return None
     found: dict[int, int] = {}
