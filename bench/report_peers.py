@@ -104,7 +104,7 @@ def profile(d: dict[str, Any]) -> list[str]:
 
 HEADROOM_WHAT = {
     "ov_int8_nncf": "OpenVINO int8 PTQ (NNCF) of the FP32 model: the reference",
-    "exported": "our IR as `quantsr export` writes it (exact)",
+    "exported": "our IR without the export's graph passes (as `quantsr export` wrote it up to 43222a7; exact)",
     "+u8_concat": "+ 8-bit quantizer on each block's distillation concat (CCA input)",
     "+int8_head_upsampler": "+ first conv and upsampler at W8A8",
     "+u8_residual": "+ 8-bit quantizer on each block's output (residual stream)",
